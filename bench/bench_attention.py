@@ -1,0 +1,153 @@
+"""flashtile against PyTorch's attention backends, measured in one process.
+
+Shapes follow the FlashAttention papers: batch * seqlen = 16384, nheads * headdim = 2048,
+bf16. Reports forward, backward and forward+backward TFLOP/s for flashtile, standard PyTorch
+attention and SDPA's FLASH_ATTENTION (FlashAttention-2), CUDNN_ATTENTION and
+EFFICIENT_ATTENTION backends, the ratio of flashtile to each, and the extra peak memory of
+forward+backward. Writes JSON for bench/plot.py.
+
+    PYTHONPATH=src python3 bench/bench_attention.py --out bench/results/h100.json
+"""
+
+import argparse
+import sys
+import os
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import SDPA_BACKENDS, attention_flops, banner, environment, median_ms, sdpa, standard_attention, write_json  # noqa: E402
+
+import flashtile  # noqa: E402
+
+BASELINES = ["standard", *SDPA_BACKENDS]
+MODES = ["fwd", "bwd", "fwd_bwd"]
+
+
+def flashtile_bhsd(q, k, v, causal):
+    """flashtile on (B, H, S, D) views of its native (B, S, H, D) tensors (see make_inputs)."""
+    out = flashtile.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    return out.transpose(1, 2)
+
+
+METHODS = {"flashtile": flashtile_bhsd, "standard": standard_attention, **{b: sdpa(b) for b in SDPA_BACKENDS}}
+
+
+def make_inputs(method, batch, heads, seqlen, head_dim):
+    """Each method gets its preferred contiguous layout: (B, S, H, D) for flashtile, (B, H, S, D)
+    for the others. Random normal data (never zeros), fresh per shape."""
+    def rand():
+        if method == "flashtile":
+            t = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        else:
+            t = torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
+        return t.requires_grad_()
+
+    return rand(), rand(), rand()
+
+
+def measure(method, batch, heads, seqlen, head_dim, causal):
+    """ms per mode, or None for a mode the method cannot run (unsupported / out of memory)."""
+    fn = METHODS[method]
+    result = {}
+    try:
+        q, k, v = make_inputs(method, batch, heads, seqlen, head_dim)
+        dout = torch.randn_like(q)
+        result["fwd"] = median_ms(lambda: fn(q, k, v, causal))
+        out = fn(q, k, v, causal)
+        result["bwd"] = median_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+        del out
+
+        def fwd_bwd():
+            torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
+
+        result["fwd_bwd"] = median_ms(fwd_bwd)
+    except (RuntimeError, torch.OutOfMemoryError) as err:  # unsupported config or OOM
+        print(f"  {method} S={seqlen} D={head_dim} causal={causal}: {type(err).__name__}: {str(err)[:100]}")
+    finally:
+        torch.cuda.empty_cache()
+    return result
+
+
+def peak_memory_mib(method, batch, heads, seqlen, head_dim, causal):
+    """Extra peak memory of one forward+backward, above the inputs and dout."""
+    q, k, v = make_inputs(method, batch, heads, seqlen, head_dim)
+    dout = torch.randn_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        grads = torch.autograd.grad(METHODS[method](q, k, v, causal), (q, k, v), dout)
+        del grads
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    except (RuntimeError, torch.OutOfMemoryError):
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="JSON path (default: bench/results/<gpu>.json)")
+    parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+
+    env = environment()
+    print(banner(env))
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    head_dims = [int(d) for d in args.head_dims.split(",")]
+    methods = args.methods.split(",")
+    records = []
+    for head_dim in head_dims:
+        heads = 2048 // head_dim
+        for causal in (False, True):
+            for seqlen in seqlens:
+                batch = max(1, 16384 // seqlen)
+                for method in methods:
+                    times = measure(method, batch, heads, seqlen, head_dim, causal)
+                    for mode, ms in times.items():
+                        flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, mode)
+                        records.append(dict(method=method, mode=mode, batch=batch, heads=heads, seqlen=seqlen,
+                                            head_dim=head_dim, causal=causal, ms=ms, tflops=flops / ms / 1e9))
+
+    memory = {}
+    for method in methods:
+        memory[method] = peak_memory_mib(method, 1, 16, 16384, 128, True)
+
+    payload = dict(environment=env, dtype="bfloat16", records=records,
+                   peak_memory_fwd_bwd_mib=dict(shape="B=1 H=16 S=16384 D=128 causal", **memory))
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   env["gpu"].lower().replace(" ", "_") + ".json")
+    write_json(out, payload)
+    print_table(records, memory)
+    print(f"wrote {out}")
+
+
+def print_table(records, memory):
+    from rich.console import Console
+    from rich.table import Table
+
+    index = {(r["method"], r["mode"], r["seqlen"], r["head_dim"], r["causal"]): r["tflops"] for r in records}
+    table = Table(title="flashtile TFLOP/s (bf16) and ratio to each baseline, same run")
+    for col in ["D", "causal", "S", "mode", "flashtile", *[f"/{b}" for b in BASELINES]]:
+        table.add_column(col, justify="right")
+    keys = sorted({(r["head_dim"], r["causal"], r["seqlen"], r["mode"]) for r in records},
+                  key=lambda x: (x[0], x[1], x[3], x[2]))
+    for head_dim, causal, seqlen, mode in keys:
+        ours = index.get(("flashtile", mode, seqlen, head_dim, causal))
+        cells = []
+        for b in BASELINES:
+            theirs = index.get((b, mode, seqlen, head_dim, causal))
+            cells.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
+        table.add_row(str(head_dim), "y" if causal else "n", str(seqlen), mode,
+                      f"{ours:.0f}" if ours else "-", *cells)
+    Console(width=160).print(table)
+    print("extra peak memory, fwd+bwd, B=1 H=16 S=16384 D=128 causal (MiB):",
+          ", ".join(f"{m}={v:.0f}" if v is not None else f"{m}=OOM" for m, v in memory.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared by the benchmark scripts: environment banner, timing, FLOP counts, baselines."""
+
+import datetime
+import json
+import os
+import platform
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention
+
+
+def environment() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "sm_count": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def banner(env: dict) -> str:
+    return (f"{env['gpu']} ({env['sm_count']} SMs) | torch {env['torch']} | triton {env['triton']} | "
+            f"cuDNN {env['cudnn']} | CUDA {env['cuda']} | {env['date']}")
+
+
+def median_ms(fn, warmup=25, rep=100) -> float:
+    """Median of triton.testing.do_bench (CUDA events, warm-up excluded)."""
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, mode) -> float:
+    """FlashAttention papers' count: forward 4*B*H*Sq*Sk*D (halved if causal), backward 2.5x."""
+    fwd = 4 * batch * heads * seqlen_q * seqlen_k * head_dim / (2 if causal else 1)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode]
+
+
+def standard_attention(q, k, v, causal):
+    """Plain PyTorch: matmul + softmax + matmul on (B, H, S, D), the N x N matrix materialised."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        seqlen_q, seqlen_k = q.shape[-2], k.shape[-2]
+        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).tril(seqlen_k - seqlen_q)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+SDPA_BACKENDS = {
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def sdpa(backend):
+    def run(q, k, v, causal):
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
+            return scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def write_json(path, payload):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

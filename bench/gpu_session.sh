@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU-machine session: tests, then benchmarks, logs and JSON under $OUT.
+#   bash bench/gpu_session.sh check   # GPU tests + benchmark + demo
+#   bash bench/gpu_session.sh tune    # tile tuning sweep
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/flashtile-out}
+mkdir -p "$OUT"
+case "${1:-check}" in
+  check)
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+    python3 -m flashtile.cli info 2>&1 | tee -a "$OUT/gpu.txt"
+    # Many processes compile the kernel variants in parallel; the bigmem tests run alone.
+    python3 -m pytest -n 16 -q -m "not bigmem" -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -30
+    python3 -m pytest -q -m bigmem -p no:cacheprovider tests 2>&1 | tee -a "$OUT/tests.log" | tail -8
+    python3 bench/bench_attention.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    python3 -m flashtile.cli demo 2>&1 | tee "$OUT/demo.log"
+    ;;
+  tune)
+    python3 bench/tune.py --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
+    ;;
+  *) echo "unknown step $1"; exit 2 ;;
+esac

@@ -1,0 +1,87 @@
+"""The kernels as ``torch.library`` custom ops, with fake impls and registered autograd.
+
+``torch.compile(fullgraph=True)`` sees two opaque ops (``flashtile::fwd``, ``flashtile::bwd``)
+whose output shapes come from the fake impls, so a model calling flashtile compiles with no
+graph break. The ops pick the implementation from the tensors' device: Triton kernels for
+CUDA tensors, the blockwise PyTorch path (``cpu.py``) for CPU tensors, or the Triton kernels
+under Triton's interpreter for CPU tensors while ``use_triton_on_cpu`` is set (tests).
+"""
+
+import contextlib
+import threading
+
+import torch
+from torch import Tensor
+
+from flashtile import cpu
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def use_triton_on_cpu():
+    """Run CPU tensors through the Triton kernels (needs ``TRITON_INTERPRET=1``, set before
+    triton is first imported). For testing the kernels on machines without a GPU."""
+    previous = getattr(_state, "triton_on_cpu", False)
+    _state.triton_on_cpu = True
+    try:
+        yield
+    finally:
+        _state.triton_on_cpu = previous
+
+
+def _uses_triton(t: Tensor) -> bool:
+    return t.is_cuda or getattr(_state, "triton_on_cpu", False)
+
+
+@torch.library.custom_op("flashtile::fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """Returns ``(out, lse)``; out (B, Sq, Hq, D) contiguous, lse float32 (B, Hq, Sq)."""
+    if _uses_triton(q):
+        from flashtile.ops import flash_fwd
+
+        return flash_fwd(q, k, v, softmax_scale, causal)
+    return cpu.attention_forward(q, k, v, softmax_scale, causal)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, softmax_scale, causal):
+    batch, seqlen_q, n_heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, n_heads, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashtile::bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dq, dk, dv)``, contiguous, shaped like ``(q, k, v)``."""
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if _uses_triton(q):
+        from flashtile.ops import flash_bwd
+
+        return flash_bwd(dout, q, k, v, out, lse, softmax_scale, causal)
+    return cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = softmax_scale
+    ctx.causal = causal
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal)
+    return dq, dk, dv, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)

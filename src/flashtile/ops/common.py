@@ -1,0 +1,28 @@
+"""Host-side helpers shared by the kernel launchers."""
+
+import contextlib
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Tile width for a head dim: the next power of two, at least 16 (the MMA minimum).
+
+    The tile is padded, never the tensor: loads and stores mask the extra columns.
+    """
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE fp32 dots: tf32 would miss the tolerance rule by ~10x."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's device, not on whatever device is current."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

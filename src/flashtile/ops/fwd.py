@@ -1,0 +1,183 @@
+"""Forward pass: one Q tile per program, K/V tiles streamed past it with an online softmax.
+
+Softmax runs in base 2: scores are scaled by ``softmax_scale * log2(e)`` once, so the inner
+loop uses ``exp2``. The running max ``m_i`` and sum ``l_i`` are in those base-2 units; the
+stored LSE is converted back to natural log.
+
+Causal masks are bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``.
+The K/V loop is split in two stages: tiles every row of the Q tile sees in full (no mask
+arithmetic at all) and the few tiles on the diagonal or past ``seqlen_k`` (masked). Tiles
+wholly above the diagonal are never loaded.
+
+Fully masked rows (causal with ``Sq > Sk``, or ``Sk == 0``) write ``out = 0`` and
+``lse = +inf``, FlashAttention-2's convention: the backward then recomputes ``P = 0`` there.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from flashtile.configs import tile_config
+from flashtile.ops.common import LOG2E, device_guard, dot_precision, padded_head_dim
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q,
+    k_ptrs, v_ptrs, stride_ks, stride_vs,
+    offs_m, offs_n, offs_d,
+    start_n, end_n, seqlen_k, diag_offset, qk_scale,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold the K/V tiles ``[start_n, end_n)`` into ``(acc, m_i, l_i)``.
+
+    ``MASKED`` tiles apply the causal and ``seqlen_k`` masks; unmasked ones skip both.
+    """
+    mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
+    k_ptrs += start_n * stride_ks
+    v_ptrs += start_n * stride_vs
+    for tile_start in range(start_n, end_n, BLOCK_N):
+        offs_key = tile_start + offs_n  # [BLOCK_N]
+        if MASKED:
+            mask_kv = (offs_key[:, None] < seqlen_k) & mask_d[None, :]
+            k = tl.load(k_ptrs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(v_ptrs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            visible = offs_key[None, :] < seqlen_k  # [1, BLOCK_N]
+            if IS_CAUSAL:
+                visible = visible & (offs_key[None, :] <= offs_m[:, None] + diag_offset)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
+            # A row that has seen no key yet keeps m = -inf; subtract 0 there instead so
+            # exp2 gives 0 rather than NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)  # [BLOCK_M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_m_blocks"])
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    n_heads, group_size, seqlen_q, seqlen_k, num_m_blocks, qk_scale,
+    IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Grid: (num_m_blocks * batch * n_heads,) -- one flat axis, so B*H is never limited by
+    # the 65535 cap of grid axes 1 and 2. Q tiles of one head are neighbours in launch
+    # order (their K/V stays in L2); under causal masking the longest tiles go first.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = pid // num_m_blocks
+    pid_m = pid % num_m_blocks
+    if IS_CAUSAL:
+        pid_m = num_m_blocks - 1 - pid_m
+    pid_b = pid_bh // n_heads
+    pid_h = pid_bh % n_heads
+    pid_kv_h = pid_h // group_size
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]  (int64)
+    offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    mask_m = offs_m < seqlen_q
+    mask_d = offs_d < HEAD_DIM
+
+    q_ptrs = Q + pid_b * stride_qb + pid_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + pid_b * stride_vb + pid_kv_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys j <= start_m + diag_offset are visible to every row of this tile.
+    diag_offset = seqlen_k - seqlen_q
+    if IS_CAUSAL:
+        end_visible = tl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
+        end_full = tl.minimum(seqlen_k, start_m + diag_offset + 1)
+    else:
+        end_visible = seqlen_k
+        end_full = seqlen_k
+    end_full = tl.maximum(end_full, 0) // BLOCK_N * BLOCK_N
+    end_visible = tl.maximum(end_visible, 0)
+
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+        0, end_full, seqlen_k, diag_offset, qk_scale,
+        False, IS_CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+        end_full, end_visible, seqlen_k, diag_offset, qk_scale,
+        True, IS_CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )
+
+    has_keys = l_i > 0.0
+    safe_l = tl.where(has_keys, l_i, 1.0)
+    out = acc * tl.where(has_keys, 1.0 / safe_l, 0.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("inf"))
+
+    o_ptrs = O + pid_b * stride_ob + pid_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    lse_ptrs = LSE + pid_bh * seqlen_q + offs_m
+    tl.store(lse_ptrs, lse, mask=mask_m)
+
+
+def flash_fwd(q, k, v, softmax_scale, causal):
+    """Launch the forward kernel.
+
+    q: (B, Sq, Hq, D); k, v: (B, Sk, Hk, D), each with ``stride(-1) == 1``.
+    Returns ``out`` (B, Sq, Hq, D) in q's dtype and ``lse`` (B, Hq, Sq) float32.
+    """
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
+
+    block_d = padded_head_dim(head_dim)
+    cfg = tile_config(q.device, q.dtype, block_d, "fwd")
+    num_m_blocks = triton.cdiv(seqlen_q, cfg.block_m)
+    grid = (num_m_blocks * batch * n_heads,)
+    with device_guard(q):
+        _fwd_kernel[grid](
+            q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_m_blocks,
+            softmax_scale * LOG2E,
+            IS_CAUSAL=causal, HEAD_DIM=head_dim,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out, lse

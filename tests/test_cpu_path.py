@@ -1,0 +1,73 @@
+"""The exact blockwise PyTorch path that CPU tensors take, against the float64 oracle."""
+
+import pytest
+import torch
+from helpers import SMALL_SHAPES, case_id, check_against_oracle, make_qkv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flashtile
+from flashtile import cpu
+
+
+def cpu_attention(causal, softmax_scale=None):
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                                return_attn_probs=True)
+        return out, lse
+
+    return attn
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=[case_id(*s) for s in SMALL_SHAPES])
+def test_matches_oracle(shape, causal, dtype):
+    q, k, v = make_qkv(*shape, dtype=dtype)
+    check_against_oracle(cpu_attention(causal), q, k, v, causal=causal)
+
+
+# Lengths that cross the CPU path's own 256/512 blocks; bf16 only, to keep CI short.
+LONG_SHAPES = [(1, 1000, 1000, 2, 1, 64), (1, 4097, 4097, 1, 1, 64), (2, 300, 1100, 4, 2, 32),
+               (1, 1100, 300, 2, 2, 32)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=[case_id(*s) for s in LONG_SHAPES])
+def test_long_sequences_match_oracle(shape, causal):
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16)
+    check_against_oracle(cpu_attention(causal), q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_large_scores_and_custom_scale(causal):
+    q, k, v = make_qkv(2, 300, 600, 4, 2, 32, dtype=torch.bfloat16, std=4.0)
+    check_against_oracle(cpu_attention(causal, 0.3), q, k, v, causal=causal, softmax_scale=0.3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3), seqlen_q=st.integers(1, 700), seqlen_k=st.integers(1, 700),
+    heads_k=st.integers(1, 3), group=st.integers(1, 3), head_dim=st.integers(1, 80), causal=st.booleans(),
+)
+def test_any_shape_matches_oracle(batch, seqlen_q, seqlen_k, heads_k, group, head_dim, causal):
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, heads_k * group, heads_k, head_dim, dtype=torch.float16)
+    check_against_oracle(cpu_attention(causal), q, k, v, causal=causal)
+
+
+def test_memory_is_linear_in_seqlen(monkeypatch):
+    """No tensor the CPU path builds grows with seqlen_q * seqlen_k beyond one score tile."""
+    seqlen = 3000
+    biggest = []
+    real_matmul = torch.matmul
+
+    def tracking_matmul(a, b):
+        result = real_matmul(a, b)
+        biggest.append(result.numel())
+        return result
+
+    monkeypatch.setattr(torch, "matmul", tracking_matmul)
+    q, k, v = make_qkv(1, seqlen, seqlen, 1, 1, 32, dtype=torch.float32)
+    out = flashtile.flash_attn_func(q, k, v, causal=True)
+    out.sum().backward()
+    assert max(biggest) <= cpu.BLOCK_Q * cpu.BLOCK_K < seqlen * seqlen

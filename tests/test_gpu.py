@@ -1,0 +1,113 @@
+"""Real-size checks on a CUDA GPU: the adversarial matrix at full lengths, bf16, and tensors
+past 2**31 elements. Skipped without CUDA (CI is CPU-only; run these with `-m gpu`)."""
+
+import pytest
+import torch
+from helpers import assert_tolerance_rule, case_id, check_against_oracle, make_qkv
+
+import flashtile
+from flashtile.reference import attention_ref
+
+pytestmark = pytest.mark.gpu
+
+
+def attention(causal):
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+        return out, lse
+
+    return attn
+
+
+GPU_SHAPES = (
+    [(1, s, s, 4, 2, 128) for s in (1, 17, 63, 65, 127, 129, 1000, 4097)]
+    + [(2, 1000, 4097, 8, 1, 64), (2, 4097, 1000, 8, 8, 64), (3, 1, 1000, 3, 1, 128), (1, 777, 2048, 6, 2, 96)]
+    + [(2, 1000, 1000, 6, 2, d) for d in (32, 40, 64, 80, 96, 128, 160, 192, 256)]
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[case_id(*s) for s in GPU_SHAPES])
+def test_matches_oracle(shape, causal, dtype):
+    q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
+    check_against_oracle(attention(causal), q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("std", [1.0, 4.0])
+def test_scaled_inputs_bf16(std):
+    q, k, v = make_qkv(2, 2048, 2048, 8, 2, 128, dtype=torch.bfloat16, device="cuda", std=std)
+    check_against_oracle(attention(True), q, k, v, causal=True)
+
+
+def test_fp32_inputs():
+    q, k, v = make_qkv(2, 1000, 1100, 4, 2, 64, dtype=torch.float32, device="cuda")
+    check_against_oracle(attention(True), q, k, v, causal=True)
+
+
+def _check_slice(out, lse, grads, q, k, v, dout, batch_slice, head_slice, causal):
+    """The tolerance rule on one slice of a huge call (the oracle can't hold all of it)."""
+    def cut(t):
+        return t[batch_slice][:, :, head_slice]
+
+    qs, ks, vs, dos = (cut(t).detach() for t in (q, k, v, dout))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (qs, ks, vs))
+    ref_out, ref_lse = attention_ref(q64, k64, v64, causal=causal)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (qs, ks, vs))
+    low_out, low_lse = attention_ref(qs, ks, vs, causal=causal, upcast=False)
+    assert_tolerance_rule("out", cut(out), ref_out, low_out)
+    assert_tolerance_rule("lse", lse[batch_slice][:, head_slice], ref_lse, low_lse)
+    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dos.double())
+    low_grads = torch.autograd.grad(low_out, (qs, ks, vs), dos)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert_tolerance_rule(name, cut(g), r, lo)
+
+
+@pytest.mark.bigmem
+def test_batch_times_heads_beyond_grid_limit_and_2pow31_elements():
+    """B*H = 140000 > 65535 programs on one axis; q/k/v hold 2.3e9 elements each."""
+    batch, seqlen, heads, head_dim = 140_000, 128, 1, 128
+    assert batch * seqlen * heads * head_dim > 2**31
+    q, k, v = make_qkv(batch, seqlen, seqlen, heads, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse, _ = flashtile.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for batch_slice in (slice(0, 2), slice(batch - 3, batch)):
+        _check_slice(out, lse, grads, q, k, v, dout, batch_slice, slice(None), causal=True)
+
+
+@pytest.mark.bigmem
+def test_seqlen_k_beyond_2pow31_elements():
+    """One K/V sequence of 1M tokens x 16 heads x 128 dims: offsets along seqlen need int64."""
+    seqlen_k, heads, head_dim = 1_048_576 + 100, 16, 128
+    assert seqlen_k * heads * head_dim > 2**31
+    q, k, v = make_qkv(1, 64, seqlen_k, heads, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse, _ = flashtile.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _check_slice(out, lse, grads, q, k, v, dout, slice(None), slice(heads - 2, heads), causal=True)
+
+
+def test_backward_bitwise_reproducible_at_scale():
+    q, k, v = make_qkv(2, 4096, 4096, 16, 4, 128, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(2, 4096, 16, 128, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        out = flashtile.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def test_inputs_on_different_devices_rejected():
+    q, k, v = make_qkv(1, 16, 16, 2, 2, 32, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="v is on cpu but q is on cuda"):
+        flashtile.flash_attn_func(q, k, v.cpu())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_inputs_device():
+    q, k, v = make_qkv(1, 256, 256, 2, 2, 64, dtype=torch.float16, device="cuda:1")
+    with torch.cuda.device(0):
+        check_against_oracle(attention(True), q, k, v, causal=True)
