@@ -1,15 +1,17 @@
-"""Opt-in tile tuning (GPU only): times candidate TileConfigs per (mode, head dim) and prints
-the rows for flashtile/configs.py. Nobody pays for this at run time.
+"""Opt-in tile tuning (GPU only): times candidate TileConfigs for each kernel (fwd, dkdv, dq),
+head dim and causal flag, and prints the rows for flashtile/configs.py. Nobody pays for this
+at run time.
 
-Shape: batch * seqlen = 16384 at seqlen 4096, nheads * headdim = 2048, bf16, not causal (the
-same tiles serve causal). Candidates are compiled first in parallel processes (Triton's disk
-cache keeps them), then timed one by one in this process.
+Shapes: batch * seqlen = 16384, nheads * headdim = 2048, bf16, at seqlen 1024 and 4096; a
+candidate's score is the geometric mean of its TFLOP/s over the two. Candidates are first
+compiled in parallel processes (Triton's disk cache keeps them), then timed in this one.
 
     PYTHONPATH=src python3 bench/tune.py --out tune.json
 """
 
 import argparse
 import concurrent.futures
+import math
 import multiprocessing
 import os
 import sys
@@ -22,97 +24,117 @@ from common import attention_flops, banner, environment, median_ms, write_json  
 CANDIDATES = {
     # (block_m, block_n, num_warps, num_stages)
     "fwd": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-            (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 2), (128, 64, 8, 2)],
+            (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
     "dkdv": [(32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2),
-             (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 2), (64, 64, 8, 1), (32, 64, 4, 1)],
+             (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 2), (64, 64, 8, 1), (32, 64, 4, 1), (64, 128, 8, 1)],
     "dq": [(128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2),
-           (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 1), (64, 32, 4, 1)],
+           (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 1), (64, 32, 4, 1), (128, 128, 8, 2)],
 }
 HEAD_DIMS = (64, 128, 256)
-SEQLEN = 4096
+SEQLENS = (1024, 4096)
 
 
-def _set(mode, head_dim, cfg):
+def _set(mode, head_dim, causal, cfg):
     from flashtile import configs
 
-    configs.SM90[(mode, head_dim)] = configs.TileConfig(*cfg)
+    configs.SM90[(mode, head_dim, causal)] = configs.TileConfig(*cfg)
 
 
-def _inputs(head_dim, seqlen=SEQLEN):
-    batch, heads = 16384 // seqlen, 2048 // head_dim
-    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    return q, k, v, torch.randn_like(q)
+class Problem:
+    """Inputs and forward outputs for one shape; ``kernel(mode)`` returns a launch closure."""
 
+    def __init__(self, head_dim, seqlen, causal):
+        from flashtile.ops import flash_fwd
 
-def _run(mode, head_dim, cfg, q, k, v, dout):
-    from flashtile.ops import flash_bwd, flash_fwd
+        self.batch, self.heads = max(1, 16384 // seqlen), 2048 // head_dim
+        self.seqlen, self.head_dim, self.causal = seqlen, head_dim, causal
+        shape = (self.batch, seqlen, self.heads, head_dim)
+        self.q, self.k, self.v, self.dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        self.scale = head_dim**-0.5
+        self.out, self.lse = flash_fwd(self.q, self.k, self.v, self.scale, causal)
+        self.delta = (self.out.float() * self.dout.float()).sum(-1).transpose(1, 2).contiguous()
+        self.dq, self.dk, self.dv = (torch.empty_like(t) for t in (self.q, self.k, self.v))
 
-    _set(mode, head_dim, cfg)
-    scale = head_dim**-0.5
-    if mode == "fwd":
-        return lambda: flash_fwd(q, k, v, scale, False)
-    out, lse = flash_fwd(q, k, v, scale, False)
-    return lambda: flash_bwd(dout, q, k, v, out, lse, scale, False)
+    def kernel(self, mode):
+        from flashtile.ops import bwd, flash_fwd
+
+        if mode == "fwd":
+            return lambda: flash_fwd(self.q, self.k, self.v, self.scale, self.causal)
+        if mode == "dkdv":
+            return lambda: bwd.launch_dkdv(self.dout, self.q, self.k, self.v, self.lse, self.delta, self.dk,
+                                           self.dv, self.scale, self.causal)
+        return lambda: bwd.launch_dq(self.dout, self.q, self.k, self.v, self.lse, self.delta, self.dq,
+                                     self.scale, self.causal)
+
+    def flops(self, mode):
+        # dkdv does 4 of the backward's 7 matmuls and dq 3 (P and dP are recomputed in both);
+        # count each kernel's own share of 2.5x forward so their TFLOP/s compare.
+        share = {"fwd": ("fwd", 1.0), "dkdv": ("fwd", 2.0), "dq": ("fwd", 1.5)}[mode]
+        return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal,
+                               share[0]) * share[1]
 
 
 def _compile(jobs):
-    """Worker: compile (and run once, tiny) each (mode, head_dim, cfg); report failures."""
+    """Worker: compile and run once (small shape) each job; report the ones that fail."""
     failed = []
-    for mode, head_dim, cfg in jobs:
+    for mode, head_dim, causal, cfg in jobs:
         try:
-            _run(mode, head_dim, cfg, *_inputs(head_dim, seqlen=256))()
+            _set(mode, head_dim, causal, cfg)
+            Problem(head_dim, 256, causal).kernel(mode)()
             torch.cuda.synchronize()
-        except Exception as err:  # out of shared memory / registers: the candidate is dropped
-            failed.append((mode, head_dim, cfg, f"{type(err).__name__}: {str(err)[:120]}"))
+        except Exception as err:  # out of shared memory or registers: the candidate is dropped
+            failed.append((mode, head_dim, causal, cfg, f"{type(err).__name__}: {str(err)[:120]}"))
     return failed
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
+    parser.add_argument("--seqlens", default=",".join(map(str, SEQLENS)))
+    parser.add_argument("--modes", default=",".join(CANDIDATES))
     args = parser.parse_args()
     head_dims = [int(d) for d in args.head_dims.split(",")]
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    modes = args.modes.split(",")
     env = environment()
     print(banner(env))
 
-    jobs = [(m, d, c) for m in CANDIDATES for d in head_dims for c in CANDIDATES[m]]
+    jobs = [(m, d, c, cfg) for m in modes for d in head_dims for c in (False, True) for cfg in CANDIDATES[m]]
     shards = [jobs[i::args.workers] for i in range(args.workers)]
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         failed = [f for fs in pool.map(_compile, shards) for f in fs]
-    bad = {(m, d, c) for m, d, c, _ in failed}
-    for f in failed:
-        print("compile failed:", f)
+    bad = {f[:4] for f in failed}
+    print(f"compiled {len(jobs)} candidates, {len(failed)} failed (resources)")
 
-    results = []
-    best = {}
+    results, best = [], {}
     for head_dim in head_dims:
-        q, k, v, dout = _inputs(head_dim)
-        batch, heads = q.shape[0], q.shape[2]
-        for mode in ("fwd", "dkdv", "dq"):
-            # dkdv and dq are timed as the whole backward, the other kernel held at its best
-            # (or default) entry, so differences come from the kernel being tuned.
-            flop_mode = "fwd" if mode == "fwd" else "bwd"
-            flops = attention_flops(batch, heads, SEQLEN, SEQLEN, head_dim, False, flop_mode)
-            timed = []
-            for cfg in CANDIDATES[mode]:
-                if (mode, head_dim, cfg) in bad:
-                    continue
-                ms = median_ms(_run(mode, head_dim, cfg, q, k, v, dout))
-                timed.append((ms, cfg))
-                results.append(dict(mode=mode, head_dim=head_dim, config=cfg, ms=ms, tflops=flops / ms / 1e9))
-                print(f"{mode:5s} d={head_dim:3d} {cfg}: {ms:.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
-            ms, cfg = min(timed)
-            best[(mode, head_dim)] = (cfg, flops / ms / 1e9)
-            _set(mode, head_dim, cfg)
-        del q, k, v, dout
-        torch.cuda.empty_cache()
+        for causal in (False, True):
+            problems = [Problem(head_dim, s, causal) for s in seqlens]
+            for mode in modes:
+                scored = []
+                for cfg in CANDIDATES[mode]:
+                    if (mode, head_dim, causal, cfg) in bad:
+                        continue
+                    _set(mode, head_dim, causal, cfg)
+                    tflops = [p.flops(mode) / median_ms(p.kernel(mode)) / 1e9 for p in problems]
+                    score = math.exp(sum(map(math.log, tflops)) / len(tflops))
+                    scored.append((score, cfg, tflops))
+                    results.append(dict(mode=mode, head_dim=head_dim, causal=causal, config=cfg,
+                                        tflops=dict(zip(map(str, seqlens), tflops))))
+                    print(f"{mode:4s} d={head_dim:3d} causal={causal:d} {cfg}: "
+                          + " ".join(f"{t:6.1f}" for t in tflops), flush=True)
+                score, cfg, tflops = max(scored)
+                best[(mode, head_dim, causal)] = (cfg, tflops)
+                _set(mode, head_dim, causal, cfg)
+            del problems
+            torch.cuda.empty_cache()
 
-    print("\n# rows for flashtile/configs.py SM90 (bf16, B*S=16384, S=4096, H*D=2048, non-causal):")
-    for (mode, head_dim), (cfg, tflops) in sorted(best.items()):
-        print(f'    ("{mode}", {head_dim}): TileConfig{cfg},  # {tflops:.0f} TFLOP/s ({env["date"]})')
+    print(f"\n# SM90 rows (bf16, B*S=16384, H*D=2048; TFLOP/s at S={seqlens}, {env['gpu']}, {env['date']}):")
+    for (mode, head_dim, causal), (cfg, tflops) in sorted(best.items()):
+        print(f'    ("{mode}", {head_dim}, {causal}): TileConfig{cfg},  # '
+              + " / ".join(f"{t:.0f}" for t in tflops))
     if args.out:
         write_json(args.out, dict(environment=env, results=results, failed=failed))
 

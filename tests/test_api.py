@@ -83,7 +83,7 @@ def test_rejects_bad_options(kwargs, error, words):
 def test_nothing_is_computed_before_validation(monkeypatch):
     import flashtile.interface as interface
 
-    monkeypatch.setattr(interface, "attention_fwd", lambda *a: pytest.fail("kernel ran on bad input"))
+    monkeypatch.setattr(interface, "attention", lambda *a: pytest.fail("kernel ran on bad input"))
     q, k, v = qkv()
     with pytest.raises(ValueError):
         flash_attn_func(q, k, v[:, :3])

@@ -51,7 +51,11 @@ def test_large_scores_and_custom_scale(causal):
     heads_k=st.integers(1, 3), group=st.integers(1, 3), head_dim=st.integers(1, 80), causal=st.booleans(),
 )
 def test_any_shape_matches_oracle(batch, seqlen_q, seqlen_k, heads_k, group, head_dim, causal):
-    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, heads_k * group, heads_k, head_dim, dtype=torch.float16)
+    """Shape coverage (blocks, masks, GQA indexing) in float32, where any indexing slip is far
+    above rounding; float16 rounding is covered by the fixed matrices above, on enough
+    elements for the tolerance rule's max to be meaningful."""
+    torch.manual_seed(seqlen_q * 1000 + seqlen_k)
+    q, k, v = make_qkv(batch, seqlen_q, seqlen_k, heads_k * group, heads_k, head_dim, dtype=torch.float32)
     check_against_oracle(cpu_attention(causal), q, k, v, causal=causal)
 
 

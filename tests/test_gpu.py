@@ -23,6 +23,7 @@ GPU_SHAPES = (
     [(1, s, s, 4, 2, 128) for s in (1, 17, 63, 65, 127, 129, 1000, 4097)]
     + [(2, 1000, 4097, 8, 1, 64), (2, 4097, 1000, 8, 8, 64), (3, 1, 1000, 3, 1, 128), (1, 777, 2048, 6, 2, 96)]
     + [(2, 1000, 1000, 6, 2, d) for d in (32, 40, 64, 80, 96, 128, 160, 192, 256)]
+    + [(1, 513, 700, 4, 4, d) for d in (16, 32, 64, 128, 256)]  # group size 1 compiles differently
 )
 
 
@@ -40,8 +41,9 @@ def test_scaled_inputs_bf16(std):
     check_against_oracle(attention(True), q, k, v, causal=True)
 
 
-def test_fp32_inputs():
-    q, k, v = make_qkv(2, 1000, 1100, 4, 2, 64, dtype=torch.float32, device="cuda")
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_fp32_inputs(head_dim):
+    q, k, v = make_qkv(2, 1000, 1100, 4, 2, head_dim, dtype=torch.float32, device="cuda")
     check_against_oracle(attention(True), q, k, v, causal=True)
 
 

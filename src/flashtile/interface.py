@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from flashtile.autograd import attention_fwd
+from flashtile.autograd import attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -118,7 +118,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
                    return_attn_probs)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    out, lse = attention_fwd(_stride_one(q), _stride_one(k), _stride_one(v), float(softmax_scale), causal)
+    out, lse = attention(_stride_one(q), _stride_one(k), _stride_one(v), float(softmax_scale), causal)
     if return_attn_probs:
         # S_dmask encodes the dropout pattern; like FlashAttention-2 it is None without dropout.
         return out, lse, None

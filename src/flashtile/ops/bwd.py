@@ -269,52 +269,62 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def launch_delta(out, dout, delta):
+    """delta (B, H, Sq) float32 <- rowsum(dout * out)."""
+    batch, seqlen_q, n_heads, head_dim = out.shape
+    block_m = 64 if out.is_cuda else 16
+    num_m_blocks = triton.cdiv(seqlen_q, block_m)
+    _delta_kernel[(num_m_blocks * batch * n_heads,)](
+        out, dout, delta, *_strides(out), *_strides(dout), n_heads, seqlen_q, num_m_blocks,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=padded_head_dim(head_dim),
+    )
+
+
+def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, softmax_scale, causal):
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    block_d = padded_head_dim(head_dim)
+    cfg = tile_config(q.device, q.dtype, block_d, "dkdv", causal)
+    num_n_blocks = triton.cdiv(seqlen_k, cfg.block_n)
+    _dkdv_kernel[(num_n_blocks * batch * n_kv_heads,)](
+        q, k, v, dout, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_n_blocks, softmax_scale * LOG2E, softmax_scale,
+        IS_CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def launch_dq(dout, q, k, v, lse, delta, dq, softmax_scale, causal):
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    block_d = padded_head_dim(head_dim)
+    cfg = tile_config(q.device, q.dtype, block_d, "dq", causal)
+    num_m_blocks = triton.cdiv(seqlen_q, cfg.block_m)
+    _dq_kernel[(num_m_blocks * batch * n_heads,)](
+        q, k, v, dout, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_m_blocks, softmax_scale * LOG2E, softmax_scale,
+        IS_CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
 def flash_bwd(dout, q, k, v, out, lse, softmax_scale, causal):
     """Launch the backward kernels; returns ``(dq, dk, dv)`` shaped like ``(q, k, v)``.
 
     ``out`` and ``lse`` are the forward's outputs; every tensor needs ``stride(-1) == 1``.
     """
-    batch, seqlen_q, n_heads, head_dim = q.shape
-    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         # No queries or no keys: every gradient is an (possibly empty) zero.
         return dq.zero_(), dk.zero_(), dv.zero_()
-
-    block_d = padded_head_dim(head_dim)
-    group_size = n_heads // n_kv_heads
-    qk_scale = softmax_scale * LOG2E
-    precision = dot_precision(q.dtype)
+    batch, seqlen_q, n_heads, _ = q.shape
     delta = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    cfg_dkdv = tile_config(q.device, q.dtype, block_d, "dkdv")
-    cfg_dq = tile_config(q.device, q.dtype, block_d, "dq")
-    num_m_blocks = triton.cdiv(seqlen_q, cfg_dq.block_m)
-    num_n_blocks = triton.cdiv(seqlen_k, cfg_dkdv.block_n)
-    delta_block_m = 64 if q.is_cuda else 16
-    num_delta_blocks = triton.cdiv(seqlen_q, delta_block_m)
-
     with device_guard(q):
-        _delta_kernel[(num_delta_blocks * batch * n_heads,)](
-            out, dout, delta, *_strides(out), *_strides(dout),
-            n_heads, seqlen_q, num_delta_blocks,
-            HEAD_DIM=head_dim, BLOCK_M=delta_block_m, BLOCK_D=block_d,
-        )
-        _dkdv_kernel[(num_n_blocks * batch * n_kv_heads,)](
-            q, k, v, dout, lse, delta, dk, dv,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-            n_heads, group_size, seqlen_q, seqlen_k, num_n_blocks, qk_scale, softmax_scale,
-            IS_CAUSAL=causal, HEAD_DIM=head_dim,
-            BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, BLOCK_D=block_d,
-            DOT_PRECISION=precision, num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages,
-        )
-        _dq_kernel[(num_m_blocks * batch * n_heads,)](
-            q, k, v, dout, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            n_heads, group_size, seqlen_q, seqlen_k, num_m_blocks, qk_scale, softmax_scale,
-            IS_CAUSAL=causal, HEAD_DIM=head_dim,
-            BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, BLOCK_D=block_d,
-            DOT_PRECISION=precision, num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages,
-        )
+        launch_delta(out, dout, delta)
+        launch_dkdv(dout, q, k, v, lse, delta, dk, dv, softmax_scale, causal)
+        launch_dq(dout, q, k, v, lse, delta, dq, softmax_scale, causal)
     return dq, dk, dv

@@ -23,6 +23,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def device_guard(t: torch.Tensor):
     """Launch on the tensor's device, not on whatever device is current."""
-    if t.is_cuda:
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()

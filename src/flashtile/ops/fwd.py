@@ -163,7 +163,7 @@ def flash_fwd(q, k, v, softmax_scale, causal):
         return out, lse.fill_(float("inf"))
 
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "fwd")
+    cfg = tile_config(q.device, q.dtype, block_d, "fwd", causal)
     num_m_blocks = triton.cdiv(seqlen_q, cfg.block_m)
     grid = (num_m_blocks * batch * n_heads,)
     with device_guard(q):
