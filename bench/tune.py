@@ -2,7 +2,7 @@
 head dim and causal flag, and prints the rows for flashtile/configs.py. Nobody pays for this
 at run time.
 
-Shapes: batch * seqlen = 16384, nheads * headdim = 2048, bf16, at seqlen 1024 and 4096; a
+Shapes: batch * seqlen = 16384, nheads * headdim = 2048, bf16, at seqlen 1024 and 16384; a
 candidate's score is the geometric mean of its TFLOP/s over the two. Candidates are first
 compiled in parallel processes (Triton's disk cache keeps them), then timed in this one.
 
@@ -22,22 +22,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import attention_flops, banner, environment, median_ms, write_json  # noqa: E402
 
 CANDIDATES = {
-    # (block_m, block_n, num_warps, num_stages)
-    "fwd": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-            (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
-    "dkdv": [(32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2),
-             (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 2), (64, 64, 8, 1), (32, 64, 4, 1), (64, 128, 8, 1)],
-    "dq": [(128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 4, 2),
-           (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 1), (64, 32, 4, 1), (128, 128, 8, 2)],
+    # (block_m, block_n, num_warps, num_stages); dkdv adds KV_AS_B (operand orientation).
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2),
+            (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+    "dkdv": [(32, 64, 4, 1, False), (32, 64, 8, 1, False), (32, 64, 8, 2, False), (16, 64, 4, 1, False),
+             (32, 128, 8, 1, False), (64, 128, 8, 1, False), (32, 64, 4, 3, False),
+             (32, 64, 4, 1, True), (32, 64, 8, 1, True), (32, 64, 8, 2, True), (32, 128, 8, 1, True),
+             (16, 64, 4, 1, True), (64, 64, 8, 1, True)],
+    "dq": [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2),
+           (64, 32, 4, 2), (128, 64, 8, 3)],
 }
 HEAD_DIMS = (64, 128, 256)
-SEQLENS = (1024, 4096)
+SEQLENS = (1024, 16384)
 
 
 def _set(mode, head_dim, causal, cfg):
     from flashtile import configs
+    from flashtile.ops import bwd
 
-    configs.SM90[(mode, head_dim, causal)] = configs.TileConfig(*cfg)
+    if mode == "dkdv":
+        bwd.DKDV_KV_AS_B = cfg[4]
+    configs.SM90[(mode, head_dim, causal)] = configs.TileConfig(*cfg[:4])
 
 
 class Problem:

@@ -26,3 +26,12 @@ def device_guard(t: torch.Tensor):
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def shared_strides(a: torch.Tensor, b: torch.Tensor):
+    """The kernels address two same-shaped tensors (K and V, Q and dO) with one set of strides,
+    which keeps one int32 offset tile in registers instead of two. When the strides differ
+    (rare: e.g. a packed-QKV view next to a contiguous gradient) both are made contiguous."""
+    if a.stride() == b.stride():
+        return a, b
+    return a.contiguous(), b.contiguous()

@@ -18,13 +18,13 @@ import triton
 import triton.language as tl
 
 from flashtile.configs import tile_config
-from flashtile.ops.common import LOG2E, device_guard, dot_precision, padded_head_dim
+from flashtile.ops.common import LOG2E, device_guard, dot_precision, padded_head_dim, shared_strides
 
 
 @triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q,
-    k_ptrs, v_ptrs, stride_ks, stride_vs,
+    k_ptrs, v_ptrs, stride_ks,
     offs_m, offs_n, offs_d,
     start_n, end_n, seqlen_k, diag_offset, qk_scale,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -33,23 +33,26 @@ def _attend_tiles(
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into ``(acc, m_i, l_i)``.
 
-    ``MASKED`` tiles apply the causal and ``seqlen_k`` masks; unmasked ones skip both.
+    ``k_ptrs``/``v_ptrs`` are scalar pointers to key ``start_n``. ``MASKED`` tiles apply the causal and
+    ``seqlen_k`` masks; unmasked ones skip both.
     """
     mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
-    k_ptrs += start_n * stride_ks
-    v_ptrs += start_n * stride_vs
+    # Scalar base pointers carried through the loop plus loop-invariant int32 tile offsets:
+    # a loop-carried 2-D tile of 64-bit pointers costs two registers per element.
+    # K and V share strides (the launcher guarantees it), so one offset tile serves both.
+    kv_offs = offs_n[:, None] * stride_ks + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     for tile_start in range(start_n, end_n, BLOCK_N):
         offs_key = tile_start + offs_n  # [BLOCK_N]
         if MASKED:
             mask_kv = (offs_key[:, None] < seqlen_k) & mask_d[None, :]
-            k = tl.load(k_ptrs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(v_ptrs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+            k = tl.load(k_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(v_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
         elif HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k = tl.load(k_ptrs + kv_offs)
+            v = tl.load(v_ptrs + kv_offs)
         else:
-            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+            k = tl.load(k_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if MASKED:
@@ -72,7 +75,7 @@ def _attend_tiles(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
+        v_ptrs += BLOCK_N * stride_ks
     return acc, m_i, l_i
 
 
@@ -81,7 +84,6 @@ def _fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     n_heads, group_size, seqlen_q, seqlen_k, num_m_blocks, qk_scale,
     IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -91,25 +93,28 @@ def _fwd_kernel(
     # Grid: (num_m_blocks * batch * n_heads,) -- one flat axis, so B*H is never limited by
     # the 65535 cap of grid axes 1 and 2. Q tiles of one head are neighbours in launch
     # order (their K/V stays in L2); under causal masking the longest tiles go first.
-    pid = tl.program_id(0).to(tl.int64)
+    # Index math is int32 (sequence positions < 2**31); pointer offsets are int64, since
+    # B*S*H*D may pass 2**31. The host keeps BLOCK * stride(1) below 2**31.
+    pid = tl.program_id(0)
     pid_bh = pid // num_m_blocks
     pid_m = pid % num_m_blocks
     if IS_CAUSAL:
         pid_m = num_m_blocks - 1 - pid_m
-    pid_b = pid_bh // n_heads
+    pid_b = (pid_bh // n_heads).to(tl.int64)
     pid_h = pid_bh % n_heads
-    pid_kv_h = pid_h // group_size
+    pid_kv_h = (pid_h // group_size).to(tl.int64)
     start_m = pid_m * BLOCK_M
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]  (int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < HEAD_DIM
 
-    q_ptrs = Q + pid_b * stride_qb + pid_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + pid_b * stride_vb + pid_kv_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    q_ptrs = (Q + pid_b * stride_qb + pid_h.to(tl.int64) * stride_qh
+              + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :])
+    k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh  # scalar: key 0 of this head
+    v_ptrs = V + pid_b * stride_kb + pid_kv_h * stride_kh  # V shares K's strides
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -128,13 +133,14 @@ def _fwd_kernel(
     end_visible = tl.maximum(end_visible, 0)
 
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, offs_m, offs_n, offs_d,
         0, end_full, seqlen_k, diag_offset, qk_scale,
         False, IS_CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
+    skip = end_full.to(tl.int64)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-        end_full, end_visible, seqlen_k, diag_offset, qk_scale,
+        acc, m_i, l_i, q, k_ptrs + skip * stride_ks, v_ptrs + skip * stride_ks, stride_ks,
+        offs_m, offs_n, offs_d, end_full, end_visible, seqlen_k, diag_offset, qk_scale,
         True, IS_CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
 
@@ -143,18 +149,21 @@ def _fwd_kernel(
     out = acc * tl.where(has_keys, 1.0 / safe_l, 0.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("inf"))
 
-    o_ptrs = O + pid_b * stride_ob + pid_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = (O + pid_b * stride_ob + pid_h.to(tl.int64) * stride_oh
+              + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    lse_ptrs = LSE + pid_bh * seqlen_q + offs_m
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m
     tl.store(lse_ptrs, lse, mask=mask_m)
 
 
 def flash_fwd(q, k, v, softmax_scale, causal):
     """Launch the forward kernel.
 
-    q: (B, Sq, Hq, D); k, v: (B, Sk, Hk, D), each with ``stride(-1) == 1``.
+    q: (B, Sq, Hq, D); k, v: (B, Sk, Hk, D), each with ``stride(-1) == 1`` (see
+    ``common.kernel_layout`` for the other stride conditions).
     Returns ``out`` (B, Sq, Hq, D) in q's dtype and ``lse`` (B, Hq, Sq) float32.
     """
+    k, v = shared_strides(k, v)
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -171,7 +180,6 @@ def flash_fwd(q, k, v, softmax_scale, causal):
             q, k, v, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_m_blocks,
             softmax_scale * LOG2E,
