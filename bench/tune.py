@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import attention_flops, banner, environment, median_ms, write_json  # noqa: E402
 
 CANDIDATES = {
-    # (block_m, block_n, num_warps, num_stages); dkdv adds KV_AS_B (operand orientation).
+    # (block_m, block_n, num_warps, num_stages); dkdv adds kv_as_b (operand orientation).
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2),
             (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
     "dkdv": [(32, 64, 4, 1, False), (32, 64, 8, 1, False), (32, 64, 8, 2, False), (16, 64, 4, 1, False),
@@ -38,11 +38,8 @@ SEQLENS = (1024, 16384)
 
 def _set(mode, head_dim, causal, cfg):
     from flashtile import configs
-    from flashtile.ops import bwd
 
-    if mode == "dkdv":
-        bwd.DKDV_KV_AS_B = cfg[4]
-    configs.SM90[(mode, head_dim, causal)] = configs.TileConfig(*cfg[:4])
+    configs.SM90[(mode, head_dim, causal)] = configs.TileConfig(*cfg)
 
 
 class Problem:

@@ -125,3 +125,18 @@ def test_backward_is_bitwise_reproducible():
             grads.append(backward_with_kernels(out, (q, k, v), dout))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kv_as_b", [False, True], ids=["kv-as-a", "kv-as-b"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dkdv_operand_orientations(kv_as_b, causal, monkeypatch):
+    """Both orientations of the dK/dV loop (a TileConfig choice) meet the tolerance rule."""
+    import dataclasses
+
+    from flashtile.ops import bwd
+
+    real = bwd.tile_config
+    monkeypatch.setattr(bwd, "tile_config", lambda *a: dataclasses.replace(real(*a), kv_as_b=kv_as_b))
+    q, k, v = make_qkv(2, 70, 45, 4, 2, 40, dtype=torch.float16, device=DEVICE)
+    with kernels():
+        check_against_oracle(kernel_attention(causal), q, k, v, causal=causal)

@@ -21,6 +21,9 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # dkdv only: make K and V the B operand of the loop's dots (computing P rather than P^T),
+    # which keeps them in shared memory instead of registers. Wins at head dim 256.
+    kv_as_b: bool = False
 
 
 # Under the Triton interpreter (CPU tensors, tests): small tiles so that tiny test shapes
@@ -36,28 +39,28 @@ GENERIC = {
 }
 
 # Hopper (sm90), fp16/bf16. Key: (mode, padded head dim, causal). Chosen by bench/tune.py on
-# an H100 80GB HBM3 (torch 2.11, triton 3.6.0), 2026-11-24: bf16, B*S = 16384, H*D = 2048;
-# the comment gives the kernel's own TFLOP/s at S = 1024 / 4096 (dkdv counts its 4 matmuls,
-# dq its 3). Head dims 16 and 32 use the 64 entries (not measured separately).
+# an H100 80GB HBM3 (torch 2.11, triton 3.6.0), 2026-11-24 00:52 UTC: bf16, B*S = 16384,
+# H*D = 2048; the comment gives the kernel's own TFLOP/s at S = 1024 / 16384 (dkdv counts its
+# 4 matmuls, dq its 3). Head dims 16 and 32 use the 64 entries (not measured separately).
 _TUNED_H100 = {
-    ("fwd", 64, False): TileConfig(128, 64, 8, 3),  # 382 / 411
-    ("fwd", 64, True): TileConfig(128, 64, 8, 3),  # 269 / 362
-    ("fwd", 128, False): TileConfig(128, 64, 8, 3),  # 395 / 450
-    ("fwd", 128, True): TileConfig(128, 64, 8, 3),  # 283 / 401
-    ("fwd", 256, False): TileConfig(128, 64, 8, 2),  # 352 / 428
-    ("fwd", 256, True): TileConfig(128, 64, 8, 2),  # 243 / 361
-    ("dkdv", 64, False): TileConfig(32, 64, 4, 1),  # 358 / 397
-    ("dkdv", 64, True): TileConfig(32, 64, 4, 1),  # 299 / 354
-    ("dkdv", 128, False): TileConfig(32, 64, 4, 3),  # 376 / 420
-    ("dkdv", 128, True): TileConfig(32, 64, 4, 1),  # 292 / 363
-    ("dkdv", 256, False): TileConfig(32, 64, 4, 1),  # 84 / 85 (register-bound; see notes)
-    ("dkdv", 256, True): TileConfig(32, 128, 8, 2),  # 62 / 70
-    ("dq", 64, False): TileConfig(64, 32, 4, 3),  # 449 / 488
-    ("dq", 64, True): TileConfig(64, 32, 4, 3),  # 369 / 445
-    ("dq", 128, False): TileConfig(64, 32, 4, 3),  # 435 / 487
-    ("dq", 128, True): TileConfig(64, 32, 4, 3),  # 363 / 453
-    ("dq", 256, False): TileConfig(128, 32, 8, 3),  # 449 / 509
-    ("dq", 256, True): TileConfig(64, 32, 4, 3),  # 251 / 348
+    ("fwd", 64, False): TileConfig(128, 64, 8, 3),  # 395 / 447
+    ("fwd", 64, True): TileConfig(64, 64, 4, 3),  # 298 / 408
+    ("fwd", 128, False): TileConfig(128, 128, 8, 3),  # 402 / 496
+    ("fwd", 128, True): TileConfig(128, 128, 8, 3),  # 292 / 510
+    ("fwd", 256, False): TileConfig(128, 64, 8, 2),  # 368 / 458
+    ("fwd", 256, True): TileConfig(128, 64, 8, 2),  # 279 / 444
+    ("dkdv", 64, False): TileConfig(32, 128, 8, 1),  # 346 / 415
+    ("dkdv", 64, True): TileConfig(32, 64, 4, 1),  # 301 / 374
+    ("dkdv", 128, False): TileConfig(32, 64, 4, 3),  # 385 / 440
+    ("dkdv", 128, True): TileConfig(64, 128, 8, 1),  # 286 / 429
+    ("dkdv", 256, False): TileConfig(64, 64, 8, 1, kv_as_b=True),  # 195 / 197 (P^T orientation: 120 / 127)
+    ("dkdv", 256, True): TileConfig(32, 64, 8, 2),  # 169 / 208
+    ("dq", 64, False): TileConfig(128, 32, 8, 3),  # 479 / 571
+    ("dq", 64, True): TileConfig(64, 32, 4, 3),  # 393 / 532
+    ("dq", 128, False): TileConfig(128, 64, 8, 3),  # 486 / 593
+    ("dq", 128, True): TileConfig(128, 64, 8, 3),  # 386 / 583
+    ("dq", 256, False): TileConfig(128, 32, 8, 3),  # 497 / 582
+    ("dq", 256, True): TileConfig(128, 32, 8, 3),  # 392 / 603
 }
 SM90 = {
     **_TUNED_H100,

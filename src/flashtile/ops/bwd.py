@@ -79,7 +79,8 @@ def _dkdv_tiles(
         delta = tl.load(delta_ptr + offs_row, mask=mask_row, other=0.0)  # [BLOCK_M]
 
         if KV_AS_B:
-            # [BLOCK_M, BLOCK_N] orientation: K and V are B operands and stay in shared memory.
+            # Computes P (not P^T): K and V become B operands and stay in shared memory, at the
+            # price of transposing P and dS for the dV and dK products.
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
             if MASKED and IS_CAUSAL:
@@ -292,10 +293,6 @@ def _dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_q)
 
 
-# EXPERIMENT (bench/tune.py toggles it): operand orientation of the dK/dV loop.
-DKDV_KV_AS_B = False
-
-
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -321,7 +318,7 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, softmax_scale, causal):
         q, k, v, dout, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(dk),
         n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_n_blocks, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), KV_AS_B=DKDV_KV_AS_B,
+        DOT_PRECISION=dot_precision(q.dtype), KV_AS_B=cfg.kv_as_b,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
