@@ -144,3 +144,17 @@ def test_lse_is_not_differentiable():
     q, k, v = make_qkv(1, 8, 8, 2, 2, 16, dtype=torch.float32)
     out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
     assert out.requires_grad and not lse.requires_grad
+
+
+def test_rejects_too_many_heads_times_head_dim():
+    q = torch.empty(1, 1, 2**15, 256, dtype=torch.float16).as_strided((1, 1, 2**15, 256), (1, 1, 0, 1))
+    with pytest.raises(ValueError, match="q has nheads \\* headdim = 8388608"):
+        flash_attn_func(q, q, q)
+
+
+def test_huge_sequence_stride_is_copied_not_overflowed():
+    """A view whose stride(1) times a tile height would overflow int32 is made contiguous."""
+    big = torch.randn(2 * 2**23 + 64, dtype=torch.float16)
+    q = big.as_strided((1, 2, 2, 16), (0, 2**23, 16, 1))
+    assert q.stride(1) >= flashtile.interface.MAX_SEQ_STRIDE
+    assert torch.equal(flash_attn_func(q, q, q), flash_attn_func(q.contiguous(), q.contiguous(), q.contiguous()))

@@ -14,6 +14,9 @@ from flashtile.autograd import attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# The kernels step through a sequence with int32 increments of BLOCK * stride(1) (BLOCK <= 256);
+# larger sequence strides are copied to a contiguous layout, whose stride is nheads * headdim.
+MAX_SEQ_STRIDE = 2**31 // 256
 
 _CAUSAL_PICTURE = """
     Causal masks are aligned to the bottom-right corner of the score matrix: query ``i``
@@ -67,6 +70,10 @@ def _check_qkv(q, k, v):
     head_dim = q.shape[3]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {head_dim}; flashtile supports head dims 1 to {MAX_HEAD_DIM}")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[2] * head_dim >= MAX_SEQ_STRIDE:
+            raise ValueError(f"{name} has nheads * headdim = {t.shape[2] * head_dim}; flashtile supports "
+                             f"less than {MAX_SEQ_STRIDE}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(
             f"the number of heads in q ({q.shape[2]}) must be a multiple of the number in k and v "
@@ -107,8 +114,9 @@ def _check_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi
 
 
 def _stride_one(t):
-    """Kernels need unit stride in the head dim only; anything else is read in place."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """Kernels need unit stride in the head dim (and a sequence stride below MAX_SEQ_STRIDE);
+    any other layout is read in place."""
+    return t if t.stride(-1) == 1 and t.stride(1) < MAX_SEQ_STRIDE else t.contiguous()
 
 
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
