@@ -27,13 +27,18 @@ def _path_description(device: torch.device) -> str:
     return f"Triton kernels, {table} (sm{arch[0]}{arch[1]})"
 
 
-def _sampled_error(q, k, v, out, causal, rows=64):
+def _sampled_error(q, k, v, out, causal, rows=64, lowp=False):
     """Max |out - float64 oracle| on the last ``rows`` query rows (the oracle of all rows
     would need the N x N matrix this library avoids). Bottom-right causal alignment makes the
-    last rows of q attend exactly as they do in the full call."""
+    last rows of q attend exactly as they do in the full call. With ``lowp``, also PyTorch's
+    own error there (the reference computed in the input dtype)."""
     tail = slice(q.shape[1] - min(rows, q.shape[1]), q.shape[1])
     ref, _ = attention_ref(q[:, tail], k, v, causal=causal)
-    return (out[:, tail].double() - ref).abs().max().item()
+    err = (out[:, tail].double() - ref).abs().max().item()
+    if not lowp:
+        return err
+    low, _ = attention_ref(q[:, tail], k, v, causal=causal, upcast=False)
+    return err, (low.double() - ref).abs().max().item()
 
 
 def info(_args) -> int:
@@ -63,10 +68,10 @@ def info(_args) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    err = _sampled_error(q, k, v, out, causal=True, rows=300)
-    ok = math.isfinite(err) and err < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    err, torch_err = _sampled_error(q, k, v, out, causal=True, rows=300, lowp=True)
+    ok = math.isfinite(err) and err <= 2 * torch_err + 1e-5  # FlashAttention's tolerance rule
     print(f"check     {'ok' if ok else 'FAILED'}: first call (compile + run) {elapsed:.2f} s, "
-          f"max error vs float64 oracle {err:.2e} ({dtype})")
+          f"max error vs float64 oracle {err:.2e} (PyTorch {str(dtype).replace('torch.', '')}: {torch_err:.2e})")
     return 0 if ok else 1
 
 
@@ -80,7 +85,8 @@ def _standard_attention(q, k, v, causal):
 
 
 def _run_timed(fn, device):
-    """(seconds, peak MiB above the inputs) on CUDA; peak is None on the CPU."""
+    """(output, seconds, peak MiB above the inputs); one call, so a rough figure (the benchmark
+    in bench/ is the careful one); peak is None on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -110,13 +116,15 @@ def demo(args) -> int:
     console.print(f"[bold]flashtile demo[/] on {_path_description(device)}: batch 1, {heads} heads, "
                   f"head dim {head_dim}, causal, {str(dtype).replace('torch.', '')}, forward pass")
     table = Table()
-    for col in ["seqlen", "standard s", "standard MiB", "standard err", "flashtile s", "flashtile MiB",
+    for col in ["seqlen", "standard ms", "standard MiB", "standard err", "flashtile ms", "flashtile MiB",
                 "flashtile err"]:
         table.add_column(col, justify="right")
     first_oom = None
     for seqlen in seqlens:
         q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-        flashtile.flash_attn_func(q[:, :64], k[:, :64], v[:, :64], causal=True)  # warm-up / compile
+        # Warm-up (kernel compile, cuBLAS handles) so the timed calls measure the work itself.
+        flashtile.flash_attn_func(q[:, :64], k[:, :64], v[:, :64], causal=True)
+        _standard_attention(q[:, :64], k[:, :64], v[:, :64], causal=True)
         out, fast_s, fast_mib = _run_timed(lambda: flashtile.flash_attn_func(q, k, v, causal=True), device)
         fast_err = _sampled_error(q, k, v, out, causal=True)
         del out
@@ -126,7 +134,7 @@ def demo(args) -> int:
             try:
                 ref_out, std_s, std_mib = _run_timed(lambda: _standard_attention(q, k, v, causal=True), device)
                 std_err = _sampled_error(q, k, v, ref_out, causal=True)
-                std_cells = [f"{std_s:.3f}", f"{std_mib:.0f}" if std_mib is not None else "-", f"{std_err:.1e}"]
+                std_cells = [f"{std_s * 1e3:.1f}", f"{std_mib:.0f}" if std_mib is not None else "-", f"{std_err:.1e}"]
                 del ref_out
             except torch.OutOfMemoryError:
                 pass
@@ -136,7 +144,7 @@ def demo(args) -> int:
             first_oom = (seqlen, std_cells[0])
         if on_gpu:
             torch.cuda.empty_cache()
-        table.add_row(str(seqlen), *std_cells, f"{fast_s:.3f}", f"{fast_mib:.0f}" if fast_mib is not None else "-",
+        table.add_row(str(seqlen), *std_cells, f"{fast_s * 1e3:.1f}", f"{fast_mib:.0f}" if fast_mib is not None else "-",
                       f"{fast_err:.1e}")
     console.print(table)
     console.print("err: max |out - float64 oracle| over the last 64 query rows. MiB: peak above the inputs "
