@@ -31,6 +31,12 @@ def _key_blocks(q_start, q_end, seqlen_q, seqlen_k, causal):
     return range(0, end, BLOCK_K)
 
 
+def _kv_block(k, v, k_start):
+    """float32 (B, Hk, 1, bk, D) K and V blocks starting at key ``k_start``."""
+    k_end = min(k_start + BLOCK_K, k.shape[1])
+    return k_end, _heads_first(k[:, k_start:k_end], 1), _heads_first(v[:, k_start:k_end], 1)
+
+
 def _masked_scores(q_blk, k_blk, scale, q_start, k_start, seqlen_q, seqlen_k, causal):
     scores = torch.matmul(q_blk, k_blk.transpose(-1, -2)) * scale  # [B, Hk, G, bq, bk]
     if causal:
@@ -57,9 +63,7 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool):
         row_sum = torch.zeros(q_blk.shape[:-1])
         acc = torch.zeros(q_blk.shape)
         for k_start in _key_blocks(q_start, q_end, seqlen_q, seqlen_k, causal):
-            k_end = min(k_start + BLOCK_K, seqlen_k)
-            k_blk = _heads_first(k[:, k_start:k_end], 1)  # [B, Hk, 1, bk, D]
-            v_blk = _heads_first(v[:, k_start:k_end], 1)
+            k_end, k_blk, v_blk = _kv_block(k, v, k_start)  # [B, Hk, 1, bk, D]
             scores = _masked_scores(q_blk, k_blk, softmax_scale, q_start, k_start, seqlen_q, seqlen_k, causal)
             new_max = torch.maximum(row_max, scores.amax(dim=-1))
             # Rows that have seen no visible key keep max = -inf; shift by 0 there (no NaN).
@@ -96,9 +100,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
             lse_blk = lse_heads[..., q_start:q_end]
             dq_blk = torch.zeros(q_blk.shape)
             for k_start in _key_blocks(q_start, q_end, seqlen_q, seqlen_k, causal):
-                k_end = min(k_start + BLOCK_K, seqlen_k)
-                k_blk = _heads_first(k[:, k_start:k_end], 1)  # [B, Hk, 1, bk, D]
-                v_blk = _heads_first(v[:, k_start:k_end], 1)
+                k_end, k_blk, v_blk = _kv_block(k, v, k_start)  # [B, Hk, 1, bk, D]
                 scores = _masked_scores(q_blk, k_blk, softmax_scale, q_start, k_start, seqlen_q, seqlen_k, causal)
                 probs = torch.exp(scores - lse_blk[..., None])  # exactly 0 where masked or lse = +inf
                 dv[:, :, k_start:k_end] += torch.matmul(probs.transpose(-1, -2), do_blk).sum(dim=2)

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from flashtile.configs import tile_config
 from flashtile.ops.common import LOG2E, device_guard, dot_precision, padded_head_dim, shared_strides
+from flashtile.ops.tiles import q_tile_program, visible_key_range
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "num_m_blocks"])
@@ -238,17 +239,9 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Grid: (num_m_blocks * batch * n_heads,), longest causal tiles first.
+    # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
     # Index math int32, pointer offsets int64.
-    pid = tl.program_id(0)
-    pid_bh = pid // num_m_blocks
-    pid_m = pid % num_m_blocks
-    if IS_CAUSAL:
-        pid_m = num_m_blocks - 1 - pid_m
-    pid_b = (pid_bh // n_heads).to(tl.int64)
-    pid_h = pid_bh % n_heads
-    pid_kv_h = (pid_h // group_size).to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    pid_bh, pid_b, pid_h, pid_kv_h, start_m = q_tile_program(num_m_blocks, n_heads, group_size, IS_CAUSAL, BLOCK_M)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -268,14 +261,7 @@ def _dq_kernel(
     k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh  # scalar: key 0 of this head
     v_ptrs = V + pid_b * stride_kb + pid_kv_h * stride_kh  # V shares K's strides
     diag_offset = seqlen_k - seqlen_q
-    if IS_CAUSAL:
-        end_visible = tl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
-        end_full = tl.minimum(seqlen_k, start_m + diag_offset + 1)
-    else:
-        end_visible = seqlen_k
-        end_full = seqlen_k
-    end_full = tl.maximum(end_full, 0) // BLOCK_N * BLOCK_N
-    end_visible = tl.maximum(end_visible, 0)
+    end_full, end_visible = visible_key_range(start_m, seqlen_q, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = _dq_tiles(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, offs_m, offs_n, offs_d,
