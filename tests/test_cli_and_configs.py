@@ -1,0 +1,46 @@
+"""The `flashtile` command and the tile-table dispatch (both run without a GPU)."""
+
+import itertools
+
+import pytest
+import torch
+
+from flashtile import cli, configs
+from flashtile.configs import TileConfig, tile_config
+
+
+def test_info_checks_the_current_path(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "flashtile 0.1.0" in out and "check     ok" in out
+
+
+def test_demo_runs_and_reports_errors(capsys):
+    assert cli.main(["demo", "--seqlens", "64,300"]) == 0
+    out = capsys.readouterr().out
+    assert "300" in out and "flashtile err" in out
+
+
+def test_cpu_tensors_get_the_interpreter_tiles():
+    assert tile_config(torch.device("cpu"), torch.float16, 64, "fwd", False) == configs.INTERPRETER
+
+
+@pytest.mark.parametrize("mode, block_d, causal",
+                         list(itertools.product(["fwd", "dkdv", "dq"], [16, 32, 64, 128, 256], [False, True])))
+def test_hopper_has_a_measured_entry_for_every_kernel(monkeypatch, mode, block_d, causal):
+    monkeypatch.setattr(configs, "_arch", lambda index: (9, 0))
+    cfg = tile_config(torch.device("cuda", 0), torch.bfloat16, block_d, mode, causal)
+    assert cfg is configs.SM90[(mode, block_d, causal)]
+
+
+def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
+    monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
+    assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]
+    assert tile_config(torch.device("cuda", 0), torch.float16, 32, "dq", False) == configs.GENERIC["dq"][64]
+
+
+def test_fp32_uses_smaller_tiles_on_any_gpu(monkeypatch):
+    monkeypatch.setattr(configs, "_arch", lambda index: (9, 0))
+    small = tile_config(torch.device("cuda", 0), torch.float32, 64, "fwd", False)
+    large = tile_config(torch.device("cuda", 0), torch.float32, 256, "dkdv", False)
+    assert small == TileConfig(64, 32, 4, 2) and large.block_m * large.block_n < small.block_m * small.block_n
