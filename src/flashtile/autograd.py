@@ -40,7 +40,7 @@ def _uses_triton(t: Tensor) -> bool:
     return t.is_cuda or getattr(_state, "triton_on_cpu", False)
 
 
-def _forward(q, k, v, softmax_scale, causal):
+def _run_forward(q, k, v, softmax_scale, causal):
     if _uses_triton(q):
         from flashtile.ops import flash_fwd
 
@@ -48,7 +48,7 @@ def _forward(q, k, v, softmax_scale, causal):
     return cpu.attention_forward(q, k, v, softmax_scale, causal)
 
 
-def _backward_impl(dout, q, k, v, out, lse, softmax_scale, causal):
+def _run_backward(dout, q, k, v, out, lse, softmax_scale, causal):
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if _uses_triton(q):
@@ -61,7 +61,7 @@ def _backward_impl(dout, q, k, v, out, lse, softmax_scale, causal):
 @torch.library.custom_op("flashtile::fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """Returns ``(out, lse)``; out (B, Sq, Hq, D) contiguous, lse float32 (B, Hq, Sq)."""
-    return _forward(q, k, v, softmax_scale, causal)
+    return _run_forward(q, k, v, softmax_scale, causal)
 
 
 @attention_fwd.register_fake
@@ -75,7 +75,7 @@ def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dq, dk, dv)``, contiguous, shaped like ``(q, k, v)``."""
-    return _backward_impl(dout, q, k, v, out, lse, softmax_scale, causal)
+    return _run_backward(dout, q, k, v, out, lse, softmax_scale, causal)
 
 
 @attention_bwd.register_fake
@@ -92,26 +92,26 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
+def _custom_op_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal)
     return dq, dk, dv, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal):
-        output = _forward(q, k, v, softmax_scale, causal)
+        output = _run_forward(q, k, v, softmax_scale, causal)
         _setup_context(ctx, (q, k, v, softmax_scale, causal), output)
         return output
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal)
+        dq, dk, dv = _run_backward(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal)
         return dq, dk, dv, None, None
 
 
@@ -121,4 +121,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: boo
         return attention_fwd(q, k, v, softmax_scale, causal)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, softmax_scale, causal)
-    return _forward(q, k, v, softmax_scale, causal)  # inference: no autograd bookkeeping at all
+    return _run_forward(q, k, v, softmax_scale, causal)  # inference: no autograd bookkeeping at all
