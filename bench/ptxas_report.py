@@ -1,0 +1,63 @@
+"""Registers, spills and shared memory of a kernel configuration, with no GPU: compiles the
+Triton kernel for sm90 on the CPU and runs the ptxas bundled with triton (`ptxas -v`).
+
+Spills were the main thing holding the backward back (docs/performance.md, step 4); check a
+tile candidate here before spending GPU time on it. An approximation of the real build: integer
+arguments are not marked 16-divisible here and group_size is not specialized, so the numbers
+are close to, not equal to, what runs.
+
+    PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
+    (kernel, full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b])
+"""
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from flashtile.ops import bwd, fwd
+
+KERNELS = {
+    "fwd": (fwd._fwd_kernel, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32"}),
+    "dkdv": (bwd._dkdv_kernel, {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")},
+                                "LSE": "*fp32", "DELTA": "*fp32"}),
+    "dq": (bwd._dq_kernel, {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ")}, "LSE": "*fp32", "DELTA": "*fp32"}),
+}
+FLOAT_ARGS = ("qk_scale", "softmax_scale")
+
+
+def report(spec: str) -> str:
+    kind, mask, block_m, block_n, warps, stages, head_dim, *kv_as_b = spec.split(",")
+    kernel, pointers = KERNELS[kind]
+    constexprs = dict(IS_CAUSAL=mask == "causal", HEAD_DIM=int(head_dim), BLOCK_M=int(block_m),
+                      BLOCK_N=int(block_n), BLOCK_D=max(16, triton.next_power_of_2(int(head_dim))),
+                      DOT_PRECISION="tf32")
+    if kind == "dkdv":
+        constexprs["KV_AS_B"] = bool(kv_as_b and kv_as_b[0] in ("1", "true", "True"))
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in FLOAT_ARGS else "i32")
+                 for name in kernel.arg_names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=int(warps), num_stages=int(stages)))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        log = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    facts = [line.split("info    : ")[-1].strip() for line in log.splitlines() if "registers" in line or "spill" in line]
+    return f"{spec}: shared {compiled.metadata.shared} B | " + " | ".join(facts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("specs", nargs="+")
+    for spec in parser.parse_args().specs:
+        print(report(spec))
+
+
+if __name__ == "__main__":
+    main()
