@@ -37,6 +37,8 @@ def report(spec: str) -> str:
                       DOT_PRECISION="tf32")
     if kind == "dkdv":
         constexprs["KV_AS_B"] = bool(kv_as_b and kv_as_b[0] in ("1", "true", "True"))
+    if kind in ("dkdv", "dq"):
+        constexprs["DO_LIKE_Q"] = True  # what the benchmark runs: dO with Q's strides
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in FLOAT_ARGS else "i32")
                  for name in kernel.arg_names}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)

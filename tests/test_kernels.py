@@ -140,3 +140,20 @@ def test_dkdv_operand_orientations(kv_as_b, causal, monkeypatch):
     q, k, v = make_qkv(2, 70, 45, 4, 2, 40, dtype=torch.float16, device=DEVICE)
     with kernels():
         check_against_oracle(kernel_attention(causal), q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradient_layout_does_not_matter(causal):
+    """dO laid out unlike Q (here heads-first) takes the kernels' separate-stride path, with no
+    copy; it must give bitwise the gradients of a contiguous dO."""
+    q, k, v = make_qkv(2, 50, 70, 6, 2, 32, dtype=torch.float16, device=DEVICE)
+    dout = torch.randn(2, 50, 6, 32, device=DEVICE, dtype=torch.float16)
+    dout_heads_first = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    assert dout_heads_first.stride() != q.stride()
+    with kernels():
+        out = flashtile.flash_attn_func(q, k, v, causal=causal)
+        expected = backward_with_kernels(out, (q, k, v), dout)
+        out = flashtile.flash_attn_func(q, k, v, causal=causal)
+        got = backward_with_kernels(out, (q, k, v), dout_heads_first)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

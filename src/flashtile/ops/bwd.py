@@ -53,12 +53,12 @@ def _delta_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v,
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos,
     offs_m, offs_n, offs_d,
     start_m, end_m, seqlen_q, diag_offset, qk_scale,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
 ):
     """Fold the Q/dO tiles ``[start_m, end_m)`` into the K/V tile's ``(dk, dv)``.
 
@@ -68,14 +68,17 @@ def _dkdv_tiles(
     mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
     # Scalar base pointers carried through the loop plus loop-invariant int32 tile offsets:
     # a loop-carried 2-D tile of 64-bit pointers costs two registers per element.
-    # Q and dO share strides (the launcher guarantees it), so one offset tile serves both.
     q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
+    if DO_LIKE_Q:
+        do_offs = q_offs  # dO has Q's strides: one offset tile serves both
+    else:
+        do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
     for tile_start in range(start_m, end_m, BLOCK_M):
         offs_row = tile_start + offs_m  # [BLOCK_M]
         mask_row = offs_row < seqlen_q
         mask_q = mask_row[:, None] & mask_d[None, :]
         q = tl.load(q_ptrs + q_offs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
-        do = tl.load(do_ptrs + q_offs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(do_ptrs + do_offs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
         lse2 = tl.load(lse_ptr + offs_row, mask=mask_row, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + offs_row, mask=mask_row, other=0.0)  # [BLOCK_M]
 
@@ -100,22 +103,25 @@ def _dkdv_tiles(
             ds_t = p_t * (dp_t - delta[None, :])  # [BLOCK_N, BLOCK_M]
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
         q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_qs
+        do_ptrs += BLOCK_M * stride_dos
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_n_blocks"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qs, stride_qh,  # shared by DO
+    stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,  # shared by V
+    stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,  # shared by DV
     n_heads, group_size, seqlen_q, seqlen_k, num_n_blocks, qk_scale, softmax_scale,
     IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
 ):
     # Grid: (num_n_blocks * batch * n_kv_heads,). Index math int32, pointer offsets int64.
+    if DO_LIKE_Q:  # the usual case (the launcher checks): address dO with Q's strides
+        stride_dob, stride_dos, stride_doh = stride_qb, stride_qs, stride_qh
     pid = tl.program_id(0)
     n_kv_heads = n_heads // group_size
     pid_bkv = pid // num_n_blocks
@@ -147,27 +153,27 @@ def _dkdv_kernel(
     for g in range(group_size):
         pid_h = (pid_kv_h * group_size + g).to(tl.int64)
         q_ptrs = Q + pid_b.to(tl.int64) * stride_qb + pid_h * stride_qh  # scalar: row 0 of this head
-        do_ptrs = DO + pid_b.to(tl.int64) * stride_qb + pid_h * stride_qh
+        do_ptrs = DO + pid_b.to(tl.int64) * stride_dob + pid_h * stride_doh
         row_base = (pid_b.to(tl.int64) * n_heads + pid_h) * seqlen_q
         if IS_CAUSAL:
             dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_ptrs + begin_m.to(tl.int64) * stride_qs, do_ptrs + begin_m.to(tl.int64) * stride_qs,
-                LSE + row_base, DELTA + row_base, stride_qs,
+                dk, dv, k, v, q_ptrs + begin_m.to(tl.int64) * stride_qs, do_ptrs + begin_m.to(tl.int64) * stride_dos,
+                LSE + row_base, DELTA + row_base, stride_qs, stride_dos,
                 offs_m, offs_n, offs_d, begin_m, begin_full, seqlen_q, diag_offset, qk_scale,
-                True, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, KV_AS_B,
+                True, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
             )
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, q_ptrs + begin_full.to(tl.int64) * stride_qs,
-                do_ptrs + begin_full.to(tl.int64) * stride_qs,
-                LSE + row_base, DELTA + row_base, stride_qs,
+                do_ptrs + begin_full.to(tl.int64) * stride_dos,
+                LSE + row_base, DELTA + row_base, stride_qs, stride_dos,
                 offs_m, offs_n, offs_d, begin_full, seqlen_q, seqlen_q, diag_offset, qk_scale,
-                False, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, KV_AS_B,
+                False, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
             )
         else:
             dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base, stride_qs,
+                dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base, DELTA + row_base, stride_qs, stride_dos,
                 offs_m, offs_n, offs_d, 0, seqlen_q, seqlen_q, diag_offset, qk_scale,
-                False, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, KV_AS_B,
+                False, IS_CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
             )
 
     dk = dk * softmax_scale
@@ -231,16 +237,19 @@ def _dq_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_m_blocks"])
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qs, stride_qh,  # shared by DO
+    stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,  # shared by V
+    stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     n_heads, group_size, seqlen_q, seqlen_k, num_m_blocks, qk_scale, softmax_scale,
     IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DO_LIKE_Q: tl.constexpr,
 ):
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
     # Index math int32, pointer offsets int64.
+    if DO_LIKE_Q:  # the usual case (the launcher checks): address dO with Q's strides
+        stride_dob, stride_dos, stride_doh = stride_qb, stride_qs, stride_qh
     pid_bh, pid_b, pid_h, pid_kv_h, start_m = q_tile_program(num_m_blocks, n_heads, group_size, IS_CAUSAL, BLOCK_M)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -250,7 +259,7 @@ def _dq_kernel(
     mask_q = mask_m[:, None] & (offs_d[None, :] < HEAD_DIM)
     rows = offs_m.to(tl.int64)[:, None]
     q_ptrs = Q + pid_b * stride_qb + pid_h.to(tl.int64) * stride_qh + rows * stride_qs + offs_d[None, :]
-    do_ptrs = DO + pid_b * stride_qb + pid_h.to(tl.int64) * stride_qh + rows * stride_qs + offs_d[None, :]
+    do_ptrs = DO + pid_b * stride_dob + pid_h.to(tl.int64) * stride_doh + rows * stride_dos + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
     do = tl.load(do_ptrs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
     row_base = pid_bh.to(tl.int64) * seqlen_q
@@ -301,10 +310,10 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, softmax_scale, causal):
     cfg = tile_config(q.device, q.dtype, block_d, "dkdv", causal)
     num_n_blocks = triton.cdiv(seqlen_k, cfg.block_n)
     _dkdv_kernel[(num_n_blocks * batch * n_kv_heads,)](
-        q, k, v, dout, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(dk),
+        q, k, v, dout, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(dout), *_strides(dk),
         n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_n_blocks, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), KV_AS_B=cfg.kv_as_b,
+        DOT_PRECISION=dot_precision(q.dtype), KV_AS_B=cfg.kv_as_b, DO_LIKE_Q=dout.stride() == q.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -316,10 +325,11 @@ def launch_dq(dout, q, k, v, lse, delta, dq, softmax_scale, causal):
     cfg = tile_config(q.device, q.dtype, block_d, "dq", causal)
     num_m_blocks = triton.cdiv(seqlen_q, cfg.block_m)
     _dq_kernel[(num_m_blocks * batch * n_heads,)](
-        q, k, v, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(dq),
+        q, k, v, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(dout), *_strides(dq),
         n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_m_blocks, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), DO_LIKE_Q=dout.stride() == q.stride(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -329,7 +339,6 @@ def flash_bwd(dout, q, k, v, out, lse, softmax_scale, causal):
     ``out`` and ``lse`` are the forward's outputs; every tensor needs ``stride(-1) == 1``.
     """
     k, v = shared_strides(k, v)
-    q, dout = shared_strides(q, dout)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

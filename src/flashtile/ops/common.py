@@ -29,9 +29,9 @@ def device_guard(t: torch.Tensor):
 
 
 def shared_strides(a: torch.Tensor, b: torch.Tensor):
-    """The kernels address two same-shaped tensors (K and V, Q and dO) with one set of strides,
-    which keeps one int32 offset tile in registers instead of two. When the strides differ
-    (rare: e.g. a packed-QKV view next to a contiguous gradient) both are made contiguous."""
+    """The kernels address K and V with one set of strides, which keeps one int32 offset tile
+    in registers instead of two. When their strides differ (rare: views of one packed tensor
+    share strides, as do two contiguous tensors) both are made contiguous."""
     if a.stride() == b.stride():
         return a, b
     return a.contiguous(), b.contiguous()
