@@ -24,23 +24,29 @@ def test_opcheck_backward():
 
 
 class TinyBlock(torch.nn.Module):
-    def __init__(self, dim=32, heads=2):
+    """One attention block; ``packed`` picks flash_attn_qkvpacked_func over flash_attn_func."""
+
+    def __init__(self, packed, dim=32, heads=2):
         super().__init__()
-        self.heads = heads
+        self.heads, self.packed = heads, packed
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x):
         batch, seqlen, dim = x.shape
         qkv = self.qkv(x).view(batch, seqlen, 3, self.heads, dim // self.heads)
-        out = flashtile.flash_attn_qkvpacked_func(qkv, causal=True)
+        if self.packed:
+            out = flashtile.flash_attn_qkvpacked_func(qkv, causal=True)
+        else:
+            out = flashtile.flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True)
         return self.proj(out.reshape(batch, seqlen, dim))
 
 
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("packed", [False, True], ids=["flash_attn_func", "qkvpacked"])
+def test_compile_fullgraph_forward_and_backward(packed):
     """No graph break, and compiled gradients equal eager ones."""
     torch._dynamo.reset()
-    model = TinyBlock().to(DEVICE)
+    model = TinyBlock(packed).to(DEVICE)
     x = torch.randn(2, 40, 32, device=DEVICE)
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"  # no C++ compile on CPU CI
     compiled = torch.compile(model, fullgraph=True, backend=backend)
