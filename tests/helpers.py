@@ -75,4 +75,5 @@ SMALL_SHAPES = (
        (2, 63, 200, 2, 1, 64)]  # seqlen_q != seqlen_k both ways
     + [(1, 47, 33, 2, 1, d) for d in (32, 40, 64, 80, 96, 128, 160, 192, 256)]  # head dims
     + [(1, 40, 40, 3, 1, 8), (1, 40, 40, 8, 1, 16), (1, 40, 40, 3, 3, 24), (3, 31, 50, 6, 2, 64)]  # GQA/MQA, odd batch
+    + [(2, 33, 20, 4, 2, 1), (2, 20, 33, 4, 4, 3)]  # head dims below the 16-wide minimum tile
 )
