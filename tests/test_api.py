@@ -156,5 +156,20 @@ def test_huge_sequence_stride_is_copied_not_overflowed():
     """A view whose stride(1) times a tile height would overflow int32 is made contiguous."""
     big = torch.randn(2 * 2**23 + 64, dtype=torch.float16)
     q = big.as_strided((1, 2, 2, 16), (0, 2**23, 16, 1))
-    assert q.stride(1) >= flashtile.interface.MAX_SEQ_STRIDE
+    assert q.stride(1) >= flashtile.autograd.MAX_SEQ_STRIDE
     assert torch.equal(flash_attn_func(q, q, q), flash_attn_func(q.contiguous(), q.contiguous(), q.contiguous()))
+
+
+def test_gradient_with_huge_sequence_stride_is_copied():
+    """The backward guards dO's layout the same way (autograd may hand over any strides)."""
+    from flashtile.autograd import MAX_SEQ_STRIDE, kernel_layout
+
+    q, k, v = make_qkv(1, 2, 2, 2, 2, 16, dtype=torch.float16)
+    big = torch.randn(2 * 2**23 + 64, dtype=torch.float16)
+    dout = big.as_strided((1, 2, 2, 16), (0, 2**23, 16, 1))
+    assert dout.stride(1) >= MAX_SEQ_STRIDE and kernel_layout(dout).stride(1) < MAX_SEQ_STRIDE
+    out = flash_attn_func(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    expected = torch.autograd.grad(flash_attn_func(q, k, v), (q, k, v), dout.contiguous())
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

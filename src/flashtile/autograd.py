@@ -23,6 +23,16 @@ from flashtile import cpu
 
 _state = threading.local()
 
+# The kernels step through a sequence with int32 increments of BLOCK * stride(1) (BLOCK <= 256);
+# larger sequence strides are copied to a contiguous layout, whose stride is nheads * headdim.
+MAX_SEQ_STRIDE = 2**31 // 256
+
+
+def kernel_layout(t: Tensor) -> Tensor:
+    """``t`` itself when the kernels can read it in place (unit stride in the head dim, sequence
+    stride below MAX_SEQ_STRIDE), otherwise a contiguous copy."""
+    return t if t.stride(-1) == 1 and t.stride(1) < MAX_SEQ_STRIDE else t.contiguous()
+
 
 @contextlib.contextmanager
 def use_triton_on_cpu():
@@ -49,8 +59,7 @@ def _run_forward(q, k, v, softmax_scale, causal):
 
 
 def _run_backward(dout, q, k, v, out, lse, softmax_scale, causal):
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = kernel_layout(dout)  # the gradient arrives in whatever layout autograd chose
     if _uses_triton(q):
         from flashtile.ops import flash_bwd
 

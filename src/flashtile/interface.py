@@ -10,13 +10,10 @@ import numbers
 
 import torch
 
-from flashtile.autograd import attention
+from flashtile.autograd import MAX_SEQ_STRIDE, attention, kernel_layout
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-# The kernels step through a sequence with int32 increments of BLOCK * stride(1) (BLOCK <= 256);
-# larger sequence strides are copied to a contiguous layout, whose stride is nheads * headdim.
-MAX_SEQ_STRIDE = 2**31 // 256
 
 _CAUSAL_PICTURE = """
     Causal masks are aligned to the bottom-right corner of the score matrix: query ``i``
@@ -113,12 +110,6 @@ def _check_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi
         raise NotImplementedError("alibi_slopes is not supported yet (planned); pass alibi_slopes=None")
 
 
-def _stride_one(t):
-    """Kernels need unit stride in the head dim (and a sequence stride below MAX_SEQ_STRIDE);
-    any other layout is read in place."""
-    return t if t.stride(-1) == 1 and t.stride(1) < MAX_SEQ_STRIDE else t.contiguous()
-
-
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                deterministic, return_attn_probs):
     _check_qkv(q, k, v)
@@ -126,7 +117,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
                    return_attn_probs)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    out, lse = attention(_stride_one(q), _stride_one(k), _stride_one(v), float(softmax_scale), causal)
+    out, lse = attention(kernel_layout(q), kernel_layout(k), kernel_layout(v), float(softmax_scale), causal)
     if return_attn_probs:
         # S_dmask encodes the dropout pattern; like FlashAttention-2 it is None without dropout.
         return out, lse, None
