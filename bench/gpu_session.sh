@@ -2,6 +2,8 @@
 # One GPU-machine session: tests, then benchmarks, logs and JSON under $OUT.
 #   bash bench/gpu_session.sh check   # GPU tests + benchmark + demo
 #   bash bench/gpu_session.sh tune    # tile tuning sweep
+#   bash bench/gpu_session.sh features   # FA2 feature costs (varlen, window, softcap, ALiBi, dropout)
+#   bash bench/gpu_session.sh gputests   # only the GPU tests
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/flashtile-out}
@@ -16,6 +18,14 @@ case "${1:-check}" in
     python3 bench/overhead.py 2>&1 | tee "$OUT/overhead.log"
     python3 bench/bench_attention.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
     python3 -m flashtile.cli demo 2>&1 | tee "$OUT/demo.log"
+    ;;
+  features)
+    python3 bench/bench_features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log"
+    python3 bench/bench_attention.py --out "$OUT/bench.json" --methods flashtile,sdpa_flash,sdpa_cudnn \
+      --seqlens "${SEQLENS:-1024,2048,4096,8192,16384}" 2>&1 | tee "$OUT/bench.log"
+    ;;
+  gputests)
+    python3 -m pytest -n 16 -q -m "gpu and not bigmem" -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -30
     ;;
   tune)
     python3 bench/tune.py --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"

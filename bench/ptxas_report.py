@@ -7,7 +7,9 @@ arguments are not marked 16-divisible here and group_size is not specialized, so
 are close to, not equal to, what runs.
 
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
-    (kernel, full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b])
+    (kernel, full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
+    features: varlen, softcap, alibi, dropout, left (a window's left bound), e.g.
+    fwd,causal,128,128,8,3,128,0,left,softcap
 """
 
 import argparse
@@ -20,23 +22,29 @@ from triton.backends.compiler import GPUTarget
 
 from flashtile.ops import bwd, fwd
 
+_COMMON = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "SEQ_ORDER": "*i32", "ALIBI": "*fp32"}
 KERNELS = {
-    "fwd": (fwd._fwd_kernel, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32"}),
-    "dkdv": (bwd._dkdv_kernel, {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")},
-                                "LSE": "*fp32", "DELTA": "*fp32"}),
-    "dq": (bwd._dq_kernel, {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ")}, "LSE": "*fp32", "DELTA": "*fp32"}),
+    "fwd": (fwd._fwd_kernel, {**{n: "*bf16" for n in ("Q", "K", "V", "O")}, **_COMMON}),
+    "dkdv": (bwd._dkdv_kernel, {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV")}, **_COMMON}),
+    "dq": (bwd._dq_kernel, {**{n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ")}, **_COMMON}),
 }
-FLOAT_ARGS = ("qk_scale", "softmax_scale")
+FLOAT_ARGS = ("qk_scale", "softmax_scale", "softcap_in", "dropout_scale")
+FEATURES = {"varlen": "IS_VARLEN", "softcap": "SOFTCAP", "alibi": "HAS_ALIBI", "dropout": "HAS_DROPOUT",
+            "left": "BOUND_LEFT"}
 
 
 def report(spec: str) -> str:
-    kind, mask, block_m, block_n, warps, stages, head_dim, *kv_as_b = spec.split(",")
+    kind, mask, block_m, block_n, warps, stages, head_dim, *extra = spec.split(",")
     kernel, pointers = KERNELS[kind]
-    constexprs = dict(IS_CAUSAL=mask == "causal", HEAD_DIM=int(head_dim), BLOCK_M=int(block_m),
+    constexprs = dict(BOUND_RIGHT=mask == "causal", HEAD_DIM=int(head_dim), BLOCK_M=int(block_m),
                       BLOCK_N=int(block_n), BLOCK_D=max(16, triton.next_power_of_2(int(head_dim))),
                       DOT_PRECISION="tf32")
+    for feature, flag in FEATURES.items():
+        constexprs[flag] = feature in extra
+    if constexprs["SOFTCAP"]:
+        constexprs["SOFTCAP"] = 2  # the hardware tanh, as for bf16 on the GPU
     if kind == "dkdv":
-        constexprs["KV_AS_B"] = bool(kv_as_b and kv_as_b[0] in ("1", "true", "True"))
+        constexprs["KV_AS_B"] = bool(extra and extra[0] in ("1", "true", "True"))
     if kind in ("dkdv", "dq"):
         constexprs["DO_LIKE_Q"] = True  # what the benchmark runs: dO with Q's strides
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in FLOAT_ARGS else "i32")

@@ -46,14 +46,17 @@ class Problem:
     """Inputs and forward outputs for one shape; ``kernel(mode)`` returns a launch closure."""
 
     def __init__(self, head_dim, seqlen, causal):
+        from flashtile.features import Features
         from flashtile.ops import bwd, flash_fwd
+        from flashtile.ops.common import sequence_layout
 
         self.batch, self.heads = max(1, 16384 // seqlen), 2048 // head_dim
         self.seqlen, self.head_dim, self.causal = seqlen, head_dim, causal
         shape = (self.batch, seqlen, self.heads, head_dim)
         self.q, self.k, self.v, self.dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        self.scale = head_dim**-0.5
-        self.out, self.lse = flash_fwd(self.q, self.k, self.v, self.scale, causal)
+        self.features = Features(head_dim**-0.5, window_right=0 if causal else -1)
+        self.layout = sequence_layout(self.q, self.k, None)
+        self.out, self.lse = flash_fwd(self.q, self.k, self.v, self.features)
         self.delta = torch.empty_like(self.lse)
         bwd.launch_delta(self.out, self.dout, self.delta)
         self.dq, self.dk, self.dv = (torch.empty_like(t) for t in (self.q, self.k, self.v))
@@ -62,12 +65,12 @@ class Problem:
         from flashtile.ops import bwd, flash_fwd
 
         if mode == "fwd":
-            return lambda: flash_fwd(self.q, self.k, self.v, self.scale, self.causal)
+            return lambda: flash_fwd(self.q, self.k, self.v, self.features)
         if mode == "dkdv":
             return lambda: bwd.launch_dkdv(self.dout, self.q, self.k, self.v, self.lse, self.delta, self.dk,
-                                           self.dv, self.scale, self.causal)
+                                           self.dv, self.features, self.layout)
         return lambda: bwd.launch_dq(self.dout, self.q, self.k, self.v, self.lse, self.delta, self.dq,
-                                     self.scale, self.causal)
+                                     self.features, self.layout)
 
     def flops(self, mode):
         # dkdv does 4 of the backward's 7 matmuls and dq 3 (P and dP are recomputed in both);

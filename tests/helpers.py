@@ -2,7 +2,7 @@
 
 import torch
 
-from flashtile.reference import attention_ref
+from flashtile.reference import attention_ref, attention_varlen_ref
 
 
 def make_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype, device="cpu", std=1.0, grad=True):
@@ -40,15 +40,25 @@ def assert_tolerance_rule(name, ours, oracle, lowp):
     assert err <= 2 * base + 1e-5, f"{name}: max error {err:.3e} > 2 * {base:.3e} + 1e-5 (PyTorch's own error)"
 
 
-def check_against_oracle(attn, q, k, v, causal=False, softmax_scale=None, grads=True):
+def check_against_oracle(attn, q, k, v, causal=False, softmax_scale=None, grads=True, varlen=None, **features):
     """Run ``attn(q, k, v) -> (out, lse)`` forward (and backward) and apply the tolerance rule
     to out, lse, dq, dk and dv. The oracle differentiates float64 copies of the inputs, so its
-    gradients are not rounded back to the input dtype."""
+    gradients are not rounded back to the input dtype.
+
+    ``varlen``: ``(cu_seqlens_q, cu_seqlens_k)`` for packed inputs. ``features``: the oracle's
+    keyword arguments (window_size, softcap, alibi_slopes, dropout_p, dropout_mask).
+    """
     out, lse = attn(q, k, v)
+    if varlen is None:
+        def oracle(*tensors, **kwargs):
+            return attention_ref(*tensors, **kwargs)
+    else:
+        def oracle(*tensors, **kwargs):
+            return attention_varlen_ref(*tensors, *varlen, **kwargs)
+    kwargs = dict(causal=causal, softmax_scale=softmax_scale, **features)
     q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
-    ref_out, ref_lse = attention_ref(q64, k64, v64, causal=causal, softmax_scale=softmax_scale)
-    lowp = [attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale, upcast=False, reorder_ops=r)
-            for r in (False, True)]
+    ref_out, ref_lse = oracle(q64, k64, v64, **kwargs)
+    lowp = [oracle(q, k, v, upcast=False, reorder_ops=r, **kwargs) for r in (False, True)]
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert_tolerance_rule("out", out, ref_out, [lo[0] for lo in lowp])
     assert_tolerance_rule("lse", lse, ref_lse, [lo[1] for lo in lowp])

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+import flashtile
 from flashtile import cli, configs
 from flashtile.configs import TileConfig, tile_config
 
@@ -12,7 +13,7 @@ from flashtile.configs import TileConfig, tile_config
 def test_info_checks_the_current_path(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "flashtile 0.1.0" in out and "check     ok" in out
+    assert f"flashtile {flashtile.__version__}" in out and "check     ok" in out
 
 
 def test_demo_runs_and_reports_errors(capsys):

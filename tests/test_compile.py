@@ -10,17 +10,35 @@ from flashtile.autograd import attention_bwd, attention_fwd
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_opcheck_forward(causal):
-    q, k, v = make_qkv(2, 33, 40, 4, 2, 16, dtype=torch.float32, device=DEVICE)
-    torch.library.opcheck(attention_fwd, (q, k, v, 0.25, causal))
+def _options(features):
+    """The custom ops' trailing arguments (see autograd.attention_fwd) for a few feature sets."""
+    slopes = torch.rand(4, device=DEVICE) if "alibi" in features else None
+    seed = torch.tensor(2**40 + 7) if "dropout" in features else None
+    window = (5, 0) if "window" in features else (-1, 0) if "causal" in features else (-1, -1)
+    return (0.25, *window, 2.0 if "softcap" in features else 0.0, slopes, 0.2 if "dropout" in features else 0.0, seed)
 
 
-def test_opcheck_backward():
-    q, k, v = make_qkv(2, 33, 40, 4, 2, 16, dtype=torch.float32, device=DEVICE, grad=False)
-    out, lse = attention_fwd(q, k, v, 0.25, True)
+FEATURE_SETS = [(), ("causal",), ("window", "softcap", "alibi", "dropout")]
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("features", FEATURE_SETS, ids=lambda f: "+".join(f) or "plain")
+def test_opcheck(features, varlen):
+    if varlen:
+        q, k, v = (t[0] for t in make_qkv(1, 33, 40, 4, 2, 16, dtype=torch.float32, device=DEVICE))
+        cu_q = torch.tensor([0, 13, 13, 33], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0, 20, 25, 40], dtype=torch.int32, device=DEVICE)
+        sequences = (cu_q, cu_k, 20, 20)
+    else:
+        q, k, v = make_qkv(2, 33, 40, 4, 2, 16, dtype=torch.float32, device=DEVICE)
+        sequences = (None, None, 0, 0)
+    options = _options(features)
+    torch.library.opcheck(attention_fwd, (q, k, v, *sequences, *options))
+    with torch.no_grad():
+        out, lse = attention_fwd(q, k, v, *sequences, *options)
     dout = torch.randn_like(out)
-    torch.library.opcheck(attention_bwd, (dout, q, k, v, out, lse, 0.25, True))
+    args = (dout, q.detach(), k.detach(), v.detach(), out, lse, *sequences, *options)
+    torch.library.opcheck(attention_bwd, args)
 
 
 class TinyBlock(torch.nn.Module):
@@ -58,3 +76,22 @@ def test_compile_fullgraph_forward_and_backward(packed):
     assert torch.allclose(out, model(x), atol=1e-5)
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_compile_fullgraph_varlen_with_features():
+    """varlen + window + softcap + ALiBi under torch.compile: no graph break, eager's gradients."""
+    torch._dynamo.reset()
+    q, k, v = (t[0] for t in make_qkv(1, 30, 30, 4, 2, 16, dtype=torch.float32, device=DEVICE))
+    cu = torch.tensor([0, 7, 7, 30], dtype=torch.int32, device=DEVICE)
+    slopes = torch.rand(3, 4, device=DEVICE)
+
+    def step(q, k, v):
+        return flashtile.flash_attn_varlen_func(q, k, v, cu, cu, 23, 23, causal=True, window_size=(4, 0),
+                                                softcap=3.0, alibi_slopes=slopes).sum()
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(step(q, k, v), (q, k, v))
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -1,6 +1,7 @@
 """Host-side helpers shared by the kernel launchers."""
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -35,3 +36,70 @@ def shared_strides(a: torch.Tensor, b: torch.Tensor):
     if a.stride() == b.stride():
         return a, b
     return a.contiguous(), b.contiguous()
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How a launch walks its sequences: dense ``(B, S, H, D)`` or packed varlen ``(total, H, D)``.
+
+    Varlen tensors are addressed as one batch entry of length ``total`` with batch stride 0;
+    each program adds its sequence's start from ``cu_seqlens``.
+    """
+    batch: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    total_q: int
+    cu_seqlens_q: torch.Tensor  # int32 (B + 1,); any tensor (never read) when dense
+    cu_seqlens_k: torch.Tensor
+    is_varlen: bool
+    seq_order: torch.Tensor  # int32 (B,): batch entries by decreasing seqlen_q (varlen launch order)
+
+    def strides(self, t):
+        """(batch, sequence, head) strides of q/k/v/out-like tensors."""
+        if self.is_varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def lse_shape(self, n_heads):
+        if self.is_varlen:
+            return (n_heads, self.total_q)
+        return (self.batch, n_heads, self.max_seqlen_q)
+
+    def lse_strides(self, n_heads):
+        """(batch, head) strides of the LSE (and of the backward's delta); rows are contiguous."""
+        if self.is_varlen:
+            return 0, self.total_q
+        return n_heads * self.max_seqlen_q, self.max_seqlen_q
+
+
+def sequence_layout(q, k, varlen) -> SequenceLayout:
+    if varlen is None:
+        return SequenceLayout(q.shape[0], q.shape[1], k.shape[1], q.shape[0] * q.shape[1], q, q, False, q)
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen
+    # Longest first: a long sequence launched last leaves a tail where few SMs work.
+    seq_order = torch.argsort(cu_seqlens_q[1:] - cu_seqlens_q[:-1], descending=True, stable=True).to(torch.int32)
+    return SequenceLayout(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, q.shape[0],
+                          cu_seqlens_q, cu_seqlens_k, True, seq_order)
+
+
+def feature_args(features, q):
+    """(runtime arguments, constexpr flags) of the kernels for one call's ``Features``."""
+    from flashtile import philox
+
+    f = features
+    if f.softcap > 0:
+        qk_scale, softcap_in = f.softcap * LOG2E, f.softmax_scale / f.softcap
+    else:
+        qk_scale, softcap_in = f.softmax_scale * LOG2E, 0.0
+    slopes = f.alibi_slopes
+    runtime = dict(
+        ALIBI=q if slopes is None else slopes,  # never read without HAS_ALIBI
+        stride_alibi_b=slopes.stride(0) if slopes is not None and slopes.dim() == 2 else 0,
+        qk_scale=qk_scale, softcap_in=softcap_in,
+        window_left=max(f.window_left, 0), window_right=max(f.window_right, 0),
+        seed=f.seed, dropout_threshold=philox.threshold(f.dropout_p), dropout_scale=1.0 / (1.0 - f.dropout_p),
+    )
+    softcap_mode = 0 if f.softcap == 0 else 2 if q.is_cuda and q.dtype != torch.float32 else 1
+    flags = dict(BOUND_LEFT=f.window_left >= 0, BOUND_RIGHT=f.window_right >= 0, SOFTCAP=softcap_mode,
+                 HAS_ALIBI=slopes is not None, HAS_DROPOUT=f.dropout_p > 0)
+    return runtime, flags

@@ -4,13 +4,16 @@ Softmax runs in base 2: scores are scaled by ``softmax_scale * log2(e)`` once, s
 loop uses ``exp2``. The running max ``m_i`` and sum ``l_i`` are in those base-2 units; the
 stored LSE is converted back to natural log.
 
-Causal masks are bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``.
-The K/V loop is split in two stages: tiles every row of the Q tile sees in full (no mask
-arithmetic at all) and the few tiles on the diagonal or past ``seqlen_k`` (masked). Tiles
-wholly above the diagonal are never loaded.
+Masks (causal, window; docs/semantics.md) are bottom-right aligned. The K/V loop runs in up
+to three stages (``score.span``): tiles left of the window's edge that need the mask, tiles
+every row of the Q tile sees whole (no mask arithmetic at all), and tiles on the diagonal or
+past ``seqlen_k`` (masked). Tiles no row sees are never loaded, so a window costs
+``seqlen x window``, not ``seqlen^2``. Softcap, ALiBi and dropout are constexpr flags of the
+same kernel; under varlen each program reads its sequence's bounds from ``cu_seqlens``.
 
-Fully masked rows (causal with ``Sq > Sk``, or ``Sk == 0``) write ``out = 0`` and
-``lse = +inf``, FlashAttention-2's convention: the backward then recomputes ``P = 0`` there.
+Fully masked rows (causal with ``Sq > Sk``, a window that misses every key, or ``Sk == 0``)
+write ``out = 0`` and ``lse = +inf``, FlashAttention-2's convention: the backward then
+recomputes ``P = 0`` there.
 """
 
 import torch
@@ -18,8 +21,11 @@ import triton
 import triton.language as tl
 
 from flashtile.configs import tile_config
-from flashtile.ops.common import LOG2E, device_guard, dot_precision, padded_head_dim, shared_strides
-from flashtile.ops.tiles import q_tile_program, visible_key_range
+from flashtile.ops.common import (
+    device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
+)
+from flashtile.ops.score import dropout_keep, scores_base2, span, tanh, visible
+from flashtile.ops.tiles import q_tile_program, sequence_bounds
 
 
 @triton.jit
@@ -27,15 +33,17 @@ def _attend_tiles(
     acc, m_i, l_i, q,
     k_ptrs, v_ptrs, stride_ks,
     offs_m, offs_n, offs_d,
-    start_n, end_n, seqlen_k, diag_offset, qk_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    start_n, end_n, seqlen_k, diag_offset, window_left, window_right,
+    qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
+    MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into ``(acc, m_i, l_i)``.
 
-    ``k_ptrs``/``v_ptrs`` are scalar pointers to key ``start_n``. ``MASKED`` tiles apply the causal and
-    ``seqlen_k`` masks; unmasked ones skip both.
+    ``k_ptrs``/``v_ptrs`` are scalar pointers to key ``start_n``. ``MASKED`` tiles apply the
+    causal/window and ``seqlen_k`` masks; unmasked ones skip them.
     """
     mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
     # Scalar base pointers carried through the loop plus loop-invariant int32 tile offsets:
@@ -56,23 +64,32 @@ def _attend_tiles(
             v = tl.load(v_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if MASKED:
-            visible = offs_key[None, :] < seqlen_k  # [1, BLOCK_N]
-            if IS_CAUSAL:
-                visible = visible & (offs_key[None, :] <= offs_m[:, None] + diag_offset)
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
+        if MASKED or HAS_ALIBI:
+            s, _ = scores_base2(qk, offs_m[:, None], offs_key[None, :], qk_scale, softcap_in, alibi_slope,
+                                diag_offset, SOFTCAP, HAS_ALIBI)  # [BLOCK_M, BLOCK_N]
+            if MASKED:
+                seen = visible(offs_m[:, None], offs_key[None, :], seqlen_k, diag_offset, window_left, window_right,
+                               BOUND_LEFT, BOUND_RIGHT)
+                s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
             # A row that has seen no key yet keeps m = -inf; subtract 0 there instead so
             # exp2 gives 0 rather than NaN.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+            p = tl.math.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
         else:
+            # Unmasked, no bias: fold the scale into the exponent's FMA (qk_scale > 0). With
+            # softcap the capped tanh takes qk's place (qk_scale is then softcap * log2 e).
+            if SOFTCAP:
+                qk = tanh(qk * softcap_in, SOFTCAP == 2)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
             p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)  # [BLOCK_M]
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax sum counts dropped entries too
         acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, offs_m, tile_start, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
@@ -80,21 +97,30 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_m_blocks"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_m_blocks", "window_left", "window_right", "seed",
+                               "dropout_threshold"])
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, SEQ_ORDER, ALIBI,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_ob, stride_os, stride_oh,
-    n_heads, group_size, seqlen_q, seqlen_k, num_m_blocks, qk_scale,
-    IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lse_b, stride_lse_h, stride_alibi_b,
+    n_heads, group_size, seqlen_q, seqlen_k, num_m_blocks,
+    qk_scale, softcap_in, window_left, window_right, seed, dropout_threshold, dropout_scale,
+    IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
     # Index math is int32 (sequence positions < 2**31); pointer offsets are int64, since
     # B*S*H*D may pass 2**31. The host keeps BLOCK * stride(1) below 2**31.
-    pid_bh, pid_b, pid_h, pid_kv_h, start_m = q_tile_program(num_m_blocks, n_heads, group_size, IS_CAUSAL, BLOCK_M)
+    pid_bh, pid_b, pid_h, pid_kv_h, start_m = q_tile_program(
+        num_m_blocks, n_heads, group_size, SEQ_ORDER, BOUND_RIGHT, IS_VARLEN, BLOCK_M)
+    q_begin, k_begin, seqlen_q, seqlen_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, pid_b, seqlen_q, seqlen_k,
+                                                           IS_VARLEN)
+    if start_m >= seqlen_q:  # varlen: this sequence is shorter than the longest one
+        return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -103,70 +129,91 @@ def _fwd_kernel(
     mask_d = offs_d < HEAD_DIM
 
     q_ptrs = (Q + pid_b * stride_qb + pid_h.to(tl.int64) * stride_qh
-              + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :])
-    k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh  # scalar: key 0 of this head
-    v_ptrs = V + pid_b * stride_kb + pid_kv_h * stride_kh  # V shares K's strides
+              + (q_begin + offs_m.to(tl.int64))[:, None] * stride_qs + offs_d[None, :])
+    k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # scalar: key 0 of this head
+    v_ptrs = V + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # V shares K's strides
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(ALIBI + pid_b * stride_alibi_b + pid_h) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag_offset = seqlen_k - seqlen_q
-    end_full, end_visible = visible_key_range(start_m, seqlen_q, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
-
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, offs_m, offs_n, offs_d,
-        0, end_full, seqlen_k, diag_offset, qk_scale,
-        False, IS_CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    start_n, full_start, full_end, end_n = span(start_m, last_m, seqlen_k, diag_offset - window_left,
+                                                diag_offset + window_right, BOUND_LEFT, BOUND_RIGHT, BLOCK_N)
+    if BOUND_LEFT:  # tiles cut by the window's left edge
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, k_ptrs + start_n.to(tl.int64) * stride_ks, v_ptrs + start_n.to(tl.int64) * stride_ks,
+            stride_ks, offs_m, offs_n, offs_d, start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
+            qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
+            True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        )
+    skip = full_start.to(tl.int64) * stride_ks
+    acc, m_i, l_i = _attend_tiles(  # tiles every row sees whole
+        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
+        full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
+        qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
+        False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
-    skip = end_full.to(tl.int64)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_ptrs + skip * stride_ks, v_ptrs + skip * stride_ks, stride_ks,
-        offs_m, offs_n, offs_d, end_full, end_visible, seqlen_k, diag_offset, qk_scale,
-        True, IS_CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    skip = full_end.to(tl.int64) * stride_ks
+    acc, m_i, l_i = _attend_tiles(  # the diagonal (causal / right edge) and the tail past seqlen_k
+        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
+        full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
+        qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
+        True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
 
     has_keys = l_i > 0.0
     safe_l = tl.where(has_keys, l_i, 1.0)
-    out = acc * tl.where(has_keys, 1.0 / safe_l, 0.0)[:, None]
+    inv_l = tl.where(has_keys, 1.0 / safe_l, 0.0)
+    if HAS_DROPOUT:
+        inv_l = inv_l * dropout_scale  # kept probabilities are scaled by 1 / (1 - p)
+    out = acc * inv_l[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("inf"))
 
     o_ptrs = (O + pid_b * stride_ob + pid_h.to(tl.int64) * stride_oh
-              + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :])
+              + (q_begin + offs_m.to(tl.int64))[:, None] * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    lse_ptrs = LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m
+    lse_ptrs = LSE + pid_b * stride_lse_b + pid_h.to(tl.int64) * stride_lse_h + q_begin + offs_m
     tl.store(lse_ptrs, lse, mask=mask_m)
 
 
-def flash_fwd(q, k, v, softmax_scale, causal):
+def flash_fwd(q, k, v, features, varlen=None):
     """Launch the forward kernel.
 
-    q: (B, Sq, Hq, D); k, v: (B, Sk, Hk, D), each with ``stride(-1) == 1`` (see
-    ``common.kernel_layout`` for the other stride conditions).
-    Returns ``out`` (B, Sq, Hq, D) in q's dtype and ``lse`` (B, Hq, Sq) float32.
+    Dense: q (B, Sq, Hq, D); k, v (B, Sk, Hk, D). Varlen (``varlen = (cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k)``): q (total_q, Hq, D), k, v (total_k, Hk, D).
+    Every tensor has ``stride(-1) == 1`` (see ``autograd.kernel_layout``).
+    Returns ``out`` shaped like q in q's dtype and ``lse`` float32, (B, Hq, Sq) or (Hq, total_q).
     """
     k, v = shared_strides(k, v)
-    batch, seqlen_q, n_heads, head_dim = q.shape
-    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    layout = sequence_layout(q, k, varlen)
+    n_heads, head_dim = q.shape[-2], q.shape[-1]
+    n_kv_heads = k.shape[-2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    lse = torch.empty(layout.lse_shape(n_heads), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or layout.batch == 0:
         return out, lse.fill_(float("inf"))
 
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "fwd", causal)
-    num_m_blocks = triton.cdiv(seqlen_q, cfg.block_m)
-    grid = (num_m_blocks * batch * n_heads,)
+    cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked)
+    num_m_blocks = triton.cdiv(layout.max_seqlen_q, cfg.block_m)
+    grid = (num_m_blocks * layout.batch * n_heads,)
+    runtime, flags = feature_args(features, q)
     with device_guard(q):
         _fwd_kernel[grid](
-            q, k, v, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            n_heads, n_heads // n_kv_heads, seqlen_q, seqlen_k, num_m_blocks,
-            softmax_scale * LOG2E,
-            IS_CAUSAL=causal, HEAD_DIM=head_dim,
+            q, k, v, out, lse, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, runtime.pop("ALIBI"),
+            *layout.strides(q), *layout.strides(k), *layout.strides(out),
+            *layout.lse_strides(n_heads), runtime.pop("stride_alibi_b"),
+            n_heads, n_heads // n_kv_heads, layout.max_seqlen_q, layout.max_seqlen_k, num_m_blocks,
+            **runtime, IS_VARLEN=layout.is_varlen, **flags, HEAD_DIM=head_dim,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
             DOT_PRECISION=dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

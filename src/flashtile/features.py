@@ -1,0 +1,44 @@
+"""What one attention call computes, beyond q, k and v: the options every layer shares.
+
+``interface.py`` validates the user's arguments and builds a ``Features``; the kernels'
+launchers (``ops/``), the CPU path (``cpu.py``) and autograd all read this one description.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Features:
+    softmax_scale: float
+    # Window bounds after normalisation (``normalized_window``): -1 = unbounded; causal is
+    # right = 0. Query i sees key j iff i + Sk - Sq - left <= j <= i + Sk - Sq + right.
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None  # float32, (H,) or (B, H)
+    dropout_p: float = 0.0
+    seed: int = 0  # Philox key for dropout (flashtile/philox.py)
+
+    @property
+    def masked(self) -> bool:
+        """Some key is hidden from some query by causal or a window."""
+        return self.window_left >= 0 or self.window_right >= 0
+
+
+def normalized_window(causal: bool, window_size, max_seqlen_q: int, max_seqlen_k: int) -> tuple[int, int]:
+    """``(left, right)`` with causal folded in (right = 0) and bounds that hide nothing dropped.
+
+    A left bound ``>= Sk`` or a right bound ``>= Sq`` excludes no key under the rule above, so
+    it becomes -1: the kernels then skip its arithmetic, and no bound reaches int32 overflow.
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    if left >= max_seqlen_k:
+        left = -1
+    if right >= max_seqlen_q:
+        right = -1
+    return left, right
