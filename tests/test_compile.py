@@ -95,3 +95,25 @@ def test_compile_fullgraph_varlen_with_features():
     expected = torch.autograd.grad(step(q, k, v), (q, k, v))
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_compile_fullgraph_dropout_is_seeded_by_torch():
+    """Under torch.compile the dropout seed is drawn inside the graph from torch's generator:
+    no graph break, the same manual_seed gives the same result, another seed another one."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(2, 24, 24, 4, 2, 16, dtype=torch.float32, device=DEVICE)
+
+    def step(q, k, v):
+        return flashtile.flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    torch.manual_seed(11)
+    first = compiled(q, k, v)
+    torch.manual_seed(11)
+    again = compiled(q, k, v)
+    torch.manual_seed(12)
+    other = compiled(q, k, v)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    grads = torch.autograd.grad(first.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from flashtile.configs import tile_config
 from flashtile.ops.common import device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides
-from flashtile.ops.score import dropout_keep, scores_base2, span, visible
+from flashtile.ops.score import dropout_keep, recomputed_probs, span
 from flashtile.ops.tiles import q_tile_program, sequence_bounds
 
 
@@ -94,13 +94,9 @@ def _dkdv_tiles(
             # Computes P (not P^T): K and V become B operands and stay in shared memory, at the
             # price of transposing P and dS for the dV and dK products.
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            s, capped = scores_base2(qk, offs_row[:, None], offs_n[None, :], qk_scale, softcap_in, alibi_slope,
-                                     diag_offset, SOFTCAP, HAS_ALIBI)
-            p = tl.math.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
-            if MASKED:
-                seen = visible(offs_row[:, None], offs_n[None, :], seqlen_k, diag_offset, window_left, window_right,
-                               BOUND_LEFT, BOUND_RIGHT)
-                p = tl.where(seen, p, 0.0)
+            p, capped = recomputed_probs(  # [BLOCK_M, BLOCK_N]
+                qk, offs_row[:, None], offs_n[None, :], lse2[:, None], seqlen_k, diag_offset, window_left,
+                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if HAS_DROPOUT:
                 p_kept = tl.where(keep, p * dropout_scale, 0.0)
@@ -114,13 +110,9 @@ def _dkdv_tiles(
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
         else:
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-            s_t, capped_t = scores_base2(qk_t, offs_row[None, :], offs_n[:, None], qk_scale, softcap_in, alibi_slope,
-                                         diag_offset, SOFTCAP, HAS_ALIBI)
-            p_t = tl.math.exp2(s_t - lse2[None, :])  # [BLOCK_N, BLOCK_M]
-            if MASKED:
-                seen_t = visible(offs_row[None, :], offs_n[:, None], seqlen_k, diag_offset, window_left, window_right,
-                                 BOUND_LEFT, BOUND_RIGHT)
-                p_t = tl.where(seen_t, p_t, 0.0)
+            p_t, capped_t = recomputed_probs(  # [BLOCK_N, BLOCK_M]
+                qk_t, offs_row[None, :], offs_n[:, None], lse2[None, :], seqlen_k, diag_offset, window_left,
+                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             if HAS_DROPOUT:
                 keep_t = tl.trans(keep)
@@ -272,13 +264,9 @@ def _dq_tiles(
             v = tl.load(v_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        s, capped = scores_base2(qk, offs_m[:, None], offs_key[None, :], qk_scale, softcap_in, alibi_slope,
-                                 diag_offset, SOFTCAP, HAS_ALIBI)
-        p = tl.math.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
-        if MASKED:
-            seen = visible(offs_m[:, None], offs_key[None, :], seqlen_k, diag_offset, window_left, window_right,
-                           BOUND_LEFT, BOUND_RIGHT)
-            p = tl.where(seen, p, 0.0)
+        p, capped = recomputed_probs(  # [BLOCK_M, BLOCK_N]
+            qk, offs_m[:, None], offs_key[None, :], lse2[:, None], seqlen_k, diag_offset, window_left,
+            window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, offs_m, tile_start, BLOCK_M, BLOCK_N)

@@ -97,6 +97,22 @@ def scores_base2(qk, rows, cols, qk_scale, softcap_in, alibi_slope, diag_offset,
 
 
 @triton.jit
+def recomputed_probs(qk, rows, cols, lse2, seqlen_k, diag_offset, window_left, window_right,
+                     qk_scale, softcap_in, alibi_slope,
+                     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
+                     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """The backward's ``P = exp2(s - lse2)`` from raw ``qk``, 0 where hidden (MASKED tiles), and
+    the tanh that softcap's gradient needs. ``rows``, ``cols`` and ``lse2`` come broadcastable
+    to qk's orientation ([M, 1] / [1, N] / [M, 1], or transposed for P^T)."""
+    s, capped = scores_base2(qk, rows, cols, qk_scale, softcap_in, alibi_slope, diag_offset, SOFTCAP, HAS_ALIBI)
+    p = tl.math.exp2(s - lse2)
+    if MASKED:
+        seen = visible(rows, cols, seqlen_k, diag_offset, window_left, window_right, BOUND_LEFT, BOUND_RIGHT)
+        p = tl.where(seen, p, 0.0)
+    return p, capped
+
+
+@triton.jit
 def dropout_keep(seed, dropout_threshold, pid_b, pid_h, rows, col_start,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Bool ``[BLOCK_M, BLOCK_N]`` keep mask for query ``rows`` and keys ``col_start + [0, BLOCK_N)``,
