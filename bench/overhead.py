@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import sdpa  # noqa: E402
 
 import flashtile  # noqa: E402
+from flashtile.features import Features  # noqa: E402
 from flashtile.ops import flash_fwd  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main():
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     qhg = qh.clone().requires_grad_()
     rows = {
-        "flash_fwd launcher (kernel launch only)": lambda: flash_fwd(q, k, v, 0.125, True),
+        "flash_fwd launcher (kernel launch only)": lambda: flash_fwd(q, k, v, Features(0.125, window_right=0)),
         "flash_attn_func, no grad": lambda: flashtile.flash_attn_func(q, k, v, causal=True),
         "flash_attn_func, requires_grad": lambda: flashtile.flash_attn_func(qg, kg, vg, causal=True),
         "SDPA flash, no grad": lambda: sdpa("sdpa_flash")(qh, kh, vh, True),

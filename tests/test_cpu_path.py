@@ -62,6 +62,28 @@ def test_any_shape_matches_oracle(batch, seqlen_q, seqlen_k, heads_k, group, hea
     check_against_oracle(cpu_attention(causal), q, k, v, causal=causal)
 
 
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    seqlen_q=st.integers(1, 300), seqlen_k=st.integers(8, 300), group=st.integers(1, 3),
+    head_dim=st.sampled_from([8, 24, 64]), causal=st.booleans(),
+    left=st.integers(-1, 40), right=st.integers(-1, 40), softcap=st.sampled_from([0.0, 0.7, 5.0]),
+    alibi=st.sampled_from([None, "heads", "batch"]),
+)
+def test_any_features_match_oracle(seqlen_q, seqlen_k, group, head_dim, causal, left, right, softcap, alibi):
+    """Random windows (including ones that hide whole rows), softcap and ALiBi on random shapes,
+    float32, same reasoning about seqlen_k >= 8 as above."""
+    torch.manual_seed(seqlen_q * 1000 + seqlen_k)
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 2 * group, 2, head_dim, dtype=torch.float32)
+    slopes = {None: None, "heads": torch.rand(2 * group), "batch": torch.rand(2, 2 * group)}[alibi]
+    options = dict(causal=causal, window_size=(left, right), softcap=softcap, alibi_slopes=slopes)
+
+    def run(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, return_attn_probs=True, **options)
+        return out, lse
+
+    check_against_oracle(run, q, k, v, **options)
+
+
 def test_memory_is_linear_in_seqlen(monkeypatch):
     """No tensor the CPU path builds grows with seqlen_q * seqlen_k beyond one score tile."""
     seqlen = 3000

@@ -6,7 +6,9 @@ time, and a new sequence length never triggers a search or a recompile.
 
 Modes: ``fwd`` (forward), ``dkdv`` (backward, one K/V tile per program) and ``dq``
 (backward, one Q tile per program). ``block_m`` always counts query rows and ``block_n``
-keys, whatever the mode.
+keys, whatever the mode. The ``causal`` key means "some key is masked": sliding windows use
+the causal entries too (not tuned separately). Softcap, ALiBi, dropout and varlen use the
+entries of their mask type (not tuned separately either; bench/bench_features.py measures them).
 """
 
 import functools
