@@ -135,17 +135,23 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
                                        weakref.ref(cu_seqlens_k), key)
 
 
+def _is_real(x) -> bool:
+    """A real number but not a bool; the exact-type test first, since ABC isinstance is slow and
+    this runs on every call."""
+    return type(x) in (float, int) or (isinstance(x, numbers.Real) and not isinstance(x, bool))
+
+
 def _check_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                    return_attn_probs):
     for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if softmax_scale is not None:
-        if not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):
+        if not _is_real(softmax_scale):
             raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
         if not math.isfinite(softmax_scale) or softmax_scale < 0:
             raise ValueError(f"softmax_scale must be a finite number >= 0, got {softmax_scale}")
-    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool):
+    if not _is_real(dropout_p):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -157,7 +163,7 @@ def _check_options(dropout_p, softmax_scale, causal, window_size, softcap, alibi
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
     if min(window_size) < -1:
         raise ValueError(f"window_size entries must be >= 0, or -1 for no bound, got {tuple(window_size)}")
-    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
+    if not _is_real(softcap):
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be a finite number >= 0 (0 = no capping), got {softcap}")

@@ -1,10 +1,12 @@
 """Host-side helpers shared by the kernel launchers."""
 
 import contextlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
+
+from flashtile import philox
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -38,12 +40,12 @@ def shared_strides(a: torch.Tensor, b: torch.Tensor):
     return a.contiguous(), b.contiguous()
 
 
-@dataclass(frozen=True)
-class SequenceLayout:
+class SequenceLayout(NamedTuple):
     """How a launch walks its sequences: dense ``(B, S, H, D)`` or packed varlen ``(total, H, D)``.
 
     Varlen tensors are addressed as one batch entry of length ``total`` with batch stride 0;
-    each program adds its sequence's start from ``cu_seqlens``.
+    each program adds its sequence's start from ``cu_seqlens``. (A NamedTuple: built on every
+    launch, and cheaper to build than a frozen dataclass.)
     """
     batch: int
     max_seqlen_q: int
@@ -84,14 +86,20 @@ def sequence_layout(q, k, varlen) -> SequenceLayout:
 
 def feature_args(features, q):
     """(runtime arguments, constexpr flags) of the kernels for one call's ``Features``."""
-    from flashtile import philox
-
     f = features
+    slopes = f.alibi_slopes
+    if f.softcap == 0 and slopes is None and f.dropout_p == 0:
+        # The common case, kept cheap: this runs on every launch (three per training step).
+        runtime = dict(ALIBI=q, stride_alibi_b=0, qk_scale=f.softmax_scale * LOG2E, softcap_in=0.0,
+                       window_left=max(f.window_left, 0), window_right=max(f.window_right, 0),
+                       seed=0, dropout_threshold=0, dropout_scale=1.0)
+        flags = dict(BOUND_LEFT=f.window_left >= 0, BOUND_RIGHT=f.window_right >= 0, SOFTCAP=0,
+                     HAS_ALIBI=False, HAS_DROPOUT=False)
+        return runtime, flags
     if f.softcap > 0:
         qk_scale, softcap_in = f.softcap * LOG2E, f.softmax_scale / f.softcap
     else:
         qk_scale, softcap_in = f.softmax_scale * LOG2E, 0.0
-    slopes = f.alibi_slopes
     runtime = dict(
         ALIBI=q if slopes is None else slopes,  # never read without HAS_ALIBI
         stride_alibi_b=slopes.stride(0) if slopes is not None and slopes.dim() == 2 else 0,
