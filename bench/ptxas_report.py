@@ -43,6 +43,8 @@ def report(spec: str) -> str:
         constexprs[flag] = feature in extra
     if constexprs["SOFTCAP"]:
         constexprs["SOFTCAP"] = 2  # the hardware tanh, as for bf16 on the GPU
+    if kind == "fwd":  # the launcher's choice: ALiBi under causal takes the linear-bias path
+        constexprs["ALIBI_LINEAR"] = "alibi" in extra and mask == "causal"
     if kind == "dkdv":
         constexprs["KV_AS_B"] = bool(extra and extra[0] in ("1", "true", "True"))
     if kind in ("dkdv", "dq"):

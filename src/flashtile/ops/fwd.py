@@ -36,7 +36,7 @@ def _attend_tiles(
     start_n, end_n, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_LINEAR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -64,7 +64,7 @@ def _attend_tiles(
             v = tl.load(v_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if MASKED or HAS_ALIBI:
+        if MASKED or (HAS_ALIBI and not ALIBI_LINEAR):
             s, _ = scores_base2(qk, offs_m[:, None], offs_key[None, :], qk_scale, softcap_in, alibi_slope,
                                 diag_offset, SOFTCAP, HAS_ALIBI)  # [BLOCK_M, BLOCK_N]
             if MASKED:
@@ -76,6 +76,19 @@ def _attend_tiles(
             # exp2 gives 0 rather than NaN.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+        elif ALIBI_LINEAR:
+            # Unmasked tile under a right bound of 0 (causal): every key is at or left of the
+            # diagonal, so the bias -slope * (i + diag - j) is a column term plus a row term,
+            # both relative to the tile start (small, so no precision is lost). The row term
+            # moves into the max: one FMA and one add per score instead of the |distance| path.
+            if SOFTCAP:
+                qk = tanh(qk * softcap_in, SOFTCAP == 2)
+            col_bias = alibi_slope * offs_n.to(tl.float32)  # [BLOCK_N]: slope * (j - tile_start)
+            row_bias = alibi_slope * (tile_start - diag_offset - offs_m).to(tl.float32)  # [BLOCK_M]
+            s = qk * qk_scale + col_bias[None, :]  # [BLOCK_M, BLOCK_N]: the score minus row_bias
+            m_new = tl.maximum(m_i, tl.max(s, 1) + row_bias)
+            m_sub = m_new
+            p = tl.math.exp2(s - (m_new - row_bias)[:, None])
         else:
             # Unmasked, no bias: fold the scale into the exponent's FMA (qk_scale > 0). With
             # softcap the capped tanh takes qk's place (qk_scale is then softcap * log2 e).
@@ -110,8 +123,9 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIBI_LINEAR: tl.constexpr = False,
 ):
+    # ALIBI_LINEAR: ALiBi with a right bound of exactly 0 (causal), see _attend_tiles.
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
     # Index math is int32 (sequence positions < 2**31); pointer offsets are int64, since
     # B*S*H*D may pass 2**31. The host keeps BLOCK * stride(1) below 2**31.
@@ -150,7 +164,7 @@ def _fwd_kernel(
             acc, m_i, l_i, q, k_ptrs + start_n.to(tl.int64) * stride_ks, v_ptrs + start_n.to(tl.int64) * stride_ks,
             stride_ks, offs_m, offs_n, offs_d, start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
-            True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
             HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
         )
     skip = full_start.to(tl.int64) * stride_ks
@@ -158,7 +172,7 @@ def _fwd_kernel(
         acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
         full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
-        False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
     skip = full_end.to(tl.int64) * stride_ks
@@ -166,7 +180,7 @@ def _fwd_kernel(
         acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
         full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
-        True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
 
@@ -214,6 +228,7 @@ def flash_fwd(q, k, v, features, varlen=None):
             *layout.lse_strides(n_heads), runtime.pop("stride_alibi_b"),
             n_heads, n_heads // n_kv_heads, layout.max_seqlen_q, layout.max_seqlen_k, num_m_blocks,
             **runtime, IS_VARLEN=layout.is_varlen, **flags, HEAD_DIM=head_dim,
+            ALIBI_LINEAR=features.alibi_slopes is not None and features.window_right == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
             DOT_PRECISION=dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
