@@ -168,3 +168,15 @@ def test_cu_seqlens_checked_again_after_in_place_change():
         cu_k[2] = 9  # a different tensor: checked on its own
         with pytest.raises(ValueError, match="cu_seqlens_k must end at the number of tokens"):
             flash_attn_varlen_func(q, k, v, cu([4, 6]), cu_k, 6, 6)
+
+
+def test_varlen_under_inference_mode():
+    """Inference tensors have no version counter: cu_seqlens are then checked on every call."""
+    with torch.inference_mode(), (use_triton_on_cpu() if DEVICE == "cpu" else torch.enable_grad()):
+        q = torch.randn(10, 2, 16, device=DEVICE)
+        cu_q = cu([4, 6])
+        out = flash_attn_varlen_func(q, q, q, cu_q, cu_q, 6, 6, causal=True)
+        assert out.shape == q.shape and torch.isfinite(out).all()
+        cu_q[1] = 3  # an in-place edit the version counter would not see
+        with pytest.raises(ValueError, match="max_seqlen_q is 6 but a sequence has 7 tokens"):
+            flash_attn_varlen_func(q, q, q, cu_q, cu_q, 6, 6)

@@ -110,10 +110,13 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     # Reading the values costs a device-to-host copy, which stalls the launch queue. A model
     # passes the same cu_seqlens to every layer, so each pair is checked once per version
     # (in-place writes bump ``_version``; the weak keys die with the tensors).
-    key = (cu_seqlens_q._version, cu_seqlens_k._version, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    ref_q, ref_k, checked = _VALIDATED_CU_SEQLENS.get(id(cu_seqlens_q), (None, None, None))
-    if ref_q is not None and ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and checked == key:
-        return
+    # Tensors made under torch.inference_mode have no version counter: checked on every call.
+    cacheable = not (cu_seqlens_q.is_inference() or cu_seqlens_k.is_inference())
+    if cacheable:
+        key = (cu_seqlens_q._version, cu_seqlens_k._version, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+        ref_q, ref_k, checked = _VALIDATED_CU_SEQLENS.get(id(cu_seqlens_q), (None, None, None))
+        if ref_q is not None and ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and checked == key:
+            return
     values = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()  # one device-to-host copy
     half = len(values) // 2
     for name, bounds, total, max_name, max_len in (
@@ -130,6 +133,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         if lengths and max(lengths) > max_len:
             raise ValueError(f"{max_name} is {max_len} but a sequence has {max(lengths)} tokens; it must be at "
                              f"least the longest sequence")
+    if not cacheable:
+        return
     identity = id(cu_seqlens_q)
     _VALIDATED_CU_SEQLENS[identity] = (weakref.ref(cu_seqlens_q, lambda _: _VALIDATED_CU_SEQLENS.pop(identity, None)),
                                        weakref.ref(cu_seqlens_k), key)
