@@ -6,13 +6,13 @@ import itertools
 import pytest
 import torch
 from helpers import check_against_oracle
+from test_features import path
 
 import flashtile
 from flashtile import (
     flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
     pad_input, unpad_input,
 )
-from flashtile.autograd import use_triton_on_cpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,8 +45,7 @@ def test_varlen_edge_lengths(lengths, causal, impl):
                                              return_attn_probs=True)
         return out, lse
 
-    context = use_triton_on_cpu() if impl == "triton" and DEVICE == "cpu" else torch.enable_grad()
-    with context:
+    with path(impl):
         if q.shape[0] == 0:
             out, lse = run(q, k, v)
             assert out.shape == (0, 4, 16) and lse.shape == (4, 0)
@@ -59,7 +58,7 @@ def test_varlen_edge_lengths(lengths, causal, impl):
 def test_larger_max_seqlen_is_fine():
     q, k, v = packed(30, 2), packed(30, 2), packed(30, 2)
     cu_q = cu([10, 20])
-    with use_triton_on_cpu() if DEVICE == "cpu" else torch.enable_grad():
+    with path("triton"):
         exact = flash_attn_varlen_func(q, k, v, cu_q, cu_q, 20, 20, causal=True)
         loose = flash_attn_varlen_func(q, k, v, cu_q, cu_q, 64, 100, causal=True)
     assert torch.equal(exact, loose)
@@ -103,7 +102,7 @@ def test_varlen_packed_variants_equal_the_unpacked_call():
     qkv = torch.randn(sum(lengths), 3, 4, 16, device=DEVICE, requires_grad=True)
     q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(1))
     cu_q = cu(lengths)
-    with use_triton_on_cpu() if DEVICE == "cpu" else torch.enable_grad():
+    with path("triton"):
         out_packed = flash_attn_varlen_qkvpacked_func(qkv, cu_q, 9, causal=True)
         out = flash_attn_varlen_func(q, k, v, cu_q, cu_q, 9, 9, causal=True)
         assert torch.equal(out_packed, out)
@@ -145,7 +144,7 @@ def test_varlen_from_padding_mask():
     mask = torch.arange(seqlen, device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
     q_u, indices, cu_seqlens, max_seqlen, _ = unpad_input(q, mask)
     k_u, v_u = unpad_input(k, mask)[0], unpad_input(v, mask)[0]
-    with use_triton_on_cpu() if DEVICE == "cpu" else torch.enable_grad():
+    with path("triton"):
         out = pad_input(flash_attn_varlen_func(q_u, k_u, v_u, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                                causal=True), indices, batch, seqlen)
         for b, n in enumerate(lengths):
@@ -159,7 +158,7 @@ def test_cu_seqlens_checked_again_after_in_place_change():
     """Validation is cached per tensor version (no device sync per layer), never stale."""
     q, k, v = packed(10, 2), packed(10, 2), packed(10, 2)
     cu_q = cu([4, 6])
-    with use_triton_on_cpu() if DEVICE == "cpu" else torch.enable_grad():
+    with path("triton"):
         flash_attn_varlen_func(q, k, v, cu_q, cu_q, 6, 6)
         cu_q[1] = 7  # now decreasing lengths are fine, but 7 > max_seqlen 6
         with pytest.raises(ValueError, match="max_seqlen_q is 6 but a sequence has 7 tokens"):
@@ -172,7 +171,7 @@ def test_cu_seqlens_checked_again_after_in_place_change():
 
 def test_varlen_under_inference_mode():
     """Inference tensors have no version counter: cu_seqlens are then checked on every call."""
-    with torch.inference_mode(), (use_triton_on_cpu() if DEVICE == "cpu" else torch.enable_grad()):
+    with torch.inference_mode(), path("triton"):
         q = torch.randn(10, 2, 16, device=DEVICE)
         cu_q = cu([4, 6])
         out = flash_attn_varlen_func(q, q, q, cu_q, cu_q, 6, 6, causal=True)

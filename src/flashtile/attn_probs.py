@@ -7,7 +7,7 @@ import torch
 
 from flashtile import philox
 from flashtile.features import Features
-from flashtile.reference import alibi_bias
+from flashtile.reference import alibi_bias, visible_mask
 
 
 def _keep(f: Features, batch_index, n_heads, seqlen_q, seqlen_k, device, on_triton):
@@ -29,15 +29,8 @@ def _one_sequence(q, k, lse, f: Features, batch_index, on_triton):
     if f.alibi_slopes is not None:
         slopes = f.alibi_slopes if f.alibi_slopes.dim() == 1 else f.alibi_slopes[batch_index]
         scores = scores + alibi_bias(slopes, 1, seqlen_q, seqlen_k, torch.float32, q.device)[0]
-    rows = torch.arange(seqlen_q, device=q.device)[:, None]
-    cols = torch.arange(seqlen_k, device=q.device)[None, :]
-    offset = cols - (rows + seqlen_k - seqlen_q)
-    hidden = torch.zeros_like(offset, dtype=torch.bool)
-    if f.window_right >= 0:
-        hidden |= offset > f.window_right
-    if f.window_left >= 0:
-        hidden |= offset < -f.window_left
-    probs = torch.exp(scores.masked_fill(hidden, float("-inf")) - lse[:, :, None])  # 0 where lse = +inf
+    seen = visible_mask(seqlen_q, seqlen_k, window_size=(f.window_left, f.window_right), device=q.device)
+    probs = torch.exp(scores.masked_fill(~seen, float("-inf")) - lse[:, :, None])  # 0 where lse = +inf
     keep = _keep(f, batch_index, n_heads, seqlen_q, seqlen_k, q.device, on_triton)
     return torch.where(keep.to(probs.device), probs, -probs)
 

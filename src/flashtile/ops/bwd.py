@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 from flashtile.configs import tile_config
-from flashtile.ops.common import device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides
+from flashtile.ops.common import (
+    device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
+)
 from flashtile.ops.score import dropout_keep, recomputed_probs, span
 from flashtile.ops.tiles import q_tile_program, sequence_bounds
 
@@ -383,14 +385,13 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, features, layout):
     block_d = padded_head_dim(head_dim)
     cfg = tile_config(q.device, q.dtype, block_d, "dkdv", features.masked)
     num_n_blocks = triton.cdiv(layout.max_seqlen_k, cfg.block_n)
-    runtime, flags = feature_args(features, q)
+    args = feature_args(features, q)
     _dkdv_kernel[(num_n_blocks * layout.batch * n_kv_heads,)](
-        q, k, v, dout, lse, delta, dk, dv, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order,
-        runtime.pop("ALIBI"),
+        q, k, v, dout, lse, delta, dk, dv, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,
         *layout.strides(q), *layout.strides(k), *layout.strides(dout), *layout.strides(dk),
-        *layout.lse_strides(n_heads), runtime.pop("stride_alibi_b"),
+        *layout.lse_strides(n_heads), args.stride_alibi_b,
         n_heads, n_heads // n_kv_heads, layout.max_seqlen_q, layout.max_seqlen_k, num_n_blocks,
-        features.softmax_scale, **runtime, IS_VARLEN=layout.is_varlen, **flags,
+        features.softmax_scale, **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags,
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype), KV_AS_B=cfg.kv_as_b, DO_LIKE_Q=dout.stride() == q.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -403,14 +404,13 @@ def launch_dq(dout, q, k, v, lse, delta, dq, features, layout):
     block_d = padded_head_dim(head_dim)
     cfg = tile_config(q.device, q.dtype, block_d, "dq", features.masked)
     num_m_blocks = triton.cdiv(layout.max_seqlen_q, cfg.block_m)
-    runtime, flags = feature_args(features, q)
+    args = feature_args(features, q)
     _dq_kernel[(num_m_blocks * layout.batch * n_heads,)](
-        q, k, v, dout, lse, delta, dq, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order,
-        runtime.pop("ALIBI"),
+        q, k, v, dout, lse, delta, dq, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,
         *layout.strides(q), *layout.strides(k), *layout.strides(dout), *layout.strides(dq),
-        *layout.lse_strides(n_heads), runtime.pop("stride_alibi_b"),
+        *layout.lse_strides(n_heads), args.stride_alibi_b,
         n_heads, n_heads // n_kv_heads, layout.max_seqlen_q, layout.max_seqlen_k, num_m_blocks,
-        features.softmax_scale, **runtime, IS_VARLEN=layout.is_varlen, **flags,
+        features.softmax_scale, **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags,
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype), DO_LIKE_Q=dout.stride() == q.stride(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

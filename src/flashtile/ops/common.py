@@ -84,25 +84,32 @@ def sequence_layout(q, k, varlen) -> SequenceLayout:
                           cu_seqlens_q, cu_seqlens_k, True, seq_order)
 
 
-def feature_args(features, q):
-    """(runtime arguments, constexpr flags) of the kernels for one call's ``Features``."""
+class KernelFeatures(NamedTuple):
+    """A call's ``Features`` as kernel arguments: the ALiBi slopes pointer and batch stride
+    (positional), runtime scalars and constexpr flags (keywords)."""
+    alibi: torch.Tensor  # the slopes; q when there are none (never read without HAS_ALIBI)
+    stride_alibi_b: int
+    runtime: dict
+    flags: dict
+
+
+def feature_args(features, q) -> KernelFeatures:
+    """The kernels' arguments for one call's ``Features``."""
     f = features
     slopes = f.alibi_slopes
     if f.softcap == 0 and slopes is None and f.dropout_p == 0:
         # The common case, kept cheap: this runs on every launch (three per training step).
-        runtime = dict(ALIBI=q, stride_alibi_b=0, qk_scale=f.softmax_scale * LOG2E, softcap_in=0.0,
+        runtime = dict(qk_scale=f.softmax_scale * LOG2E, softcap_in=0.0,
                        window_left=max(f.window_left, 0), window_right=max(f.window_right, 0),
                        seed=0, dropout_threshold=0, dropout_scale=1.0)
         flags = dict(BOUND_LEFT=f.window_left >= 0, BOUND_RIGHT=f.window_right >= 0, SOFTCAP=0,
                      HAS_ALIBI=False, HAS_DROPOUT=False)
-        return runtime, flags
+        return KernelFeatures(q, 0, runtime, flags)
     if f.softcap > 0:
         qk_scale, softcap_in = f.softcap * LOG2E, f.softmax_scale / f.softcap
     else:
         qk_scale, softcap_in = f.softmax_scale * LOG2E, 0.0
     runtime = dict(
-        ALIBI=q if slopes is None else slopes,  # never read without HAS_ALIBI
-        stride_alibi_b=slopes.stride(0) if slopes is not None and slopes.dim() == 2 else 0,
         qk_scale=qk_scale, softcap_in=softcap_in,
         window_left=max(f.window_left, 0), window_right=max(f.window_right, 0),
         seed=f.seed, dropout_threshold=philox.threshold(f.dropout_p), dropout_scale=1.0 / (1.0 - f.dropout_p),
@@ -110,4 +117,6 @@ def feature_args(features, q):
     softcap_mode = 0 if f.softcap == 0 else 2 if q.is_cuda and q.dtype != torch.float32 else 1
     flags = dict(BOUND_LEFT=f.window_left >= 0, BOUND_RIGHT=f.window_right >= 0, SOFTCAP=softcap_mode,
                  HAS_ALIBI=slopes is not None, HAS_DROPOUT=f.dropout_p > 0)
-    return runtime, flags
+    if slopes is None:
+        return KernelFeatures(q, 0, runtime, flags)
+    return KernelFeatures(slopes, slopes.stride(0) if slopes.dim() == 2 else 0, runtime, flags)

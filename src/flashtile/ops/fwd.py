@@ -220,14 +220,14 @@ def flash_fwd(q, k, v, features, varlen=None):
     cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked)
     num_m_blocks = triton.cdiv(layout.max_seqlen_q, cfg.block_m)
     grid = (num_m_blocks * layout.batch * n_heads,)
-    runtime, flags = feature_args(features, q)
+    args = feature_args(features, q)
     with device_guard(q):
         _fwd_kernel[grid](
-            q, k, v, out, lse, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, runtime.pop("ALIBI"),
+            q, k, v, out, lse, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,
             *layout.strides(q), *layout.strides(k), *layout.strides(out),
-            *layout.lse_strides(n_heads), runtime.pop("stride_alibi_b"),
+            *layout.lse_strides(n_heads), args.stride_alibi_b,
             n_heads, n_heads // n_kv_heads, layout.max_seqlen_q, layout.max_seqlen_k, num_m_blocks,
-            **runtime, IS_VARLEN=layout.is_varlen, **flags, HEAD_DIM=head_dim,
+            **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags, HEAD_DIM=head_dim,
             ALIBI_LINEAR=features.alibi_slopes is not None and features.window_right == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
             DOT_PRECISION=dot_precision(q.dtype),
