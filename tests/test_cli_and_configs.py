@@ -34,6 +34,18 @@ def test_hopper_has_a_measured_entry_for_every_kernel(monkeypatch, mode, block_d
     assert cfg is configs.SM90[(mode, block_d, causal)]
 
 
+@pytest.mark.parametrize("block_d", [16, 32, 64, 128])
+def test_varlen_takes_its_own_entry_where_one_exists(monkeypatch, block_d):
+    monkeypatch.setattr(configs, "_arch", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    varlen = tile_config(cuda, torch.bfloat16, block_d, "fwd", False, varlen=True)
+    assert varlen is configs.SM90_VARLEN.get(("fwd", block_d, False), configs.SM90[("fwd", block_d, False)])
+    assert (varlen != configs.SM90[("fwd", block_d, False)]) == (block_d <= 64)
+    # the backward and causal forwards keep the dense entries
+    assert tile_config(cuda, torch.bfloat16, block_d, "fwd", True, varlen=True) is configs.SM90[("fwd", block_d, True)]
+    assert tile_config(cuda, torch.bfloat16, block_d, "dq", False, varlen=True) is configs.SM90[("dq", block_d, False)]
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]

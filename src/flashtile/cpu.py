@@ -69,10 +69,10 @@ class _Tile:
             self.keep = keep.reshape(batch, n_kv, group, *keep.shape[-2:])
 
     def dropped(self, probs, dropout_p):
-        """Probabilities after dropout: zeroed where dropped, kept ones scaled by 1 / (1 - p)."""
+        """Probabilities after dropout: zeroed where dropped, kept ones scaled by the inverse keep rate."""
         if self.keep is None:
             return probs
-        return torch.where(self.keep, probs / (1.0 - dropout_p), 0.0)
+        return torch.where(self.keep, probs / philox.keep_probability(dropout_p), 0.0)
 
 
 def _slopes(f: Features, batch, n_kv_heads, group):

@@ -1,16 +1,26 @@
 """The dropout mask, defined once: which attention probabilities are kept.
 
-A probability at (batch ``b``, query head ``h``, query ``i``, key ``j``) -- positions within
-its own sequence, also under varlen -- is kept iff a 16-bit random number ``r >= threshold``,
-with ``threshold = round(dropout_p * 2**16)``. The numbers come from Philox4x32-10 keyed by
-the 64-bit seed (low word, high word), at counter ``(j // 8, i, h, b)``: one call yields four
-32-bit words, eight 16-bit numbers, used for keys ``8 * (j // 8) + t`` in order (word ``t // 2``,
-low half first). The Triton kernels (``ops/score.py``) and this NumPy version produce
-bitwise the same mask, so the CPU path and the GPU agree and the backward regenerates exactly
-the forward's mask.
+A probability at (batch ``b``, query head ``h``, query ``i``, key ``j``) -- positions within its
+own sequence, also under varlen -- is kept iff an 8-bit random number ``r >= threshold``, with
+``threshold = min(round(dropout_p * 256), 255)``: the keep rate is ``1 - threshold / 256`` and
+kept values are scaled by its inverse, so dropout stays unbiased. (FlashAttention-2 rounds
+``dropout_p`` to 8 bits the same way.)
 
-Each seed is drawn from torch's default (CPU) generator, so ``torch.manual_seed`` makes a
-dropout call reproducible bit for bit.
+The numbers come from Philox4x32-7 (seven rounds, as FlashAttention-2 uses) keyed by the 64-bit
+seed (low word, high word). One call yields 16 bytes for a block of 2 x 8 scores::
+
+    counter = ((j // 64) * 8 + j % 8,  i with bit 3 cleared,  h,  b)
+    byte    = ((i // 8) % 2) * 8 + (j // 8) % 8     -> word byte // 4, bits 8 * (byte % 4) up
+
+i.e. queries ``{i, i + 8}`` times keys ``{j, j + 8, ..., j + 56}``. The grouping follows the
+tensor cores' accumulator layout, where one thread holds rows ``i`` and ``i + 8`` and every 8th
+key: in the forward and dQ kernels each thread's Philox calls serve only its own scores (no
+call is computed twice, no data moves between threads), which is what makes dropout cheap.
+
+The Triton kernels (``ops/score.py``) and this NumPy version produce bitwise the same mask, so
+the CPU path and the GPU agree and the backward regenerates exactly the forward's mask. Each
+seed is drawn from torch's default (CPU) generator, so ``torch.manual_seed`` makes a dropout
+call reproducible bit for bit.
 """
 
 import numpy as np
@@ -18,15 +28,19 @@ import torch
 
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers (Salmon et al., 2011)
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85  # its key increments (golden ratio, sqrt(3) - 1)
-ROUNDS = 10
-KEYS_PER_CALL = 8
+ROUNDS = 7
 _WORD = np.uint64(0xFFFFFFFF)
 
 
 def threshold(dropout_p: float) -> int:
-    """The 16-bit cut: a number below it drops. Keep rate is ``1 - threshold / 2**16``, within
-    2**-17 of ``1 - dropout_p``."""
-    return min(round(dropout_p * 65536), 65535)
+    """The 8-bit cut: a number below it drops."""
+    return min(round(dropout_p * 256), 255)
+
+
+def keep_probability(dropout_p: float) -> float:
+    """The exact keep rate of the mask, ``1 - threshold / 256`` (within 1/512 of ``1 - dropout_p``);
+    kept values are scaled by its inverse."""
+    return 1.0 - threshold(dropout_p) / 256
 
 
 def new_seed() -> int:
@@ -35,7 +49,7 @@ def new_seed() -> int:
 
 
 def philox4x32(seed: int, c0, c1, c2, c3):
-    """Philox4x32-10 on uint64 arrays holding 32-bit counters; returns the four output words."""
+    """Philox4x32-7 on uint64 arrays holding 32-bit counters; returns the four output words."""
     c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _WORD for c in (c0, c1, c2, c3))
     k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
     for _ in range(ROUNDS):
@@ -51,10 +65,10 @@ def keep_mask(seed: int, dropout_p: float, batch_idx, head_idx, rows, cols) -> t
     """Bool keep mask broadcast over the index arrays (NumPy-broadcastable int arrays)."""
     batch_idx, head_idx, rows, cols = np.broadcast_arrays(*(np.asarray(x, dtype=np.int64)
                                                             for x in (batch_idx, head_idx, rows, cols)))
-    words = philox4x32(seed, cols // KEYS_PER_CALL, rows, head_idx, batch_idx)
-    lane = cols % KEYS_PER_CALL
-    word = np.choose(lane // 2, words)
-    number = (word >> (np.uint64(16) * (lane % 2).astype(np.uint64))) & np.uint64(0xFFFF)
+    words = philox4x32(seed, (cols // 64) * 8 + cols % 8, rows & ~8, head_idx, batch_idx)
+    byte = ((rows // 8) % 2) * 8 + (cols // 8) % 8
+    word = np.choose(byte // 4, words)
+    number = (word >> (np.uint64(8) * (byte % 4).astype(np.uint64))) & np.uint64(0xFF)
     return torch.from_numpy(number >= np.uint64(threshold(dropout_p)))
 
 

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from flashtile import philox
+
 
 def visible_mask(seqlen_q, seqlen_k, causal=False, window_size=(-1, -1), device=None) -> torch.Tensor:
     """Bool (Sq, Sk): which keys each query sees.
@@ -59,7 +61,7 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, reorde
     ``lse = +inf``, the convention of flashtile and FlashAttention-2.
 
     ``dropout_mask``: bool (B, Hq, Sq, Sk), True where kept; kept probabilities are scaled by
-    ``1 / (1 - dropout_p)``. The LSE is that of the softmax before dropout.
+    ``1 / keep_rate`` with the mask's exact keep rate ``philox.keep_probability(dropout_p)``. The LSE is that of the softmax before dropout.
     ``reorder_ops`` scales K instead of Q, a different rounding order for the same function.
     GQA: query head ``h`` uses KV head ``h // (Hq // Hk)``.
     """
@@ -88,7 +90,7 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, reorde
     has_keys = visible.any(dim=-1)  # (Sq,)
     attn = torch.where(has_keys[:, None], attn, torch.zeros((), dtype=attn.dtype, device=attn.device))
     if dropout_mask is not None:
-        attn = attn.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+        attn = attn.masked_fill(~dropout_mask, 0.0) / philox.keep_probability(dropout_p)
     out = torch.einsum("bhts,bshd->bthd", attn, v)
     lse = torch.where(has_keys, lse, torch.full((), math.inf, dtype=lse.dtype, device=lse.device))
     if not upcast:

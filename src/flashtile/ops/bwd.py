@@ -66,7 +66,7 @@ def _dkdv_tiles(
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr, EXP2_FMA: tl.constexpr = 0,
 ):
     """Fold the Q/dO tiles ``[start_m, end_m)`` into the K/V tile's ``(dk, dv)``.
 
@@ -90,7 +90,7 @@ def _dkdv_tiles(
         lse2 = tl.load(lse_ptr + offs_row, mask=mask_row, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + offs_row, mask=mask_row, other=0.0)  # [BLOCK_M]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, offs_row, start_n, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, tile_start, start_n, BLOCK_M, BLOCK_N)
 
         if KV_AS_B:
             # Computes P (not P^T): K and V become B operands and stay in shared memory, at the
@@ -98,7 +98,7 @@ def _dkdv_tiles(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             p, capped = recomputed_probs(  # [BLOCK_M, BLOCK_N]
                 qk, offs_row[:, None], offs_n[None, :], lse2[:, None], seqlen_k, diag_offset, window_left,
-                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
+                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, EXP2_FMA)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if HAS_DROPOUT:
                 p_kept = tl.where(keep, p * dropout_scale, 0.0)
@@ -114,7 +114,7 @@ def _dkdv_tiles(
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             p_t, capped_t = recomputed_probs(  # [BLOCK_N, BLOCK_M]
                 qk_t, offs_row[None, :], offs_n[:, None], lse2[None, :], seqlen_k, diag_offset, window_left,
-                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
+                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, EXP2_FMA)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             if HAS_DROPOUT:
                 keep_t = tl.trans(keep)
@@ -146,7 +146,7 @@ def _dkdv_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr, EXP2_FMA: tl.constexpr = 0,
 ):
     # Grid: (num_n_blocks * batch * n_kv_heads,). Index math int32, pointer offsets int64.
     if DO_LIKE_Q:  # the usual case (the launcher checks): address dO with Q's strides
@@ -199,7 +199,7 @@ def _dkdv_kernel(
                 start_m, full_start, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
                 qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
                 True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, EXP2_FMA,
             )
         if not BOUND_LEFT:
             # Without a left edge the rest runs unmasked to the end: rows past seqlen_q load
@@ -211,7 +211,7 @@ def _dkdv_kernel(
             full_start, full_end, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
             False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, EXP2_FMA,
         )
         if BOUND_LEFT:  # rows at the window's left edge, and the tail past seqlen_q
             dk, dv = _dkdv_tiles(
@@ -220,7 +220,7 @@ def _dkdv_kernel(
                 full_end, end_m, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
                 qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
                 True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, EXP2_FMA,
             )
 
     dk = dk * softmax_scale
@@ -233,13 +233,13 @@ def _dkdv_kernel(
 def _dq_tiles(
     dq, q, do, lse2, delta,
     k_ptrs, v_ptrs, stride_ks,
-    offs_m, offs_n, offs_d,
+    start_m, offs_m, offs_n, offs_d,
     start_n, end_n, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXP2_FMA: tl.constexpr,
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into the Q tile's ``dq``.
 
@@ -268,10 +268,10 @@ def _dq_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         p, capped = recomputed_probs(  # [BLOCK_M, BLOCK_N]
             qk, offs_m[:, None], offs_key[None, :], lse2[:, None], seqlen_k, diag_offset, window_left,
-            window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
+            window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, EXP2_FMA)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, offs_m, tile_start, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, start_m, tile_start, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N]
         if SOFTCAP:
@@ -296,7 +296,7 @@ def _dq_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DO_LIKE_Q: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DO_LIKE_Q: tl.constexpr, EXP2_FMA: tl.constexpr = 0,
 ):
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
     # Index math int32, pointer offsets int64.
@@ -336,27 +336,27 @@ def _dq_kernel(
     if BOUND_LEFT:  # tiles cut by the window's left edge
         skip = start_n.to(tl.int64) * stride_ks
         dq = _dq_tiles(
-            dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
+            dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
             start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
             True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
         )
     skip = full_start.to(tl.int64) * stride_ks
     dq = _dq_tiles(  # tiles every row sees whole
-        dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
+        dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
         False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
     )
     skip = full_end.to(tl.int64) * stride_ks
     dq = _dq_tiles(  # the diagonal (causal / right edge) and the tail past seqlen_k
-        dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
+        dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
         True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
     )
     dq = dq * softmax_scale
     dq_ptrs = DQ + pid_b * stride_dqb + pid_h.to(tl.int64) * stride_dqh + rows * stride_dqs + offs_d[None, :]

@@ -16,21 +16,24 @@ def _keep_mask_kernel(MASK, seqlen_q, seqlen_k, batch_index, seed, dropout_thres
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (cdiv(Sq, BLOCK_M), cdiv(Sk, BLOCK_N), n_heads). MASK: int8 (H, Sq, Sk), contiguous.
     pid_h = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     start_n = tl.program_id(1) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    keep = dropout_keep(seed, dropout_threshold, batch_index, pid_h, offs_m, start_n, BLOCK_M, BLOCK_N)
+    keep = dropout_keep(seed, dropout_threshold, batch_index, pid_h, start_m, start_n, BLOCK_M, BLOCK_N)
     ptrs = MASK + (pid_h.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
 
-def keep_mask(seed, dropout_p, batch_index, n_heads, seqlen_q, seqlen_k, device) -> torch.Tensor:
-    """Bool (H, Sq, Sk): which probabilities batch entry ``batch_index`` keeps."""
+def keep_mask(seed, dropout_p, batch_index, n_heads, seqlen_q, seqlen_k, device, block=(16, 64)) -> torch.Tensor:
+    """Bool (H, Sq, Sk): which probabilities batch entry ``batch_index`` keeps. ``block``: the
+    tile (rows, keys), a choice that must not change the result (tests vary it)."""
     mask = torch.zeros((n_heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     if mask.numel() == 0:
         return mask.bool()
-    grid = (triton.cdiv(seqlen_q, 16), triton.cdiv(seqlen_k, 64), n_heads)
+    block_m, block_n = block
+    grid = (triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n), n_heads)
     with device_guard(mask):
         _keep_mask_kernel[grid](mask, seqlen_q, seqlen_k, batch_index, seed, philox.threshold(dropout_p),
-                                BLOCK_M=16, BLOCK_N=64)
+                                BLOCK_M=block_m, BLOCK_N=block_n)
     return mask.bool()

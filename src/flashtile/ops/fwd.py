@@ -24,7 +24,7 @@ from flashtile.configs import tile_config
 from flashtile.ops.common import (
     device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
 )
-from flashtile.ops.score import dropout_keep, scores_base2, span, tanh, visible
+from flashtile.ops.score import dropout_keep, exp2_tile, scores_base2, span, tanh, visible
 from flashtile.ops.tiles import q_tile_program, sequence_bounds
 
 
@@ -32,13 +32,13 @@ from flashtile.ops.tiles import q_tile_program, sequence_bounds
 def _attend_tiles(
     acc, m_i, l_i, q,
     k_ptrs, v_ptrs, stride_ks,
-    offs_m, offs_n, offs_d,
+    start_m, offs_m, offs_n, offs_d,
     start_n, end_n, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_LINEAR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXP2_FMA: tl.constexpr,
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into ``(acc, m_i, l_i)``.
 
@@ -88,7 +88,7 @@ def _attend_tiles(
             s = qk * qk_scale + col_bias[None, :]  # [BLOCK_M, BLOCK_N]: the score minus row_bias
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_bias)
             m_sub = m_new
-            p = tl.math.exp2(s - (m_new - row_bias)[:, None])
+            p = exp2_tile(s - (m_new - row_bias)[:, None], EXP2_FMA)
         else:
             # Unmasked, no bias: fold the scale into the exponent's FMA (qk_scale > 0). With
             # softcap the capped tanh takes qk's place (qk_scale is then softcap * log2 e).
@@ -96,12 +96,12 @@ def _attend_tiles(
                 qk = tanh(qk * softcap_in, SOFTCAP == 2)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+            p = exp2_tile(qk * qk_scale - m_sub[:, None], EXP2_FMA)
         alpha = tl.math.exp2(m_i - m_sub)  # [BLOCK_M]
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax sum counts dropped entries too
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, offs_m, tile_start, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, start_m, tile_start, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
@@ -123,7 +123,7 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ALIBI_LINEAR: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, ALIBI_LINEAR: tl.constexpr = False, EXP2_FMA: tl.constexpr = 0,
 ):
     # ALIBI_LINEAR: ALiBi with a right bound of exactly 0 (causal), see _attend_tiles.
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
@@ -162,33 +162,33 @@ def _fwd_kernel(
     if BOUND_LEFT:  # tiles cut by the window's left edge
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, k_ptrs + start_n.to(tl.int64) * stride_ks, v_ptrs + start_n.to(tl.int64) * stride_ks,
-            stride_ks, offs_m, offs_n, offs_d, start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
+            stride_ks, start_m, offs_m, offs_n, offs_d, start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
             True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
         )
     skip = full_start.to(tl.int64) * stride_ks
     acc, m_i, l_i = _attend_tiles(  # tiles every row sees whole
-        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
+        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
         False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
     )
     skip = full_end.to(tl.int64) * stride_ks
     acc, m_i, l_i = _attend_tiles(  # the diagonal (causal / right edge) and the tail past seqlen_k
-        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, offs_m, offs_n, offs_d,
+        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
         True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
     )
 
     has_keys = l_i > 0.0
     safe_l = tl.where(has_keys, l_i, 1.0)
     inv_l = tl.where(has_keys, 1.0 / safe_l, 0.0)
     if HAS_DROPOUT:
-        inv_l = inv_l * dropout_scale  # kept probabilities are scaled by 1 / (1 - p)
+        inv_l = inv_l * dropout_scale  # kept probabilities are scaled by 1 / keep rate
     out = acc * inv_l[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("inf"))
 
@@ -217,7 +217,7 @@ def flash_fwd(q, k, v, features, varlen=None):
         return out, lse.fill_(float("inf"))
 
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked)
+    cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked, layout.is_varlen)
     num_m_blocks = triton.cdiv(layout.max_seqlen_q, cfg.block_m)
     grid = (num_m_blocks * layout.batch * n_heads,)
     args = feature_args(features, q)

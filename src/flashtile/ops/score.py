@@ -32,6 +32,49 @@ def tanh(x, HARDWARE: tl.constexpr):
         return tl.where(x < 0, -t, t)
 
 
+# 2**f on [-1/2, 1/2]: degree-4 fit of the relative error (max 2.7e-6 in fp32, far below the
+# fp16/bf16 rounding of P), Horner coefficients from the constant term up.
+_EXP2_C0 = tl.constexpr(0.9999992615692183)
+_EXP2_C1 = tl.constexpr(0.6931218212643249)
+_EXP2_C2 = tl.constexpr(0.2402474505729671)
+_EXP2_C3 = tl.constexpr(0.05591780847534036)
+_EXP2_C4 = tl.constexpr(0.009570068876634183)
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer, kept in the low bits
+
+
+@triton.jit
+def exp2_fma(x):
+    """``2**x`` for finite ``x <= ~1`` with FMA and integer ops only, no MUFU (the special-function
+    unit that ``exp2`` and ``tanh`` share, 16 results per SM per clock against 128 FMAs).
+    ``x = j + f`` with ``j = round(x)``: a polynomial gives ``2**f`` and ``j`` is added to its
+    exponent bits. Inputs below -125 give ``2**-125`` rather than 0, so only tiles with no
+    hidden (-inf) score use it."""
+    x = tl.maximum(x, -125.0)
+    shifted = x + _ROUND_MAGIC
+    f = x - (shifted - _ROUND_MAGIC)  # in [-1/2, 1/2]
+    p = (((_EXP2_C4 * f + _EXP2_C3) * f + _EXP2_C2) * f + _EXP2_C1) * f + _EXP2_C0
+    # shifted's low mantissa bits hold j (two's complement): << 23 moves j into the exponent field.
+    bits = p.to(tl.int32, bitcast=True) + (shifted.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def exp2_tile(x, FMA_SHARE: tl.constexpr):
+    """``2**x`` of a finite 2-D tile, ``FMA_SHARE`` of 0 (all on the MUFU), 1 (every second
+    column on the FMA pipes) or 2 (all on the FMA pipes). Splitting the work lets the two
+    pipes run side by side where the MUFU is the bottleneck (head dim 64, softcap)."""
+    if FMA_SHARE == 0:
+        return tl.math.exp2(x)
+    elif FMA_SHARE == 1:
+        rows: tl.constexpr = x.shape[0]
+        cols: tl.constexpr = x.shape[1]
+        # Adjacent columns sit in one thread's registers in the MMA layouts: the split is free.
+        even, odd = tl.split(tl.reshape(x, [rows, cols // 2, 2]))
+        return tl.reshape(tl.join(tl.math.exp2(even), exp2_fma(odd)), [rows, cols])
+    else:
+        return exp2_fma(x)
+
+
 @triton.jit
 def span(first, last, n_other, lo_offset, hi_offset, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
          BLOCK: tl.constexpr):
@@ -100,34 +143,55 @@ def scores_base2(qk, rows, cols, qk_scale, softcap_in, alibi_slope, diag_offset,
 def recomputed_probs(qk, rows, cols, lse2, seqlen_k, diag_offset, window_left, window_right,
                      qk_scale, softcap_in, alibi_slope,
                      MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
-                     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, EXP2_FMA: tl.constexpr):
     """The backward's ``P = exp2(s - lse2)`` from raw ``qk``, 0 where hidden (MASKED tiles), and
     the tanh that softcap's gradient needs. ``rows``, ``cols`` and ``lse2`` come broadcastable
     to qk's orientation ([M, 1] / [1, N] / [M, 1], or transposed for P^T)."""
     s, capped = scores_base2(qk, rows, cols, qk_scale, softcap_in, alibi_slope, diag_offset, SOFTCAP, HAS_ALIBI)
-    p = tl.math.exp2(s - lse2)
-    if MASKED:
+    if MASKED:  # exact exp2: hidden rows (lse = +inf) must give exactly 0
+        p = tl.math.exp2(s - lse2)
         seen = visible(rows, cols, seqlen_k, diag_offset, window_left, window_right, BOUND_LEFT, BOUND_RIGHT)
         p = tl.where(seen, p, 0.0)
+    else:
+        p = exp2_tile(s - lse2, EXP2_FMA)
     return p, capped
 
 
 @triton.jit
-def dropout_keep(seed, dropout_threshold, pid_b, pid_h, rows, col_start,
+def dropout_keep(seed, dropout_threshold, pid_b, pid_h, row_start, col_start,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bool ``[BLOCK_M, BLOCK_N]`` keep mask for query ``rows`` and keys ``col_start + [0, BLOCK_N)``,
-    the definition in ``flashtile/philox.py``: one Philox call per 8 keys, eight 16-bit numbers
-    per call. ``col_start`` is a multiple of 8."""
-    groups = (col_start // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)  # [BLOCK_N // 8]
-    c0 = tl.broadcast_to(groups[None, :], [BLOCK_M, BLOCK_N // 8])
-    c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], [BLOCK_M, BLOCK_N // 8])
-    c2 = tl.zeros([BLOCK_M, BLOCK_N // 8], dtype=tl.uint32) + pid_h.to(tl.uint32)
-    c3 = tl.zeros([BLOCK_M, BLOCK_N // 8], dtype=tl.uint32) + pid_b.to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)  # [BLOCK_M, BLOCK_N // 8] each
-    lane = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]: key 8 * group + lane
-    word = tl.where(lane < 4,
-                    tl.where(lane < 2, w0[:, :, None], w1[:, :, None]),
-                    tl.where(lane < 6, w2[:, :, None], w3[:, :, None]))  # [BLOCK_M, BLOCK_N // 8, 8]
-    number = (word >> ((lane % 2) * 16).to(tl.uint32)) & 0xFFFF
-    keep = number.to(tl.int32) >= dropout_threshold  # [BLOCK_M, BLOCK_N // 8, 8]
+    """Bool ``[BLOCK_M, BLOCK_N]`` keep mask for queries ``row_start + [0, BLOCK_M)`` and keys
+    ``col_start + [0, BLOCK_N)``: the definition in ``flashtile/philox.py``. ``row_start`` is a
+    multiple of 16 and ``col_start`` of ``min(BLOCK_N, 64)`` (tile starts are).
+
+    The tile is viewed as ``[BLOCK_M // 16, 2, 8, chunks, 8, 8]`` (row = 16 R + 8 h + a,
+    key = 64 C + 8 g + t); one Philox call per (R, a, C, t) feeds the 2 x 8 scores over (h, g).
+    In the accumulator layout (h, g) live in one thread's registers, so the compiler folds the
+    byte selection into constants and each call is made once."""
+    if BLOCK_N >= 64:
+        CHUNKS: tl.constexpr = BLOCK_N // 64
+        GROUPS: tl.constexpr = 8
+        group = tl.arange(0, 8)  # key bits 3..5; the tile starts a 64-key chunk
+    else:
+        CHUNKS: tl.constexpr = 1
+        GROUPS: tl.constexpr = BLOCK_N // 8
+        group = (col_start // 8) % 8 + tl.arange(0, GROUPS)  # part of a chunk
+    r = tl.arange(0, BLOCK_M // 16)[:, None, None, None, None, None]
+    a = tl.arange(0, 8)[None, None, :, None, None, None]
+    c = tl.arange(0, CHUNKS)[None, None, None, :, None, None]
+    t = tl.arange(0, 8)[None, None, None, None, None, :]
+    shape: tl.constexpr = [BLOCK_M // 16, 1, 8, CHUNKS, 1, 8]
+    c0 = tl.broadcast_to(((col_start // 64 + c) * 8 + t).to(tl.uint32), shape)
+    c1 = tl.broadcast_to((row_start + 16 * r + a).to(tl.uint32), shape)
+    c2 = tl.zeros(shape, dtype=tl.uint32) + pid_h.to(tl.uint32)
+    c3 = tl.zeros(shape, dtype=tl.uint32) + pid_b.to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=7)
+    h = tl.arange(0, 2)[None, :, None, None, None, None]
+    g = group[None, None, None, None, :, None]
+    word_index = 2 * h + g // 4  # byte (8 h + g) lies in word (8 h + g) // 4
+    word = tl.where(word_index < 2, tl.where(word_index == 0, w0, w1), tl.where(word_index == 2, w2, w3))
+    # byte >= threshold, compared in place: mask the byte, shift the threshold instead (one AND
+    # and one compare per score; the shifted thresholds are loop invariants).
+    shift = ((g % 4) * 8).to(tl.uint32)
+    keep = (word & (0xFF << shift)) >= (dropout_threshold.to(tl.uint32) << shift)  # [R, 2, 8, CHUNKS, GROUPS, 8]
     return tl.reshape(keep, [BLOCK_M, BLOCK_N])

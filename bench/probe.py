@@ -1,0 +1,101 @@
+"""Probes behind kernel choices that the tile table does not cover (bf16, one process, H100
+figures quoted in docs/performance.md). Each probe times the same call under the choices it
+compares; nothing here changes the library's defaults.
+
+    PYTHONPATH=src python3 bench/probe.py --out /tmp/probe.json [exp2 varlen dropout]
+
+* ``exp2``: share of the softmax's exp2 on the FMA pipes (``ops/common.exp2_fma_share``),
+  plain and softcap kernels, forward and backward, at seqlen 4096 (B*S = 16384, H*D = 2048).
+* ``varlen``: forward tile configs for varlen at head dim 64 non-causal (bench_features' lengths).
+* ``dropout``: the dK/dV loop's two operand orientations (``TileConfig.kv_as_b``) with dropout.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_features import VARLEN_LENGTHS, rand, timed  # noqa: E402
+from common import banner, environment, median_ms, write_json  # noqa: E402
+
+import flashtile  # noqa: E402
+from flashtile import configs  # noqa: E402
+from flashtile.ops import bwd, common  # noqa: E402
+
+
+def dense_inputs(head_dim, seqlen=4096):
+    batch, heads = 16384 // seqlen, 2048 // head_dim
+    q, k, v = (rand(batch, seqlen, heads, head_dim) for _ in range(3))
+    return q, k, v, torch.randn_like(q)
+
+
+def probe_exp2():
+    rows = []
+    real = common.exp2_fma_share
+    for head_dim in (64, 128):
+        q, k, v, dout = dense_inputs(head_dim)
+        for softcap, shares in ((0.0, (0, 1)), (30.0, (0, 1, 2))):
+            for share in shares:
+                common.exp2_fma_share = lambda q, mode, share=share: share
+                fwd, bwd_ms = timed(lambda: flashtile.flash_attn_func(q, k, v, softcap=softcap), (q, k, v), dout)
+                rows.append(dict(probe="exp2", head_dim=head_dim, softcap=softcap, share=share, fwd_ms=fwd, bwd_ms=bwd_ms))
+                print(rows[-1], flush=True)
+    common.exp2_fma_share = real
+    return rows
+
+
+def probe_varlen():
+    rows = []
+    head_dim, heads = 64, 32
+    total, longest = sum(VARLEN_LENGTHS), max(VARLEN_LENGTHS)
+    q, k, v = (rand(total, heads, head_dim).detach() for _ in range(3))
+    cu = torch.tensor([0] + torch.tensor(VARLEN_LENGTHS).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    qd, kd, vd = (rand(len(VARLEN_LENGTHS), total // len(VARLEN_LENGTHS), heads, head_dim).detach() for _ in range(3))
+    key = ("fwd", 64, False)
+    real = configs.SM90[key]
+    for cfg in (real, configs.TileConfig(64, 64, 4, 3), configs.TileConfig(128, 128, 8, 3),
+                configs.TileConfig(128, 64, 4, 3), configs.TileConfig(128, 64, 8, 2)):
+        configs.SM90[key] = cfg
+        varlen = median_ms(lambda: flashtile.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest))
+        dense = median_ms(lambda: flashtile.flash_attn_func(qd, kd, vd))
+        rows.append(dict(probe="varlen", config=dataclasses.astuple(cfg), varlen_ms=varlen, dense_ms=dense))
+        print(rows[-1], flush=True)
+    configs.SM90[key] = real
+    return rows
+
+
+def probe_dropout():
+    rows = []
+    real = bwd.tile_config
+    for head_dim in (64, 128):
+        q, k, v, dout = dense_inputs(head_dim)
+        for kv_as_b in (False, True):
+            bwd.tile_config = lambda *a, kv_as_b=kv_as_b: dataclasses.replace(real(*a), kv_as_b=kv_as_b)
+            for p in (0.0, 0.1):
+                _, bwd_ms = timed(lambda: flashtile.flash_attn_func(q, k, v, dropout_p=p), (q, k, v), dout)
+                rows.append(dict(probe="dropout", head_dim=head_dim, kv_as_b=kv_as_b, dropout_p=p, bwd_ms=bwd_ms))
+                print(rows[-1], flush=True)
+    bwd.tile_config = real
+    return rows
+
+
+PROBES = {"exp2": probe_exp2, "varlen": probe_varlen, "dropout": probe_dropout}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("probes", nargs="*", default=list(PROBES))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    env = environment()
+    print(banner(env), flush=True)
+    records = [row for name in args.probes for row in PROBES[name]()]
+    if args.out:
+        write_json(args.out, {"environment": env, "dtype": "bfloat16", "records": records})
+
+
+if __name__ == "__main__":
+    main()
