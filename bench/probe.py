@@ -2,10 +2,8 @@
 figures quoted in docs/performance.md). Each probe times the same call under the choices it
 compares; nothing here changes the library's defaults.
 
-    PYTHONPATH=src python3 bench/probe.py --out /tmp/probe.json [exp2 varlen dropout]
+    PYTHONPATH=src python3 bench/probe.py --out /tmp/probe.json [varlen dropout]
 
-* ``exp2``: share of the softmax's exp2 on the FMA pipes (``ops/common.exp2_fma_share``),
-  plain and softcap kernels, forward and backward, at seqlen 4096 (B*S = 16384, H*D = 2048).
 * ``varlen``: forward tile configs for varlen at head dim 64 non-causal (bench_features' lengths).
 * ``dropout``: the dK/dV loop's two operand orientations (``TileConfig.kv_as_b``) with dropout.
 """
@@ -23,28 +21,13 @@ from common import banner, environment, median_ms, write_json  # noqa: E402
 
 import flashtile  # noqa: E402
 from flashtile import configs  # noqa: E402
-from flashtile.ops import bwd, common  # noqa: E402
+from flashtile.ops import bwd  # noqa: E402
 
 
 def dense_inputs(head_dim, seqlen=4096):
     batch, heads = 16384 // seqlen, 2048 // head_dim
     q, k, v = (rand(batch, seqlen, heads, head_dim) for _ in range(3))
     return q, k, v, torch.randn_like(q)
-
-
-def probe_exp2():
-    rows = []
-    real = common.exp2_fma_share
-    for head_dim in (64, 128):
-        q, k, v, dout = dense_inputs(head_dim)
-        for softcap, shares in ((0.0, (0, 1)), (30.0, (0, 1, 2))):
-            for share in shares:
-                common.exp2_fma_share = lambda q, mode, share=share: share
-                fwd, bwd_ms = timed(lambda: flashtile.flash_attn_func(q, k, v, softcap=softcap), (q, k, v), dout)
-                rows.append(dict(probe="exp2", head_dim=head_dim, softcap=softcap, share=share, fwd_ms=fwd, bwd_ms=bwd_ms))
-                print(rows[-1], flush=True)
-    common.exp2_fma_share = real
-    return rows
 
 
 def probe_varlen():
@@ -82,7 +65,7 @@ def probe_dropout():
     return rows
 
 
-PROBES = {"exp2": probe_exp2, "varlen": probe_varlen, "dropout": probe_dropout}
+PROBES = {"varlen": probe_varlen, "dropout": probe_dropout}
 
 
 def main():

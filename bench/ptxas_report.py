@@ -8,8 +8,7 @@ are close to, not equal to, what runs.
 
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
     (kernel, full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
-    features: varlen, softcap, alibi, dropout, left (a window's left bound), fma0|fma1|fma2 (exp2 on
-    the FMA pipes: none, half, all; default as the launcher chooses), e.g.
+    features: varlen, softcap, alibi, dropout, left (a window's left bound), e.g.
     fwd,causal,128,128,8,3,128,0,left,softcap
 """
 
@@ -44,11 +43,6 @@ def report(spec: str) -> str:
         constexprs[flag] = feature in extra
     if constexprs["SOFTCAP"]:
         constexprs["SOFTCAP"] = 2  # the hardware tanh, as for bf16 on the GPU
-    # The launcher's share of exp2 on the FMA pipes (ops/common.exp2_fma_share); fma0/1/2 overrides.
-    constexprs["EXP2_FMA"] = 1 if constexprs["SOFTCAP"] else 0
-    for share in (0, 1, 2):
-        if f"fma{share}" in extra:
-            constexprs["EXP2_FMA"] = share
     if kind == "fwd":  # the launcher's choice: ALiBi under causal takes the linear-bias path
         constexprs["ALIBI_LINEAR"] = "alibi" in extra and mask == "causal"
     if kind == "dkdv":

@@ -9,13 +9,10 @@ import contextlib
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from helpers import SMALL_SHAPES, case_id, check_against_oracle, make_qkv
 
 import flashtile
 from flashtile.autograd import use_triton_on_cpu
-from flashtile.ops.score import exp2_tile
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -160,36 +157,3 @@ def test_gradient_layout_does_not_matter(causal):
         got = backward_with_kernels(out, (q, k, v), dout_heads_first)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
-
-
-@triton.jit
-def _exp2_tile_kernel(X, Y, SHARE: tl.constexpr):
-    offs = tl.arange(0, 16)[:, None] * 32 + tl.arange(0, 32)[None, :]  # a 16 x 32 tile
-    tl.store(Y + offs, exp2_tile(tl.load(X + offs), SHARE))
-
-
-@pytest.mark.parametrize("share", [1, 2], ids=["half", "all"])
-def test_exp2_on_the_fma_pipes_matches_exp2(share):
-    """score.exp2_tile: the polynomial 2**x (FMA pipes) is within 4e-6 of exp2, also split by column."""
-    x = torch.cat([torch.linspace(-124.9, 1.0, 400), torch.tensor([-0.5, 0.5, -0.49999997, 0.0] * 28)])
-    x = x[torch.randperm(512, generator=torch.Generator().manual_seed(0))].to(DEVICE)
-    y = torch.empty_like(x)
-    with kernels():
-        _exp2_tile_kernel[(1,)](x, y, SHARE=share)
-    exact = torch.exp2(x.double())
-    rel = ((y.double() - exact) / exact).abs()
-    assert rel.max() < 4e-6
-    if share == 1:  # even columns stay on exp2 (ulp-accurate), odd ones carry the polynomial's error
-        assert rel.view(16, 32)[:, 0::2].max() < 5e-7 < rel.view(16, 32)[:, 1::2].max()
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_exp2_fma_share_in_every_kernel(causal, monkeypatch):
-    """The forward and both backward kernels with all of the softmax's exp2 on the FMA pipes
-    (the GPU uses half, for softcap) meet the tolerance rule."""
-    from flashtile.ops import common
-
-    monkeypatch.setattr(common, "exp2_fma_share", lambda q, softcap_mode: 2)
-    q, k, v = make_qkv(2, 70, 45, 4, 2, 40, dtype=torch.float16, device=DEVICE)
-    with kernels():
-        check_against_oracle(kernel_attention(causal), q, k, v, causal=causal)

@@ -66,7 +66,7 @@ def _dkdv_tiles(
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr, EXP2_FMA: tl.constexpr = 0,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
 ):
     """Fold the Q/dO tiles ``[start_m, end_m)`` into the K/V tile's ``(dk, dv)``.
 
@@ -98,7 +98,7 @@ def _dkdv_tiles(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             p, capped = recomputed_probs(  # [BLOCK_M, BLOCK_N]
                 qk, offs_row[:, None], offs_n[None, :], lse2[:, None], seqlen_k, diag_offset, window_left,
-                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, EXP2_FMA)
+                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if HAS_DROPOUT:
                 p_kept = tl.where(keep, p * dropout_scale, 0.0)
@@ -114,7 +114,7 @@ def _dkdv_tiles(
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             p_t, capped_t = recomputed_probs(  # [BLOCK_N, BLOCK_M]
                 qk_t, offs_row[None, :], offs_n[:, None], lse2[None, :], seqlen_k, diag_offset, window_left,
-                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, EXP2_FMA)
+                window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             if HAS_DROPOUT:
                 keep_t = tl.trans(keep)
@@ -146,7 +146,7 @@ def _dkdv_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr, EXP2_FMA: tl.constexpr = 0,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
 ):
     # Grid: (num_n_blocks * batch * n_kv_heads,). Index math int32, pointer offsets int64.
     if DO_LIKE_Q:  # the usual case (the launcher checks): address dO with Q's strides
@@ -199,7 +199,7 @@ def _dkdv_kernel(
                 start_m, full_start, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
                 qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
                 True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, EXP2_FMA,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
             )
         if not BOUND_LEFT:
             # Without a left edge the rest runs unmasked to the end: rows past seqlen_q load
@@ -211,7 +211,7 @@ def _dkdv_kernel(
             full_start, full_end, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
             False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, EXP2_FMA,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
         )
         if BOUND_LEFT:  # rows at the window's left edge, and the tail past seqlen_q
             dk, dv = _dkdv_tiles(
@@ -220,7 +220,7 @@ def _dkdv_kernel(
                 full_end, end_m, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
                 qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
                 True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, EXP2_FMA,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
             )
 
     dk = dk * softmax_scale
@@ -239,7 +239,7 @@ def _dq_tiles(
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EXP2_FMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into the Q tile's ``dq``.
 
@@ -268,7 +268,7 @@ def _dq_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         p, capped = recomputed_probs(  # [BLOCK_M, BLOCK_N]
             qk, offs_m[:, None], offs_key[None, :], lse2[:, None], seqlen_k, diag_offset, window_left,
-            window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, EXP2_FMA)
+            window_right, qk_scale, softcap_in, alibi_slope, MASKED, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, dropout_threshold, pid_b, pid_h, start_m, tile_start, BLOCK_M, BLOCK_N)
@@ -296,7 +296,7 @@ def _dq_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DO_LIKE_Q: tl.constexpr, EXP2_FMA: tl.constexpr = 0,
+    DOT_PRECISION: tl.constexpr, DO_LIKE_Q: tl.constexpr,
 ):
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
     # Index math int32, pointer offsets int64.
@@ -340,7 +340,7 @@ def _dq_kernel(
             start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
             True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
         )
     skip = full_start.to(tl.int64) * stride_ks
     dq = _dq_tiles(  # tiles every row sees whole
@@ -348,7 +348,7 @@ def _dq_kernel(
         full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
         False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
     skip = full_end.to(tl.int64) * stride_ks
     dq = _dq_tiles(  # the diagonal (causal / right edge) and the tail past seqlen_k
@@ -356,7 +356,7 @@ def _dq_kernel(
         full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
         True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
     dq = dq * softmax_scale
     dq_ptrs = DQ + pid_b * stride_dqb + pid_h.to(tl.int64) * stride_dqh + rows * stride_dqs + offs_d[None, :]

@@ -93,16 +93,6 @@ class KernelFeatures(NamedTuple):
     flags: dict
 
 
-def exp2_fma_share(q, softcap_mode: int) -> int:
-    """How much of the softmax's exp2 runs on the FMA pipes (``score.exp2_tile``): 0 none, 1 half.
-
-    With softcap every score needs two MUFU ops (tanh and exp2) and the MUFU becomes the
-    bottleneck, so half of the exp2 moves to the idle FMA pipes (docs/performance.md). Only the
-    hardware-tanh path (CUDA fp16/bf16) does this: fp32 and the interpreter keep the exact exp2.
-    """
-    return 1 if softcap_mode == 2 else 0
-
-
 def feature_args(features, q) -> KernelFeatures:
     """The kernels' arguments for one call's ``Features``."""
     f = features
@@ -113,7 +103,7 @@ def feature_args(features, q) -> KernelFeatures:
                        window_left=max(f.window_left, 0), window_right=max(f.window_right, 0),
                        seed=0, dropout_threshold=0, dropout_scale=1.0)
         flags = dict(BOUND_LEFT=f.window_left >= 0, BOUND_RIGHT=f.window_right >= 0, SOFTCAP=0,
-                     HAS_ALIBI=False, HAS_DROPOUT=False, EXP2_FMA=exp2_fma_share(q, 0))
+                     HAS_ALIBI=False, HAS_DROPOUT=False)
         return KernelFeatures(q, 0, runtime, flags)
     if f.softcap > 0:
         qk_scale, softcap_in = f.softcap * LOG2E, f.softmax_scale / f.softcap
@@ -126,8 +116,7 @@ def feature_args(features, q) -> KernelFeatures:
     )
     softcap_mode = 0 if f.softcap == 0 else 2 if q.is_cuda and q.dtype != torch.float32 else 1
     flags = dict(BOUND_LEFT=f.window_left >= 0, BOUND_RIGHT=f.window_right >= 0, SOFTCAP=softcap_mode,
-                 HAS_ALIBI=slopes is not None, HAS_DROPOUT=f.dropout_p > 0,
-                 EXP2_FMA=exp2_fma_share(q, softcap_mode))
+                 HAS_ALIBI=slopes is not None, HAS_DROPOUT=f.dropout_p > 0)
     if slopes is None:
         return KernelFeatures(q, 0, runtime, flags)
     return KernelFeatures(slopes, slopes.stride(0) if slopes.dim() == 2 else 0, runtime, flags)

@@ -24,7 +24,7 @@ from flashtile.configs import tile_config
 from flashtile.ops.common import (
     device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
 )
-from flashtile.ops.score import dropout_keep, exp2_tile, scores_base2, span, tanh, visible
+from flashtile.ops.score import dropout_keep, scores_base2, span, tanh, visible
 from flashtile.ops.tiles import q_tile_program, sequence_bounds
 
 
@@ -38,7 +38,7 @@ def _attend_tiles(
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_LINEAR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EXP2_FMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into ``(acc, m_i, l_i)``.
 
@@ -88,7 +88,7 @@ def _attend_tiles(
             s = qk * qk_scale + col_bias[None, :]  # [BLOCK_M, BLOCK_N]: the score minus row_bias
             m_new = tl.maximum(m_i, tl.max(s, 1) + row_bias)
             m_sub = m_new
-            p = exp2_tile(s - (m_new - row_bias)[:, None], EXP2_FMA)
+            p = tl.math.exp2(s - (m_new - row_bias)[:, None])
         else:
             # Unmasked, no bias: fold the scale into the exponent's FMA (qk_scale > 0). With
             # softcap the capped tanh takes qk's place (qk_scale is then softcap * log2 e).
@@ -96,7 +96,7 @@ def _attend_tiles(
                 qk = tanh(qk * softcap_in, SOFTCAP == 2)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
-            p = exp2_tile(qk * qk_scale - m_sub[:, None], EXP2_FMA)
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)  # [BLOCK_M]
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax sum counts dropped entries too
         acc = acc * alpha[:, None]
@@ -123,7 +123,7 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ALIBI_LINEAR: tl.constexpr = False, EXP2_FMA: tl.constexpr = 0,
+    DOT_PRECISION: tl.constexpr, ALIBI_LINEAR: tl.constexpr = False,
 ):
     # ALIBI_LINEAR: ALiBi with a right bound of exactly 0 (causal), see _attend_tiles.
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
@@ -165,7 +165,7 @@ def _fwd_kernel(
             stride_ks, start_m, offs_m, offs_n, offs_d, start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
             True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
         )
     skip = full_start.to(tl.int64) * stride_ks
     acc, m_i, l_i = _attend_tiles(  # tiles every row sees whole
@@ -173,7 +173,7 @@ def _fwd_kernel(
         full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
         False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
     skip = full_end.to(tl.int64) * stride_ks
     acc, m_i, l_i = _attend_tiles(  # the diagonal (causal / right edge) and the tail past seqlen_k
@@ -181,7 +181,7 @@ def _fwd_kernel(
         full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
         True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, EXP2_FMA,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
     )
 
     has_keys = l_i > 0.0

@@ -32,49 +32,6 @@ def tanh(x, HARDWARE: tl.constexpr):
         return tl.where(x < 0, -t, t)
 
 
-# 2**f on [-1/2, 1/2]: degree-4 fit of the relative error (max 2.7e-6 in fp32, far below the
-# fp16/bf16 rounding of P), Horner coefficients from the constant term up.
-_EXP2_C0 = tl.constexpr(0.9999992615692183)
-_EXP2_C1 = tl.constexpr(0.6931218212643249)
-_EXP2_C2 = tl.constexpr(0.2402474505729671)
-_EXP2_C3 = tl.constexpr(0.05591780847534036)
-_EXP2_C4 = tl.constexpr(0.009570068876634183)
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer, kept in the low bits
-
-
-@triton.jit
-def exp2_fma(x):
-    """``2**x`` for finite ``x <= ~1`` with FMA and integer ops only, no MUFU (the special-function
-    unit that ``exp2`` and ``tanh`` share, 16 results per SM per clock against 128 FMAs).
-    ``x = j + f`` with ``j = round(x)``: a polynomial gives ``2**f`` and ``j`` is added to its
-    exponent bits. Inputs below -125 give ``2**-125`` rather than 0, so only tiles with no
-    hidden (-inf) score use it."""
-    x = tl.maximum(x, -125.0)
-    shifted = x + _ROUND_MAGIC
-    f = x - (shifted - _ROUND_MAGIC)  # in [-1/2, 1/2]
-    p = (((_EXP2_C4 * f + _EXP2_C3) * f + _EXP2_C2) * f + _EXP2_C1) * f + _EXP2_C0
-    # shifted's low mantissa bits hold j (two's complement): << 23 moves j into the exponent field.
-    bits = p.to(tl.int32, bitcast=True) + (shifted.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def exp2_tile(x, FMA_SHARE: tl.constexpr):
-    """``2**x`` of a finite 2-D tile, ``FMA_SHARE`` of 0 (all on the MUFU), 1 (every second
-    column on the FMA pipes) or 2 (all on the FMA pipes). Splitting the work lets the two
-    pipes run side by side where the MUFU is the bottleneck (head dim 64, softcap)."""
-    if FMA_SHARE == 0:
-        return tl.math.exp2(x)
-    elif FMA_SHARE == 1:
-        rows: tl.constexpr = x.shape[0]
-        cols: tl.constexpr = x.shape[1]
-        # Adjacent columns sit in one thread's registers in the MMA layouts: the split is free.
-        even, odd = tl.split(tl.reshape(x, [rows, cols // 2, 2]))
-        return tl.reshape(tl.join(tl.math.exp2(even), exp2_fma(odd)), [rows, cols])
-    else:
-        return exp2_fma(x)
-
-
 @triton.jit
 def span(first, last, n_other, lo_offset, hi_offset, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
          BLOCK: tl.constexpr):
@@ -143,17 +100,15 @@ def scores_base2(qk, rows, cols, qk_scale, softcap_in, alibi_slope, diag_offset,
 def recomputed_probs(qk, rows, cols, lse2, seqlen_k, diag_offset, window_left, window_right,
                      qk_scale, softcap_in, alibi_slope,
                      MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
-                     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, EXP2_FMA: tl.constexpr):
+                     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """The backward's ``P = exp2(s - lse2)`` from raw ``qk``, 0 where hidden (MASKED tiles), and
     the tanh that softcap's gradient needs. ``rows``, ``cols`` and ``lse2`` come broadcastable
     to qk's orientation ([M, 1] / [1, N] / [M, 1], or transposed for P^T)."""
     s, capped = scores_base2(qk, rows, cols, qk_scale, softcap_in, alibi_slope, diag_offset, SOFTCAP, HAS_ALIBI)
-    if MASKED:  # exact exp2: hidden rows (lse = +inf) must give exactly 0
-        p = tl.math.exp2(s - lse2)
+    p = tl.math.exp2(s - lse2)
+    if MASKED:
         seen = visible(rows, cols, seqlen_k, diag_offset, window_left, window_right, BOUND_LEFT, BOUND_RIGHT)
         p = tl.where(seen, p, 0.0)
-    else:
-        p = exp2_tile(s - lse2, EXP2_FMA)
     return p, capped
 
 
