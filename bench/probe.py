@@ -2,10 +2,14 @@
 figures quoted in docs/performance.md). Each probe times the same call under the choices it
 compares; nothing here changes the library's defaults.
 
-    PYTHONPATH=src python3 bench/probe.py --out /tmp/probe.json [varlen dropout]
+    PYTHONPATH=src python3 bench/probe.py --out /tmp/probe.json [varlen dropout tma]
 
 * ``varlen``: forward tile configs for varlen at head dim 64 non-causal (bench_features' lengths).
 * ``dropout``: the dK/dV loop's two operand orientations (``TileConfig.kv_as_b``) with dropout.
+* ``tma``: the forward with K/V by TMA tensor descriptors (``TileConfig.kv_tma``) against the
+  pointer loads, with SDPA's FA2 and cuDNN backends on the same inputs. (Triton 3.6's automatic
+  warp specialization, ``tl.range(..., warp_specialize=True)``, was probed here too: -2% to +5%
+  non-causal, and its Hopper pass asserts on the causal loops.)
 """
 
 import argparse
@@ -65,7 +69,34 @@ def probe_dropout():
     return rows
 
 
-PROBES = {"varlen": probe_varlen, "dropout": probe_dropout}
+def probe_tma():
+    """Forward with K/V by TMA descriptors against the pointer loads, with the SDPA baselines
+    of the same inputs."""
+    from common import sdpa
+
+    from flashtile.ops import fwd
+
+    rows = []
+    real = fwd.tile_config
+    for head_dim in (64, 128):
+        for seqlen in (4096, 16384):
+            q, k, v, _ = dense_inputs(head_dim, seqlen)
+            q, k, v = q.detach(), k.detach(), v.detach()
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            for causal in (False, True):
+                row = dict(probe="tma", head_dim=head_dim, seqlen=seqlen, causal=causal)
+                for name, tma in (("plain", False), ("tma", True)):
+                    fwd.tile_config = lambda *a, tma=tma: dataclasses.replace(real(*a), kv_tma=tma)
+                    row[name] = median_ms(lambda: flashtile.flash_attn_func(q, k, v, causal=causal))
+                fwd.tile_config = real
+                for backend in ("sdpa_flash", "sdpa_cudnn"):
+                    row[backend] = median_ms(lambda: sdpa(backend)(qt, kt, vt, causal))
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+PROBES = {"varlen": probe_varlen, "dropout": probe_dropout, "tma": probe_tma}
 
 
 def main():

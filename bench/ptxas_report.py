@@ -8,7 +8,8 @@ are close to, not equal to, what runs.
 
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
     (kernel, full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
-    features: varlen, softcap, alibi, dropout, left (a window's left bound), e.g.
+    features: varlen, softcap, alibi, dropout, left (a window's left bound); forward only: tma
+    (K/V by tensor descriptors), e.g.
     fwd,causal,128,128,8,3,128,0,left,softcap
 """
 
@@ -45,6 +46,7 @@ def report(spec: str) -> str:
         constexprs["SOFTCAP"] = 2  # the hardware tanh, as for bf16 on the GPU
     if kind == "fwd":  # the launcher's choice: ALiBi under causal takes the linear-bias path
         constexprs["ALIBI_LINEAR"] = "alibi" in extra and mask == "causal"
+        constexprs["KV_TMA"] = "tma" in extra
     if kind == "dkdv":
         constexprs["KV_AS_B"] = bool(extra and extra[0] in ("1", "true", "True"))
     if kind in ("dkdv", "dq"):

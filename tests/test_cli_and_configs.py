@@ -57,3 +57,24 @@ def test_fp32_uses_smaller_tiles_on_any_gpu(monkeypatch):
     small = tile_config(torch.device("cuda", 0), torch.float32, 64, "fwd", False)
     large = tile_config(torch.device("cuda", 0), torch.float32, 256, "dkdv", False)
     assert small == TileConfig(64, 32, 4, 2) and large.block_m * large.block_n < small.block_m * small.block_n
+
+
+def test_tma_scratch_allocator_leaves_a_users_allocator_alone():
+    """The forward's TMA path installs triton's scratch allocator only where none is set."""
+    import triton
+    from triton.runtime import _allocation
+
+    from flashtile.ops import fwd
+
+    def users_allocator(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    token = _allocation._allocator.set(users_allocator)
+    try:
+        fwd._ensure_allocator()
+        assert _allocation._allocator.get() is users_allocator
+        triton.set_allocator(_allocation._NULL_ALLOCATOR)
+        fwd._ensure_allocator()
+        assert _allocation._allocator.get() is fwd._tma_allocator
+    finally:
+        _allocation._allocator.reset(token)

@@ -35,6 +35,43 @@ def test_matches_oracle(shape, causal, dtype):
     check_against_oracle(attention(causal), q, k, v, causal=causal)
 
 
+TMA_SHAPES = [(1, 17, 17, 4, 2, 128), (2, 1000, 4097, 8, 1, 64), (2, 4097, 1000, 8, 8, 64), (1, 777, 2048, 6, 2, 128)]
+
+
+@pytest.mark.parametrize("kv_tma", [False, True], ids=["pointer-loads", "tma"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=[case_id(*s) for s in TMA_SHAPES])
+def test_forward_kv_loads_both_ways(shape, causal, kv_tma, monkeypatch):
+    """Both ways the forward reads K/V (a TileConfig choice): pointer loads, and on Hopper TMA
+    tensor descriptors, which zero-fill rows past seqlen_k themselves."""
+    import dataclasses
+
+    from flashtile.ops import fwd
+
+    if kv_tma and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("TMA descriptors: Hopper only")
+    real = fwd.tile_config
+    monkeypatch.setattr(fwd, "tile_config", lambda *a: dataclasses.replace(real(*a), kv_tma=kv_tma))
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+    cfg = fwd.tile_config(q.device, q.dtype, shape[-1], "fwd", causal)
+    assert fwd.kv_by_tma(cfg, q, k, shape[-1], shape[-1]) == kv_tma
+    check_against_oracle(attention(causal), q, k, v, causal=causal)
+
+
+def test_tma_needs_aligned_strides():
+    """A K whose row stride is not a multiple of 16 bytes falls back to pointer loads."""
+    from flashtile.configs import TileConfig
+    from flashtile.ops import fwd
+
+    cfg = TileConfig(128, 128, 8, 3, kv_tma=True)
+    q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 64, 2, 132, device="cuda", dtype=torch.bfloat16)[..., :128]  # head stride: 264 bytes
+    assert fwd.kv_by_tma(cfg, q, q, 128, 128)
+    assert not fwd.kv_by_tma(cfg, q, k, 128, 128)
+    assert not fwd.kv_by_tma(cfg, q.float(), q.float(), 128, 128)
+    assert not fwd.kv_by_tma(cfg, q, q, 96, 128)
+
+
 @pytest.mark.parametrize("std", [1.0, 4.0])
 def test_scaled_inputs_bf16(std):
     q, k, v = make_qkv(2, 2048, 2048, 8, 2, 128, dtype=torch.bfloat16, device="cuda", std=std)

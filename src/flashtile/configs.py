@@ -26,6 +26,9 @@ class TileConfig:
     # dkdv only: make K and V the B operand of the loop's dots (computing P rather than P^T),
     # which keeps them in shared memory instead of registers. Wins at head dim 256.
     kv_as_b: bool = False
+    # fwd only, Hopper: read K and V through TMA tensor descriptors (ops/fwd.kv_by_tma) instead
+    # of pointer loads: no address registers, no staging through registers.
+    kv_tma: bool = False
 
 
 # Under the Triton interpreter (CPU tensors, tests): small tiles so that tiny test shapes
@@ -47,8 +50,11 @@ GENERIC = {
 _TUNED_H100 = {
     ("fwd", 64, False): TileConfig(128, 64, 8, 3),  # 395 / 447
     ("fwd", 64, True): TileConfig(64, 64, 4, 3),  # 298 / 408
-    ("fwd", 128, False): TileConfig(128, 128, 8, 3),  # 402 / 496
-    ("fwd", 128, True): TileConfig(128, 128, 8, 3),  # 292 / 510
+    # kv_tma at head dim 128 (bench/probe.py tma, 2026-11-24 05:04 UTC, fwd ms plain -> TMA at
+    # seqlen 4096 / 16384): non-causal 1.059 -> 1.035 / 4.321 -> 4.169, causal 0.614 -> 0.584 /
+    # 2.168 -> 2.049. At head dim 64 it was mixed (-5.5% to +1.8%) and stays off.
+    ("fwd", 128, False): TileConfig(128, 128, 8, 3, kv_tma=True),  # 402 / 496 (before TMA)
+    ("fwd", 128, True): TileConfig(128, 128, 8, 3, kv_tma=True),  # 292 / 510 (before TMA)
     ("fwd", 256, False): TileConfig(128, 64, 8, 2),  # 368 / 458
     ("fwd", 256, True): TileConfig(128, 64, 8, 2),  # 279 / 444
     ("dkdv", 64, False): TileConfig(32, 128, 8, 1),  # 346 / 415

@@ -19,6 +19,7 @@ recomputes ``P = 0`` there.
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from flashtile.configs import tile_config
 from flashtile.ops.common import (
@@ -38,13 +39,17 @@ def _attend_tiles(
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, ALIBI_LINEAR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_TMA: tl.constexpr,
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into ``(acc, m_i, l_i)``.
 
-    ``k_ptrs``/``v_ptrs`` are scalar pointers to key ``start_n``. ``MASKED`` tiles apply the
-    causal/window and ``seqlen_k`` masks; unmasked ones skip them.
+    ``k_ptrs``/``v_ptrs`` are scalar pointers to key 0 of this head (KV_TMA: tensor descriptors
+    of its ``[seqlen_k, HEAD_DIM]`` K and V). ``MASKED`` tiles apply the causal/window and
+    ``seqlen_k`` masks; unmasked ones skip them.
     """
+    if not KV_TMA:
+        k_ptrs += start_n.to(tl.int64) * stride_ks
+        v_ptrs += start_n.to(tl.int64) * stride_ks
     mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
     # Scalar base pointers carried through the loop plus loop-invariant int32 tile offsets:
     # a loop-carried 2-D tile of 64-bit pointers costs two registers per element.
@@ -52,7 +57,10 @@ def _attend_tiles(
     kv_offs = offs_n[:, None] * stride_ks + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     for tile_start in range(start_n, end_n, BLOCK_N):
         offs_key = tile_start + offs_n  # [BLOCK_N]
-        if MASKED:
+        if KV_TMA:  # out-of-range rows come back as zeros
+            k = k_ptrs.load([tile_start, 0])
+            v = v_ptrs.load([tile_start, 0])
+        elif MASKED:
             mask_kv = (offs_key[:, None] < seqlen_k) & mask_d[None, :]
             k = tl.load(k_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
             v = tl.load(v_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -105,8 +113,9 @@ def _attend_tiles(
             p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_ks
+        if not KV_TMA:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_ks
     return acc, m_i, l_i
 
 
@@ -123,7 +132,7 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ALIBI_LINEAR: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, ALIBI_LINEAR: tl.constexpr = False, KV_TMA: tl.constexpr = False,
 ):
     # ALIBI_LINEAR: ALiBi with a right bound of exactly 0 (causal), see _attend_tiles.
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
@@ -147,6 +156,14 @@ def _fwd_kernel(
     k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # scalar: key 0 of this head
     v_ptrs = V + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # V shares K's strides
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if KV_TMA:  # Hopper: K/V tiles arrive by TMA, which zero-fills rows past seqlen_k itself
+        k_src = tl.make_tensor_descriptor(k_ptrs, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_ptrs, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_src = k_ptrs
+        v_src = v_ptrs
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(ALIBI + pid_b * stride_alibi_b + pid_h) * 1.4426950408889634
@@ -161,27 +178,25 @@ def _fwd_kernel(
                                                 diag_offset + window_right, BOUND_LEFT, BOUND_RIGHT, BLOCK_N)
     if BOUND_LEFT:  # tiles cut by the window's left edge
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, k_ptrs + start_n.to(tl.int64) * stride_ks, v_ptrs + start_n.to(tl.int64) * stride_ks,
-            stride_ks, start_m, offs_m, offs_n, offs_d, start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
+            acc, m_i, l_i, q, k_src, v_src, stride_ks, start_m, offs_m, offs_n, offs_d,
+            start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
             True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_TMA,
         )
-    skip = full_start.to(tl.int64) * stride_ks
     acc, m_i, l_i = _attend_tiles(  # tiles every row sees whole
-        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
+        acc, m_i, l_i, q, k_src, v_src, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
         False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_TMA,
     )
-    skip = full_end.to(tl.int64) * stride_ks
     acc, m_i, l_i = _attend_tiles(  # the diagonal (causal / right edge) and the tail past seqlen_k
-        acc, m_i, l_i, q, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
+        acc, m_i, l_i, q, k_src, v_src, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, pid_b, pid_h,
         True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, ALIBI_LINEAR, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_TMA,
     )
 
     has_keys = l_i > 0.0
@@ -197,6 +212,30 @@ def _fwd_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     lse_ptrs = LSE + pid_b * stride_lse_b + pid_h.to(tl.int64) * stride_lse_h + q_begin + offs_m
     tl.store(lse_ptrs, lse, mask=mask_m)
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    """Scratch for device-side tensor descriptors (128 bytes per program), from torch's cache."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Device-side descriptors need triton's scratch allocator; install ours only where none is
+    set, so a user's own allocator is left alone."""
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_tma_allocator)
+
+
+def kv_by_tma(cfg, q, k, head_dim: int, block_d: int) -> bool:
+    """Whether the forward reads K/V through TMA descriptors: where the tile entry asks for it
+    (Hopper entries only), for 16-bit inputs with an unpadded head dim and 16-byte aligned base
+    and strides (the hardware's rules for a descriptor)."""
+    if not (cfg.kv_tma and q.is_cuda and q.dtype != torch.float32 and head_dim == block_d):
+        return False
+    aligned = k.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in k.stride()[:-1])
+    if aligned:
+        _ensure_allocator()
+    return aligned
 
 
 def flash_fwd(q, k, v, features, varlen=None):
@@ -230,7 +269,7 @@ def flash_fwd(q, k, v, features, varlen=None):
             **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags, HEAD_DIM=head_dim,
             ALIBI_LINEAR=features.alibi_slopes is not None and features.window_right == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            DOT_PRECISION=dot_precision(q.dtype),
+            DOT_PRECISION=dot_precision(q.dtype), KV_TMA=kv_by_tma(cfg, q, k, head_dim, block_d),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
