@@ -52,7 +52,8 @@ _TUNED_H100 = {
     ("fwd", 64, True): TileConfig(64, 64, 4, 3),  # 298 / 408
     # kv_tma at head dim 128 (bench/probe.py tma, 2026-11-24 05:04 UTC, fwd ms plain -> TMA at
     # seqlen 4096 / 16384): non-causal 1.059 -> 1.035 / 4.321 -> 4.169, causal 0.614 -> 0.584 /
-    # 2.168 -> 2.049. At head dim 64 it was mixed (-5.5% to +1.8%) and stays off.
+    # 2.168 -> 2.049. At head dim 64 it was mixed (-5.5% to +1.8%) and stays off. Only from
+    # TMA_MIN_SEQLEN_K keys on (below).
     ("fwd", 128, False): TileConfig(128, 128, 8, 3, kv_tma=True),  # 402 / 496 (before TMA)
     ("fwd", 128, True): TileConfig(128, 128, 8, 3, kv_tma=True),  # 292 / 510 (before TMA)
     ("fwd", 256, False): TileConfig(128, 64, 8, 2),  # 368 / 458
@@ -70,6 +71,12 @@ _TUNED_H100 = {
     ("dq", 256, False): TileConfig(128, 32, 8, 3),  # 497 / 582
     ("dq", 256, True): TileConfig(128, 32, 8, 3),  # 392 / 603
 }
+# Short K/V sequences keep the pointer loads even where an entry sets kv_tma: each program
+# builds its descriptors (a global-memory write and a fence), which short loops do not repay.
+# bench_attention 05:18 UTC, head dim 128 forward TFLOP/s pointer loads (01:27 run) -> TMA:
+# causal 199 -> 177 at 512, 292 -> 279 at 1024, 379 -> 382 at 2048, 498 -> 550 at 16384.
+TMA_MIN_SEQLEN_K = 2048
+
 SM90 = {
     **_TUNED_H100,
     **{(mode, small, causal): _TUNED_H100[(mode, 64, causal)]
