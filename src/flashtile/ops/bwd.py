@@ -24,7 +24,7 @@ import triton.language as tl
 
 from flashtile.configs import tile_config
 from flashtile.ops.common import (
-    device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
+    cdiv, device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
 )
 from flashtile.ops.score import dropout_keep, recomputed_probs, span
 from flashtile.ops.tiles import q_tile_program, sequence_bounds
@@ -371,7 +371,7 @@ def launch_delta(out, dout, delta):
     """
     batch, seqlen_q, n_heads, head_dim = out.shape
     block_m = 64 if out.is_cuda else 16
-    num_m_blocks = triton.cdiv(seqlen_q, block_m)
+    num_m_blocks = cdiv(seqlen_q, block_m)
     _delta_kernel[(num_m_blocks * batch * n_heads,)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         n_heads, seqlen_q, num_m_blocks,
@@ -384,7 +384,7 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, features, layout):
     n_kv_heads = k.shape[-2]
     block_d = padded_head_dim(head_dim)
     cfg = tile_config(q.device, q.dtype, block_d, "dkdv", features.masked)
-    num_n_blocks = triton.cdiv(layout.max_seqlen_k, cfg.block_n)
+    num_n_blocks = cdiv(layout.max_seqlen_k, cfg.block_n)
     args = feature_args(features, q)
     _dkdv_kernel[(num_n_blocks * layout.batch * n_kv_heads,)](
         q, k, v, dout, lse, delta, dk, dv, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,
@@ -403,7 +403,7 @@ def launch_dq(dout, q, k, v, lse, delta, dq, features, layout):
     n_kv_heads = k.shape[-2]
     block_d = padded_head_dim(head_dim)
     cfg = tile_config(q.device, q.dtype, block_d, "dq", features.masked)
-    num_m_blocks = triton.cdiv(layout.max_seqlen_q, cfg.block_m)
+    num_m_blocks = cdiv(layout.max_seqlen_q, cfg.block_m)
     args = feature_args(features, q)
     _dq_kernel[(num_m_blocks * layout.batch * n_heads,)](
         q, k, v, dout, lse, delta, dq, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,

@@ -4,7 +4,6 @@ import contextlib
 from typing import NamedTuple
 
 import torch
-import triton
 
 from flashtile import philox
 
@@ -16,7 +15,13 @@ def padded_head_dim(head_dim: int) -> int:
 
     The tile is padded, never the tensor: loads and stores mask the extra columns.
     """
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for grid sizes. (``triton.cdiv`` is a constexpr function in triton 3.6
+    and costs ~8 µs per host call, which every launch would pay.)"""
+    return -(-a // b)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from flashtile import philox
-from flashtile.ops.common import device_guard
+from flashtile.ops.common import cdiv, device_guard
 from flashtile.ops.score import dropout_keep
 
 
@@ -32,7 +32,7 @@ def keep_mask(seed, dropout_p, batch_index, n_heads, seqlen_q, seqlen_k, device,
     if mask.numel() == 0:
         return mask.bool()
     block_m, block_n = block
-    grid = (triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n), n_heads)
+    grid = (cdiv(seqlen_q, block_m), cdiv(seqlen_k, block_n), n_heads)
     with device_guard(mask):
         _keep_mask_kernel[grid](mask, seqlen_q, seqlen_k, batch_index, seed, philox.threshold(dropout_p),
                                 BLOCK_M=block_m, BLOCK_N=block_n)

@@ -24,7 +24,7 @@ from triton.runtime import _allocation
 from flashtile import configs
 from flashtile.configs import tile_config
 from flashtile.ops.common import (
-    device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
+    cdiv, device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
 )
 from flashtile.ops.score import dropout_keep, scores_base2, span, tanh, visible
 from flashtile.ops.tiles import q_tile_program, sequence_bounds
@@ -260,7 +260,7 @@ def flash_fwd(q, k, v, features, varlen=None):
 
     block_d = padded_head_dim(head_dim)
     cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked, layout.is_varlen)
-    num_m_blocks = triton.cdiv(layout.max_seqlen_q, cfg.block_m)
+    num_m_blocks = cdiv(layout.max_seqlen_q, cfg.block_m)
     grid = (num_m_blocks * layout.batch * n_heads,)
     args = feature_args(features, q)
     with device_guard(q):
