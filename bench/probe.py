@@ -2,10 +2,11 @@
 figures quoted in docs/performance.md). Each probe times the same call under the choices it
 compares; nothing here changes the library's defaults.
 
-    PYTHONPATH=src python3 bench/probe.py --out /tmp/probe.json [varlen dropout tma]
+    PYTHONPATH=src python3 bench/probe.py --out /tmp/probe.json [varlen dropout tma feature_tiles]
 
 * ``varlen``: forward tile configs for varlen at head dim 64 non-causal (bench_features' lengths).
 * ``dropout``: the dK/dV loop's two operand orientations (``TileConfig.kv_as_b``) with dropout.
+* ``feature_tiles``: softcap and dropout at head dim 64 under other tile shapes.
 * ``tma``: the forward with K/V by TMA tensor descriptors (``TileConfig.kv_tma``) against the
   pointer loads, with SDPA's FA2 and cuDNN backends on the same inputs. (Triton 3.6's automatic
   warp specialization, ``tl.range(..., warp_specialize=True)``, was probed here too: -2% to +5%
@@ -96,7 +97,34 @@ def probe_tma():
     return rows
 
 
-PROBES = {"varlen": probe_varlen, "dropout": probe_dropout, "tma": probe_tma}
+def probe_feature_tiles():
+    """Head dim 64 non-causal, seqlen 4096: softcap and dropout under other forward and dK/dV
+    tiles than the plain kernel's (which they use), against the plain kernel with its own."""
+    from flashtile.ops import fwd
+
+    rows = []
+    q, k, v, dout = dense_inputs(64)
+    fwd_real, bwd_real = fwd.tile_config, bwd.tile_config
+    plain = timed(lambda: flashtile.flash_attn_func(q, k, v), (q, k, v), dout)
+    rows.append(dict(probe="feature_tiles", feature="plain", fwd_ms=plain[0], bwd_ms=plain[1]))
+    print(rows[-1], flush=True)
+    fwd_tiles = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3)]
+    dkdv_tiles = [(32, 128, 8, 1), (32, 64, 4, 1), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 1), (16, 128, 4, 2)]
+    for feature, kwargs in (("softcap", dict(softcap=30.0)), ("dropout", dict(dropout_p=0.1))):
+        for i in range(max(len(fwd_tiles), len(dkdv_tiles))):
+            f_cfg = configs.TileConfig(*fwd_tiles[i % len(fwd_tiles)])
+            b_cfg = configs.TileConfig(*dkdv_tiles[i])
+            fwd.tile_config = lambda *a, c=f_cfg: c
+            bwd.tile_config = lambda dev, dt, bd, mode, causal, c=b_cfg: c if mode == "dkdv" else bwd_real(dev, dt, bd, mode, causal)
+            f_ms, b_ms = timed(lambda: flashtile.flash_attn_func(q, k, v, **kwargs), (q, k, v), dout)
+            rows.append(dict(probe="feature_tiles", feature=feature, fwd_tile=dataclasses.astuple(f_cfg),
+                             dkdv_tile=dataclasses.astuple(b_cfg), fwd_ms=f_ms, bwd_ms=b_ms))
+            print(rows[-1], flush=True)
+    fwd.tile_config, bwd.tile_config = fwd_real, bwd_real
+    return rows
+
+
+PROBES = {"varlen": probe_varlen, "dropout": probe_dropout, "tma": probe_tma, "feature_tiles": probe_feature_tiles}
 
 
 def main():

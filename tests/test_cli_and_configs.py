@@ -46,6 +46,16 @@ def test_varlen_takes_its_own_entry_where_one_exists(monkeypatch, block_d):
     assert tile_config(cuda, torch.bfloat16, block_d, "dq", False, varlen=True) is configs.SM90[("dq", block_d, False)]
 
 
+@pytest.mark.parametrize("block_d", [32, 64, 128])
+@pytest.mark.parametrize("mode", ["fwd", "dkdv", "dq"])
+def test_softcap_and_dropout_take_the_masked_tiles_at_small_head_dims(monkeypatch, mode, block_d):
+    monkeypatch.setattr(configs, "_arch", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    heavy = tile_config(cuda, torch.bfloat16, block_d, mode, False, heavy_scores=True)
+    switched = block_d <= 64 and mode in ("fwd", "dkdv")
+    assert heavy is configs.SM90[(mode, block_d, switched)]
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]

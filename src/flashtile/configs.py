@@ -7,8 +7,10 @@ time, and a new sequence length never triggers a search or a recompile.
 Modes: ``fwd`` (forward), ``dkdv`` (backward, one K/V tile per program) and ``dq``
 (backward, one Q tile per program). ``block_m`` always counts query rows and ``block_n``
 keys, whatever the mode. The ``causal`` key means "some key is masked": sliding windows use
-the causal entries too (not tuned separately). Softcap, ALiBi, dropout and varlen use the
-entries of their mask type (not tuned separately either; bench/bench_features.py measures them).
+the causal entries too (not tuned separately). ALiBi uses the entries of its mask type;
+softcap and dropout at head dim <= 64 use the masked ones (``HEAVY_SCORE_MODES``), varlen has
+a forward entry of its own (``SM90_VARLEN``), both from bench/probe.py; bench/bench_features.py
+measures every feature's cost.
 """
 
 import functools
@@ -101,14 +103,24 @@ def _arch(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+# Softcap and dropout add per-score work (a tanh; Philox and a compare). At head dim <= 64 their
+# forward and dK/dV kernels take the masked (4-warp) entries even when nothing is masked
+# (bench/probe.py feature_tiles, H100, 2026-11-24 05:44 UTC, head dim 64 non-causal, seqlen 4096,
+# fwd / bwd ms; plain kernel 1.196 / 4.066): softcap 1.643 / 6.540 with the non-causal entries,
+# 1.528 / 5.031 with these; dropout 2.077 / 8.400 -> 1.921 / 7.056. (dQ not probed: unchanged.)
+HEAVY_SCORE_MODES = ("fwd", "dkdv")
+
+
 def tile_config(device: torch.device, dtype: torch.dtype, block_d: int, mode: str, causal: bool,
-                varlen: bool = False) -> TileConfig:
-    """The tile configuration for one kernel launch."""
+                varlen: bool = False, heavy_scores: bool = False) -> TileConfig:
+    """The tile configuration for one kernel launch. ``heavy_scores``: softcap or dropout."""
     if device.type != "cuda":
         return INTERPRETER
     if dtype == torch.float32:
         # fp32 dots run at a fraction of the 16-bit rate and need twice the shared memory.
         return TileConfig(64, 32, 4, 2) if block_d <= 128 else TileConfig(32, 32, 4, 1)
+    if heavy_scores and block_d <= 64 and mode in HEAVY_SCORE_MODES:
+        causal = True
     key = (mode, block_d, causal)
     if _arch(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0) and key in SM90:
         return SM90_VARLEN.get(key, SM90[key]) if varlen else SM90[key]

@@ -23,6 +23,11 @@ class Features:
     seed: int = 0  # Philox key for dropout (flashtile/philox.py)
 
     @property
+    def heavy_scores(self) -> bool:
+        """Softcap or dropout: extra work per score, which favours other tiles (configs.py)."""
+        return self.softcap > 0 or self.dropout_p > 0
+
+    @property
     def masked(self) -> bool:
         """Some key is hidden from some query by causal or a window."""
         return self.window_left >= 0 or self.window_right >= 0

@@ -383,7 +383,7 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, features, layout):
     n_heads, head_dim = q.shape[-2], q.shape[-1]
     n_kv_heads = k.shape[-2]
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "dkdv", features.masked)
+    cfg = tile_config(q.device, q.dtype, block_d, "dkdv", features.masked, heavy_scores=features.heavy_scores)
     num_n_blocks = cdiv(layout.max_seqlen_k, cfg.block_n)
     args = feature_args(features, q)
     _dkdv_kernel[(num_n_blocks * layout.batch * n_kv_heads,)](

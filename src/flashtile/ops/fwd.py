@@ -259,7 +259,7 @@ def flash_fwd(q, k, v, features, varlen=None):
         return out, lse.fill_(float("inf"))
 
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked, layout.is_varlen)
+    cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked, layout.is_varlen, features.heavy_scores)
     num_m_blocks = cdiv(layout.max_seqlen_q, cfg.block_m)
     grid = (num_m_blocks * layout.batch * n_heads,)
     args = feature_args(features, q)
