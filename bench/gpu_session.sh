@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh tune    # tile tuning sweep
 #   bash bench/gpu_session.sh features   # FA2 feature costs (varlen, window, softcap, ALiBi, dropout)
 #   bash bench/gpu_session.sh gputests   # only the GPU tests
+#   bash bench/gpu_session.sh probe      # the probes behind non-tuned tile choices (bench/probe.py)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/flashtile-out}
@@ -29,6 +30,9 @@ case "${1:-check}" in
     ;;
   tune)
     python3 bench/tune.py --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
+    ;;
+  probe)
+    python3 bench/probe.py --out "$OUT/probe.json" 2>&1 | tee "$OUT/probe.log"
     ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac
