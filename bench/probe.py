@@ -61,7 +61,7 @@ def probe_dropout():
     for head_dim in (64, 128):
         q, k, v, dout = dense_inputs(head_dim)
         for kv_as_b in (False, True):
-            bwd.tile_config = lambda *a, kv_as_b=kv_as_b: dataclasses.replace(real(*a), kv_as_b=kv_as_b)
+            bwd.tile_config = lambda *a, kv_as_b=kv_as_b, **kw: dataclasses.replace(real(*a, **kw), kv_as_b=kv_as_b)
             for p in (0.0, 0.1):
                 _, bwd_ms = timed(lambda: flashtile.flash_attn_func(q, k, v, dropout_p=p), (q, k, v), dout)
                 rows.append(dict(probe="dropout", head_dim=head_dim, kv_as_b=kv_as_b, dropout_p=p, bwd_ms=bwd_ms))
@@ -87,7 +87,7 @@ def probe_tma():
             for causal in (False, True):
                 row = dict(probe="tma", head_dim=head_dim, seqlen=seqlen, causal=causal)
                 for name, tma in (("plain", False), ("tma", True)):
-                    fwd.tile_config = lambda *a, tma=tma: dataclasses.replace(real(*a), kv_tma=tma)
+                    fwd.tile_config = lambda *a, tma=tma, **kw: dataclasses.replace(real(*a, **kw), kv_tma=tma)
                     row[name] = median_ms(lambda: flashtile.flash_attn_func(q, k, v, causal=causal))
                 fwd.tile_config = real
                 for backend in ("sdpa_flash", "sdpa_cudnn"):
@@ -114,8 +114,8 @@ def probe_feature_tiles():
         for i in range(max(len(fwd_tiles), len(dkdv_tiles))):
             f_cfg = configs.TileConfig(*fwd_tiles[i % len(fwd_tiles)])
             b_cfg = configs.TileConfig(*dkdv_tiles[i])
-            fwd.tile_config = lambda *a, c=f_cfg: c
-            bwd.tile_config = lambda dev, dt, bd, mode, causal, c=b_cfg: c if mode == "dkdv" else bwd_real(dev, dt, bd, mode, causal)
+            fwd.tile_config = lambda *a, c=f_cfg, **kw: c
+            bwd.tile_config = lambda *a, c=b_cfg, **kw: c if a[3] == "dkdv" else bwd_real(*a, **kw)
             f_ms, b_ms = timed(lambda: flashtile.flash_attn_func(q, k, v, **kwargs), (q, k, v), dout)
             rows.append(dict(probe="feature_tiles", feature=feature, fwd_tile=dataclasses.astuple(f_cfg),
                              dkdv_tile=dataclasses.astuple(b_cfg), fwd_ms=f_ms, bwd_ms=b_ms))

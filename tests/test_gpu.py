@@ -52,7 +52,7 @@ def test_forward_kv_loads_both_ways(shape, causal, kv_tma, monkeypatch):
     if kv_tma and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("TMA descriptors: Hopper only")
     real = fwd.tile_config
-    monkeypatch.setattr(fwd, "tile_config", lambda *a: dataclasses.replace(real(*a), kv_tma=kv_tma))
+    monkeypatch.setattr(fwd, "tile_config", lambda *a, **kw: dataclasses.replace(real(*a, **kw), kv_tma=kv_tma))
     monkeypatch.setattr(configs, "TMA_MIN_SEQLEN_K", 0)  # short shapes too: the tails matter here
     q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
     cfg = fwd.tile_config(q.device, q.dtype, shape[-1], "fwd", causal)

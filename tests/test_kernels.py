@@ -136,7 +136,7 @@ def test_dkdv_operand_orientations(kv_as_b, causal, monkeypatch):
     from flashtile.ops import bwd
 
     real = bwd.tile_config
-    monkeypatch.setattr(bwd, "tile_config", lambda *a: dataclasses.replace(real(*a), kv_as_b=kv_as_b))
+    monkeypatch.setattr(bwd, "tile_config", lambda *a, **kw: dataclasses.replace(real(*a, **kw), kv_as_b=kv_as_b))
     q, k, v = make_qkv(2, 70, 45, 4, 2, 40, dtype=torch.float16, device=DEVICE)
     with kernels():
         check_against_oracle(kernel_attention(causal), q, k, v, causal=causal)
