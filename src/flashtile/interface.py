@@ -57,33 +57,35 @@ def _check_qkv(q, k, v, varlen=False):
     rank, layout = (3, "(total_tokens, nheads, headdim)") if varlen else (4, "(batch, seqlen, nheads, headdim)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, rank, layout)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
-        if not varlen and t.shape[0] != q.shape[0]:
-            raise ValueError(f"{name} has batch size {t.shape[0]} but q has {q.shape[0]}")
-        if t.shape[-1] != q.shape[-1]:
-            raise ValueError(f"{name} has head dim {t.shape[-1]} but q has {q.shape[-1]}; they must be equal")
+    # Shapes, dtype and device read once: this runs on every call.
+    q_shape, k_shape, v_shape, q_dtype, q_device = q.shape, k.shape, v.shape, q.dtype, q.device
+    for name, t, shape in (("k", k, k_shape), ("v", v, v_shape)):
+        if t.dtype != q_dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q_dtype}; q, k and v must share one dtype")
+        if t.device != q_device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q_device}; all inputs must be on one device")
+        if not varlen and shape[0] != q_shape[0]:
+            raise ValueError(f"{name} has batch size {shape[0]} but q has {q_shape[0]}")
+        if shape[-1] != q_shape[-1]:
+            raise ValueError(f"{name} has head dim {shape[-1]} but q has {q_shape[-1]}; they must be equal")
     seq = "total_tokens" if varlen else "seqlen"
-    if v.shape[-3] != k.shape[-3]:
-        raise ValueError(f"v has {seq} {v.shape[-3]} but k has {k.shape[-3]}; k and v must have the same {seq}")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v has {v.shape[-2]} heads but k has {k.shape[-2]}; k and v must have the same nheads")
-    if q.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"q, k and v are on {q.device}; flashtile runs on CUDA GPUs and on the CPU")
-    head_dim = q.shape[-1]
+    if v_shape[-3] != k_shape[-3]:
+        raise ValueError(f"v has {seq} {v_shape[-3]} but k has {k_shape[-3]}; k and v must have the same {seq}")
+    if v_shape[-2] != k_shape[-2]:
+        raise ValueError(f"v has {v_shape[-2]} heads but k has {k_shape[-2]}; k and v must have the same nheads")
+    if q_device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q, k and v are on {q_device}; flashtile runs on CUDA GPUs and on the CPU")
+    head_dim = q_shape[-1]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {head_dim}; flashtile supports head dims 1 to {MAX_HEAD_DIM}")
-    for name, t in (("q", q), ("k", k)):
-        if t.shape[-2] * head_dim >= MAX_SEQ_STRIDE:
-            raise ValueError(f"{name} has nheads * headdim = {t.shape[-2] * head_dim}; flashtile supports "
+    for name, shape in (("q", q_shape), ("k", k_shape)):
+        if shape[-2] * head_dim >= MAX_SEQ_STRIDE:
+            raise ValueError(f"{name} has nheads * headdim = {shape[-2] * head_dim}; flashtile supports "
                              f"less than {MAX_SEQ_STRIDE}")
-    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2] != 0:
+    if k_shape[-2] == 0 or q_shape[-2] % k_shape[-2] != 0:
         raise ValueError(
-            f"the number of heads in q ({q.shape[-2]}) must be a multiple of the number in k and v "
-            f"({k.shape[-2]}) (GQA/MQA)"
+            f"the number of heads in q ({q_shape[-2]}) must be a multiple of the number in k and v "
+            f"({k_shape[-2]}) (GQA/MQA)"
         )
 
 

@@ -63,9 +63,10 @@ class SequenceLayout(NamedTuple):
 
     def strides(self, t):
         """(batch, sequence, head) strides of q/k/v/out-like tensors."""
+        strides = t.stride()
         if self.is_varlen:
-            return 0, t.stride(0), t.stride(1)
-        return t.stride(0), t.stride(1), t.stride(2)
+            return 0, strides[0], strides[1]
+        return strides[0], strides[1], strides[2]
 
     def lse_shape(self, n_heads):
         if self.is_varlen:
