@@ -88,3 +88,15 @@ def test_tma_scratch_allocator_leaves_a_users_allocator_alone():
         assert _allocation._allocator.get() is fwd._tma_allocator
     finally:
         _allocation._allocator.reset(token)
+
+
+def test_tma_alignment_rule_checks_every_tensor():
+    """A descriptor needs a 16-byte aligned base and 16-byte strides for K and V alike: a V that
+    starts 2 bytes into its buffer rules TMA out even when K is fine."""
+    from flashtile.ops import fwd
+
+    buf = torch.zeros(1, 64, 2, 136, dtype=torch.bfloat16)
+    k, v_shifted = buf[..., :128], buf[..., 1:129]  # same strides, v's base off by one element
+    assert fwd.tma_aligned(k, k)
+    assert not fwd.tma_aligned(k, v_shifted)
+    assert not fwd.tma_aligned(torch.zeros(1, 64, 2, 132, dtype=torch.bfloat16)[..., :128])  # 264-byte head stride

@@ -56,7 +56,7 @@ def test_forward_kv_loads_both_ways(shape, causal, kv_tma, monkeypatch):
     monkeypatch.setattr(configs, "TMA_MIN_SEQLEN_K", 0)  # short shapes too: the tails matter here
     q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
     cfg = fwd.tile_config(q.device, q.dtype, shape[-1], "fwd", causal)
-    assert fwd.kv_by_tma(cfg, q, k, shape[-1], shape[-1], shape[2]) == kv_tma
+    assert fwd.kv_by_tma(cfg, q, k, v, shape[-1], shape[-1], shape[2]) == kv_tma
     check_against_oracle(attention(causal), q, k, v, causal=causal)
 
 
@@ -69,11 +69,11 @@ def test_tma_needs_aligned_strides():
     q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 64, 2, 132, device="cuda", dtype=torch.bfloat16)[..., :128]  # head stride: 264 bytes
     long = configs.TMA_MIN_SEQLEN_K
-    assert fwd.kv_by_tma(cfg, q, q, 128, 128, long)
-    assert not fwd.kv_by_tma(cfg, q, q, 128, 128, long - 1)
-    assert not fwd.kv_by_tma(cfg, q, k, 128, 128, long)
-    assert not fwd.kv_by_tma(cfg, q.float(), q.float(), 128, 128, long)
-    assert not fwd.kv_by_tma(cfg, q, q, 96, 128, long)
+    assert fwd.kv_by_tma(cfg, q, q, q, 128, 128, long)
+    assert not fwd.kv_by_tma(cfg, q, q, q, 128, 128, long - 1)
+    assert not fwd.kv_by_tma(cfg, q, k, k, 128, 128, long)
+    assert not fwd.kv_by_tma(cfg, q.float(), q.float(), q.float(), 128, 128, long)
+    assert not fwd.kv_by_tma(cfg, q, q, q, 96, 128, long)
 
 
 @pytest.mark.parametrize("std", [1.0, 4.0])

@@ -227,7 +227,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
 _ARGS_DOC = """
         dropout_p: float in [0, 1). Dropout probability on the attention probabilities (pass
             0.0 in evaluation), rounded to 8 bits as FlashAttention-2 does: each value is kept
-            with probability 1 - round(256 * dropout_p) / 256 and kept values are scaled by its
+            with probability 1 - min(round(256 * dropout_p), 255) / 256 and kept values are scaled by its
             inverse (docs/semantics.md). The mask comes
             from a counter-based RNG (Philox) seeded from torch's default generator: the same
             ``torch.manual_seed`` gives bitwise the same result, and the backward regenerates

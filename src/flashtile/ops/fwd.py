@@ -227,15 +227,20 @@ def _ensure_allocator():
         triton.set_allocator(_tma_allocator)
 
 
-def kv_by_tma(cfg, q, k, head_dim: int, block_d: int, max_seqlen_k: int) -> bool:
+def tma_aligned(*tensors) -> bool:
+    """The hardware's rule for a tensor descriptor over 16-bit elements: a 16-byte aligned base
+    address and every stride but the last a multiple of 16 bytes."""
+    return all(t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def kv_by_tma(cfg, q, k, v, head_dim: int, block_d: int, max_seqlen_k: int) -> bool:
     """Whether the forward reads K/V through TMA descriptors: where the tile entry asks for it
     (Hopper entries only) and the keys are many enough (``configs.TMA_MIN_SEQLEN_K``), for
-    16-bit inputs with an unpadded head dim and 16-byte aligned base and strides (the
-    hardware's rules for a descriptor)."""
+    16-bit inputs with an unpadded head dim whose K and V are ``tma_aligned``."""
     if not (cfg.kv_tma and q.is_cuda and q.dtype != torch.float32 and head_dim == block_d
             and max_seqlen_k >= configs.TMA_MIN_SEQLEN_K):
         return False
-    aligned = k.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in k.stride()[:-1])
+    aligned = tma_aligned(k, v)
     if aligned:
         _ensure_allocator()
     return aligned
@@ -272,7 +277,7 @@ def flash_fwd(q, k, v, features, varlen=None):
             **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags, HEAD_DIM=head_dim,
             ALIBI_LINEAR=features.alibi_slopes is not None and features.window_right == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            DOT_PRECISION=dot_precision(q.dtype), KV_TMA=kv_by_tma(cfg, q, k, head_dim, block_d, layout.max_seqlen_k),
+            DOT_PRECISION=dot_precision(q.dtype), KV_TMA=kv_by_tma(cfg, q, k, v, head_dim, block_d, layout.max_seqlen_k),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
