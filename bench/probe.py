@@ -7,7 +7,7 @@ compares; nothing here changes the library's defaults.
 * ``varlen``: forward tile configs for varlen at head dim 64 non-causal (bench_features' lengths).
 * ``dropout``: the dK/dV loop's two operand orientations (``TileConfig.kv_as_b``) with dropout.
 * ``feature_tiles``: softcap and dropout at head dim 64 under other tile shapes.
-* ``tma``: the forward with K/V by TMA tensor descriptors (``TileConfig.kv_tma``) against the
+* ``tma``: the forward with K/V by TMA tensor descriptors (``TileConfig.tma``) against the
   pointer loads, with SDPA's FA2 and cuDNN backends on the same inputs. (Triton 3.6's automatic
   warp specialization, ``tl.range(..., warp_specialize=True)``, was probed here too: -2% to +5%
   non-causal, and its Hopper pass asserts on the causal loops.)
@@ -87,7 +87,7 @@ def probe_tma():
             for causal in (False, True):
                 row = dict(probe="tma", head_dim=head_dim, seqlen=seqlen, causal=causal)
                 for name, tma in (("plain", False), ("tma", True)):
-                    fwd.tile_config = lambda *a, tma=tma, **kw: dataclasses.replace(real(*a, **kw), kv_tma=tma)
+                    fwd.tile_config = lambda *a, tma=tma, **kw: dataclasses.replace(real(*a, **kw), tma=tma)
                     row[name] = median_ms(lambda: flashtile.flash_attn_func(q, k, v, causal=causal))
                 fwd.tile_config = real
                 for backend in ("sdpa_flash", "sdpa_cudnn"):

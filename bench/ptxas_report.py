@@ -2,14 +2,15 @@
 Triton kernel for sm90 on the CPU and runs the ptxas bundled with triton (`ptxas -v`).
 
 Spills were the main thing holding the backward back (docs/performance.md, step 4); check a
-tile candidate here before spending GPU time on it. An approximation of the real build: integer
+tile candidate here before spending GPU time on it. Also counts the tensor-core instructions in
+the SASS (HGMMA: Hopper's warpgroup MMA) and the TMA ones. An approximation of the real build: integer
 arguments are not marked 16-divisible here and group_size is not specialized, so the numbers
 are close to, not equal to, what runs.
 
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
-    (kernel, full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
-    features: varlen, softcap, alibi, dropout, left (a window's left bound); forward only: tma
-    (K/V by tensor descriptors), e.g.
+    (kernel: fwd, dkdv or dq; full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
+    features: varlen, softcap, alibi, dropout, left (a window's left bound); tma: the loop's
+    streamed tiles (fwd, dq: K/V; dkdv: Q/dO) by TMA tensor descriptors, e.g.
     fwd,causal,128,128,8,3,128,0,left,softcap
 """
 
@@ -44,9 +45,9 @@ def report(spec: str) -> str:
         constexprs[flag] = feature in extra
     if constexprs["SOFTCAP"]:
         constexprs["SOFTCAP"] = 2  # the hardware tanh, as for bf16 on the GPU
+    constexprs["QDO_TMA" if kind == "dkdv" else "KV_TMA"] = "tma" in extra
     if kind == "fwd":  # the launcher's choice: ALiBi under causal takes the linear-bias path
         constexprs["ALIBI_LINEAR"] = "alibi" in extra and mask == "causal"
-        constexprs["KV_TMA"] = "tma" in extra
     if kind == "dkdv":
         constexprs["KV_AS_B"] = bool(extra and extra[0] in ("1", "true", "True"))
     if kind in ("dkdv", "dq"):
@@ -63,7 +64,24 @@ def report(spec: str) -> str:
         log = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     facts = [line.split("info    : ")[-1].strip() for line in log.splitlines() if "registers" in line or "spill" in line]
-    return f"{spec}: shared {compiled.metadata.shared} B | " + " | ".join(facts)
+    return f"{spec}: shared {compiled.metadata.shared} B | " + " | ".join(facts) + " | " + sass_summary(compiled)
+
+
+def sass_summary(compiled) -> str:
+    """Tensor-core and TMA instructions in the SASS triton built (nvdisasm on its cubin): HGMMA
+    is Hopper's warpgroup MMA, HMMA the Ampere-style one, UTMALDG/UTMAREDG TMA loads/reduces."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([nvdisasm, cubin.name], capture_output=True, text=True, check=True).stdout
+    ops = []
+    for line in sass.splitlines():
+        words = [w for w in line.split("*/")[-1].split() if not w.startswith("@")]  # drop predicates
+        if words and words[0][0].isupper():
+            ops.append(words[0])
+    counts = {op: sum(1 for o in ops if o.split(".")[0] == op) for op in ("HGMMA", "HMMA", "UTMALDG", "UTMAREDG")}
+    return "SASS " + ", ".join(f"{op} {n}" for op, n in counts.items())
 
 
 def main():

@@ -1,5 +1,6 @@
 """The `flashtile` command and the tile-table dispatch (both run without a GPU)."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import flashtile
 from flashtile import cli, configs
+from flashtile.autograd import use_triton_on_cpu
 from flashtile.configs import TileConfig, tile_config
 
 
@@ -56,6 +58,42 @@ def test_softcap_and_dropout_take_the_masked_tiles_at_small_head_dims(monkeypatc
     assert heavy is configs.SM90[(mode, block_d, switched)]
 
 
+@pytest.mark.parametrize("mode", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("block_d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_loops_take_the_long_table_where_it_has_an_entry(monkeypatch, mode, block_d, causal):
+    monkeypatch.setattr(configs, "_arch", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    key = (mode, block_d, causal)
+    long = tile_config(cuda, torch.bfloat16, block_d, mode, causal, long_loop=True)
+    assert long is configs.SM90_LONG.get(key, configs.SM90[key])
+    assert tile_config(cuda, torch.bfloat16, block_d, mode, causal) is configs.SM90[key]
+    assert not configs.SM90[key].tma  # short loops never build descriptors
+
+
+def test_launchers_call_a_loop_long_from_tma_min_seqlen_streamed_rows(monkeypatch):
+    """Forward and dQ stream keys, dK/dV streams queries: each asks for the long table from
+    TMA_MIN_SEQLEN of its own rows on (lowered here so the interpreter's shapes reach it)."""
+    from flashtile.ops import bwd, fwd
+
+    monkeypatch.setattr(configs, "TMA_MIN_SEQLEN", 24)
+    asked = []
+    for module in (fwd, bwd):
+        real = module.tile_config
+        monkeypatch.setattr(module, "tile_config",
+                            lambda *a, real=real, **kw: asked.append((a[3], kw["long_loop"])) or real(*a, **kw))
+    cuda = torch.cuda.is_available()
+    for seqlen_q, seqlen_k, expected in ((24, 23, {"fwd": False, "dkdv": True, "dq": False}),
+                                         (23, 24, {"fwd": True, "dkdv": False, "dq": True})):
+        q = torch.randn(1, seqlen_q, 2, 16, dtype=torch.float16, device="cuda" if cuda else "cpu", requires_grad=True)
+        k, v = (torch.randn_like(q[:, :1].expand(1, seqlen_k, 2, 16)).requires_grad_() for _ in range(2))
+        asked.clear()
+        with contextlib.nullcontext() if cuda else use_triton_on_cpu():
+            out = flashtile.flash_attn_func(q, k, v)
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        assert dict(asked) == expected
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]
@@ -74,29 +112,32 @@ def test_tma_scratch_allocator_leaves_a_users_allocator_alone():
     import triton
     from triton.runtime import _allocation
 
-    from flashtile.ops import fwd
+    from flashtile.ops import common
 
     def users_allocator(size, alignment, stream):
         raise AssertionError("not called here")
 
     token = _allocation._allocator.set(users_allocator)
     try:
-        fwd._ensure_allocator()
+        common.ensure_allocator()
         assert _allocation._allocator.get() is users_allocator
         triton.set_allocator(_allocation._NULL_ALLOCATOR)
-        fwd._ensure_allocator()
-        assert _allocation._allocator.get() is fwd._tma_allocator
+        common.ensure_allocator()
+        assert _allocation._allocator.get() is common._tma_allocator
     finally:
         _allocation._allocator.reset(token)
 
 
 def test_tma_alignment_rule_checks_every_tensor():
     """A descriptor needs a 16-byte aligned base and 16-byte strides for K and V alike: a V that
-    starts 2 bytes into its buffer rules TMA out even when K is fine."""
-    from flashtile.ops import fwd
+    starts 2 bytes into its buffer rules TMA out even when K is fine. Strides count bytes, so
+    float32 rows of 4 elements qualify where 16-bit ones need 8."""
+    from flashtile.ops import common
 
     buf = torch.zeros(1, 64, 2, 136, dtype=torch.bfloat16)
     k, v_shifted = buf[..., :128], buf[..., 1:129]  # same strides, v's base off by one element
-    assert fwd.tma_aligned(k, k)
-    assert not fwd.tma_aligned(k, v_shifted)
-    assert not fwd.tma_aligned(torch.zeros(1, 64, 2, 132, dtype=torch.bfloat16)[..., :128])  # 264-byte head stride
+    assert common.tma_aligned(k, k)
+    assert not common.tma_aligned(k, v_shifted)
+    assert not common.tma_aligned(torch.zeros(1, 64, 2, 132, dtype=torch.bfloat16)[..., :128])  # 264-byte head stride
+    assert common.tma_aligned(torch.zeros(3, 4, dtype=torch.float32))
+    assert not common.tma_aligned(torch.zeros(3, 4, dtype=torch.bfloat16))

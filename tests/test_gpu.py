@@ -36,44 +36,62 @@ def test_matches_oracle(shape, causal, dtype):
     check_against_oracle(attention(causal), q, k, v, causal=causal)
 
 
-TMA_SHAPES = [(1, 17, 17, 4, 2, 128), (2, 1000, 4097, 8, 1, 64), (2, 4097, 1000, 8, 8, 64), (1, 777, 2048, 6, 2, 128)]
+TMA_SHAPES = [(1, 17, 17, 4, 2, 128), (2, 1000, 4097, 8, 1, 64), (2, 4097, 1000, 8, 8, 64), (1, 777, 2048, 6, 2, 128),
+              (1, 300, 333, 2, 1, 32), (2, 200, 190, 2, 2, 16), (1, 300, 333, 2, 1, 256)]
 
 
-@pytest.mark.parametrize("kv_tma", [False, True], ids=["pointer-loads", "tma"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", TMA_SHAPES, ids=[case_id(*s) for s in TMA_SHAPES])
-def test_forward_kv_loads_both_ways(shape, causal, kv_tma, monkeypatch):
-    """Both ways the forward reads K/V (a TileConfig choice): pointer loads, and on Hopper TMA
-    tensor descriptors, which zero-fill rows past seqlen_k themselves."""
+def test_streamed_tiles_both_ways(shape, causal, tma, monkeypatch):
+    """Both ways each kernel reads the tiles its loop streams (a TileConfig choice): pointer
+    loads, and on Hopper TMA tensor descriptors, which zero-fill rows past the sequence end
+    themselves. Forward and dQ stream K/V, dK/dV streams Q/dO."""
     import dataclasses
 
-    from flashtile.ops import fwd
+    from flashtile.ops import bwd, common, fwd
 
-    if kv_tma and torch.cuda.get_device_capability() != (9, 0):
+    if tma and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("TMA descriptors: Hopper only")
-    real = fwd.tile_config
-    monkeypatch.setattr(fwd, "tile_config", lambda *a, **kw: dataclasses.replace(real(*a, **kw), kv_tma=kv_tma))
-    monkeypatch.setattr(configs, "TMA_MIN_SEQLEN_K", 0)  # short shapes too: the tails matter here
+    for module in (fwd, bwd):  # every entry, short loops too: the tails matter here
+        real = module.tile_config
+        monkeypatch.setattr(module, "tile_config",
+                            lambda *a, real=real, **kw: dataclasses.replace(real(*a, **kw), tma=tma))
     q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
     cfg = fwd.tile_config(q.device, q.dtype, shape[-1], "fwd", causal)
-    assert fwd.kv_by_tma(cfg, q, k, v, shape[-1], shape[-1], shape[2]) == kv_tma
+    assert common.stream_by_tma(cfg, k, v) == common.stream_by_tma(cfg, q, q) == tma
+    check_against_oracle(attention(causal), q, k, v, causal=causal)
+
+
+LONG_SHAPES = [(1, 2100, 2100, 2, 1, d) for d in (64, 128, 256)] + [(2, 2048, 2300, 4, 2, 128)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=[case_id(*s) for s in LONG_SHAPES])
+def test_long_loops_with_the_real_tables(shape, causal):
+    """Loops of TMA_MIN_SEQLEN rows and more take configs.SM90_LONG (TMA entries on Hopper), as
+    dispatched, with no patching: the tiles the benchmarks run at long lengths."""
+    assert min(shape[1], shape[2]) >= configs.TMA_MIN_SEQLEN
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
     check_against_oracle(attention(causal), q, k, v, causal=causal)
 
 
 def test_tma_needs_aligned_strides():
-    """A K whose row stride is not a multiple of 16 bytes falls back to pointer loads."""
+    """Streamed tiles go by TMA only where the entry asks, for aligned 16-bit tiles of an
+    unpadded head dim: a K whose head stride is not a multiple of 16 bytes, fp32, or a head dim
+    of 96 (padded to 128) fall back to pointer loads."""
     from flashtile.configs import TileConfig
-    from flashtile.ops import fwd
+    from flashtile.ops.common import stream_by_tma
 
-    cfg = TileConfig(128, 128, 8, 3, kv_tma=True)
+    cfg = TileConfig(128, 128, 8, 3, tma=True)
     q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 64, 2, 132, device="cuda", dtype=torch.bfloat16)[..., :128]  # head stride: 264 bytes
-    long = configs.TMA_MIN_SEQLEN_K
-    assert fwd.kv_by_tma(cfg, q, q, q, 128, 128, long)
-    assert not fwd.kv_by_tma(cfg, q, q, q, 128, 128, long - 1)
-    assert not fwd.kv_by_tma(cfg, q, k, k, 128, 128, long)
-    assert not fwd.kv_by_tma(cfg, q.float(), q.float(), q.float(), 128, 128, long)
-    assert not fwd.kv_by_tma(cfg, q, q, q, 96, 128, long)
+    assert stream_by_tma(cfg, q, q)
+    assert not stream_by_tma(TileConfig(128, 128, 8, 3), q, q)
+    assert not stream_by_tma(cfg, k, k)
+    assert not stream_by_tma(cfg, q, k)
+    assert not stream_by_tma(cfg, q.float(), q.float())
+    assert not stream_by_tma(cfg, q[..., :96], q[..., :96])
 
 
 @pytest.mark.parametrize("std", [1.0, 4.0])

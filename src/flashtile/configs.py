@@ -1,8 +1,9 @@
 """Tile sizes per (architecture, dtype, head dim, mode).
 
 Every entry names the measurement that chose it. `python bench/tune.py` (opt-in, GPU only)
-times the candidates and prints table rows in this format; nobody pays for tuning at run
-time, and a new sequence length never triggers a search or a recompile.
+times the candidates and prints table rows in this format (``--long``: the rows of
+``SM90_LONG``); nobody pays for tuning at run time, and a new sequence length never triggers a
+search or a recompile.
 
 Modes: ``fwd`` (forward), ``dkdv`` (backward, one K/V tile per program) and ``dq``
 (backward, one Q tile per program). ``block_m`` always counts query rows and ``block_n``
@@ -10,7 +11,9 @@ keys, whatever the mode. The ``causal`` key means "some key is masked": sliding 
 the causal entries too (not tuned separately). ALiBi uses the entries of its mask type;
 softcap and dropout at head dim <= 64 use the masked ones (``HEAVY_SCORE_MODES``), varlen has
 a forward entry of its own (``SM90_VARLEN``), both from bench/probe.py; bench/bench_features.py
-measures every feature's cost.
+measures every feature's cost. Long loops (``TMA_MIN_SEQLEN`` streamed rows or more: keys for
+fwd and dq, queries for dkdv) take ``SM90_LONG`` where it has an entry: their tiles arrive
+through TMA descriptors.
 """
 
 import functools
@@ -28,9 +31,10 @@ class TileConfig:
     # dkdv only: make K and V the B operand of the loop's dots (computing P rather than P^T),
     # which keeps them in shared memory instead of registers. Wins at head dim 256.
     kv_as_b: bool = False
-    # fwd only, Hopper: read K and V through TMA tensor descriptors (ops/fwd.kv_by_tma) instead
-    # of pointer loads: no address registers, no staging through registers.
-    kv_tma: bool = False
+    # Hopper: the tiles the kernel's loop streams (fwd and dq: K and V; dkdv: Q and dO) arrive
+    # through TMA tensor descriptors (ops/common.stream_by_tma) instead of pointer loads: no
+    # address registers, no staging through registers (far fewer spills, docs/performance.md).
+    tma: bool = False
 
 
 # Under the Triton interpreter (CPU tensors, tests): small tiles so that tiny test shapes
@@ -52,12 +56,8 @@ GENERIC = {
 _TUNED_H100 = {
     ("fwd", 64, False): TileConfig(128, 64, 8, 3),  # 395 / 447
     ("fwd", 64, True): TileConfig(64, 64, 4, 3),  # 298 / 408
-    # kv_tma at head dim 128 (bench/probe.py tma, 2026-11-24 05:04 UTC, fwd ms plain -> TMA at
-    # seqlen 4096 / 16384): non-causal 1.059 -> 1.035 / 4.321 -> 4.169, causal 0.614 -> 0.584 /
-    # 2.168 -> 2.049. At head dim 64 it was mixed (-5.5% to +1.8%) and stays off. Only from
-    # TMA_MIN_SEQLEN_K keys on (below).
-    ("fwd", 128, False): TileConfig(128, 128, 8, 3, kv_tma=True),  # 402 / 496 (before TMA)
-    ("fwd", 128, True): TileConfig(128, 128, 8, 3, kv_tma=True),  # 292 / 510 (before TMA)
+    ("fwd", 128, False): TileConfig(128, 128, 8, 3),  # 402 / 496
+    ("fwd", 128, True): TileConfig(128, 128, 8, 3),  # 292 / 510
     ("fwd", 256, False): TileConfig(128, 64, 8, 2),  # 368 / 458
     ("fwd", 256, True): TileConfig(128, 64, 8, 2),  # 279 / 444
     ("dkdv", 64, False): TileConfig(32, 128, 8, 1),  # 346 / 415
@@ -73,11 +73,33 @@ _TUNED_H100 = {
     ("dq", 256, False): TileConfig(128, 32, 8, 3),  # 497 / 582
     ("dq", 256, True): TileConfig(128, 32, 8, 3),  # 392 / 603
 }
-# Short K/V sequences keep the pointer loads even where an entry sets kv_tma: each program
-# builds its descriptors (a global-memory write and a fence), which short loops do not repay.
-# bench_attention 05:18 UTC, head dim 128 forward TFLOP/s pointer loads (01:27 run) -> TMA:
-# causal 199 -> 177 at 512, 292 -> 279 at 1024, 379 -> 382 at 2048, 498 -> 550 at 16384.
-TMA_MIN_SEQLEN_K = 2048
+# Loops of at least TMA_MIN_SEQLEN streamed rows (keys for fwd and dq, queries for dkdv) take
+# these entries, whose tiles arrive by TMA. Shorter loops keep the pointer loads of the table
+# above: each program builds its descriptors (a global-memory write and a fence), which short
+# loops do not repay (bench_attention 05:18 UTC, head dim 128 forward TFLOP/s pointer loads ->
+# TMA: causal 199 -> 177 at 512, 292 -> 279 at 1024, 379 -> 382 at 2048, 498 -> 550 at 16384).
+TMA_MIN_SEQLEN = 2048
+SM90_LONG = {
+    # bench/tune.py --long (H100, 2026-11-24 06:42-06:55 UTC), TFLOP/s at seqlen 2048 / 16384 in
+    # the kernel's own share; the best pointer-load candidate of the same sweep in brackets.
+    # Forward, head dim 128 (at 64, TMA was mixed in bench/probe.py tma: -5.5% to +1.8%).
+    ("fwd", 128, False): TileConfig(128, 128, 8, 3, tma=True),  # 464 / 518 (128x64: 457 / 500)
+    ("fwd", 128, True): TileConfig(128, 128, 8, 3, tma=True),  # 379 / 542 (128x128: 385 / 506)
+    # dK/dV: pointer-loaded Q/dO tiles were what spilled (ptxas, head dim 128 causal 64x128 tiles:
+    # 4556 -> 632 bytes of spill stores). At head dim 64 the pointer tiles stay ahead.
+    ("dkdv", 128, False): TileConfig(64, 64, 4, 2, tma=True),  # 501 / 572 (32x64/4 warps: 421 / 446)
+    ("dkdv", 128, True): TileConfig(64, 64, 4, 2, tma=True),  # 399 / 488 (64x128/8 warps: 346 / 439)
+    # Head dim 256 (07:14 UTC; its table entries in brackets).
+    ("dkdv", 256, False): TileConfig(64, 64, 8, 2, kv_as_b=True, tma=True),  # 228 / 227 (198 / 194)
+    ("dkdv", 256, True): TileConfig(64, 64, 8, 2, kv_as_b=True, tma=True),  # 196 / 236 (182 / 208)
+    ("dq", 64, False): TileConfig(128, 64, 8, 3, tma=True),  # 526 / 641 (128x32: 523 / 563)
+    ("dq", 64, True): TileConfig(128, 64, 8, 3, tma=True),  # 453 / 566 (128x32: 430 / 520)
+    ("dq", 128, False): TileConfig(128, 64, 8, 3, tma=True),  # 553 / 623 (same tile: 576 / 569)
+    ("dq", 128, True): TileConfig(128, 64, 8, 3, tma=True),  # 473 / 607 (same tile: 474 / 596)
+}
+# Head dims 16 and 32 use the 64 entries (not measured separately).
+SM90_LONG.update({(mode, small, causal): SM90_LONG[(mode, 64, causal)]
+                  for (mode, d, causal) in list(SM90_LONG) if d == 64 for small in (16, 32)})
 
 SM90 = {
     **_TUNED_H100,
@@ -112,8 +134,9 @@ HEAVY_SCORE_MODES = ("fwd", "dkdv")
 
 
 def tile_config(device: torch.device, dtype: torch.dtype, block_d: int, mode: str, causal: bool,
-                varlen: bool = False, heavy_scores: bool = False) -> TileConfig:
-    """The tile configuration for one kernel launch. ``heavy_scores``: softcap or dropout."""
+                varlen: bool = False, heavy_scores: bool = False, long_loop: bool = False) -> TileConfig:
+    """The tile configuration for one kernel launch. ``heavy_scores``: softcap or dropout;
+    ``long_loop``: the kernel streams at least TMA_MIN_SEQLEN rows (see SM90_LONG)."""
     if device.type != "cuda":
         return INTERPRETER
     if dtype == torch.float32:
@@ -123,5 +146,9 @@ def tile_config(device: torch.device, dtype: torch.dtype, block_d: int, mode: st
         causal = True
     key = (mode, block_d, causal)
     if _arch(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0) and key in SM90:
-        return SM90_VARLEN.get(key, SM90[key]) if varlen else SM90[key]
+        if varlen and key in SM90_VARLEN:
+            return SM90_VARLEN[key]
+        if long_loop and key in SM90_LONG:
+            return SM90_LONG[key]
+        return SM90[key]
     return _generic(mode, block_d)

@@ -16,18 +16,28 @@ the same way before ``dS``. Tiles no query sees are skipped as in the forward (`
 
 Rows past ``seqlen_q`` load ``LSE = +inf`` so their recomputed P is exactly 0; fully masked
 rows carry ``LSE = +inf`` from the forward and get zero gradients the same way.
+
+On Hopper, loops over ``configs.TMA_MIN_SEQLEN`` rows or more read the tiles they stream (Q/dO
+in dK/dV, K/V in dQ) through TMA tensor descriptors where the tile entry says so
+(``TileConfig.tma``), which zero-fill rows past the sequence's end. (Accumulating dQ by atomic
+adds inside the dK/dV kernel, as FlashAttention-2 does, was measured slower here:
+docs/performance.md, issue 4 step 3.)
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from flashtile import configs
 from flashtile.configs import tile_config
 from flashtile.ops.common import (
     cdiv, device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
+    stream_by_tma,
 )
 from flashtile.ops.score import dropout_keep, recomputed_probs, span
-from flashtile.ops.tiles import q_tile_program, sequence_bounds
+from flashtile.ops.tiles import (
+    load_kv_tile, q_tile_program, sequence_bounds, start_kv_stream, stream_sources,
+)
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "num_m_blocks"])
@@ -66,13 +76,17 @@ def _dkdv_tiles(
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr, QDO_TMA: tl.constexpr,
 ):
     """Fold the Q/dO tiles ``[start_m, end_m)`` into the K/V tile's ``(dk, dv)``.
 
-    ``q_ptrs``/``do_ptrs`` are scalar pointers to row ``start_m``. ``MASKED`` tiles straddle an
-    edge of the causal/window band and apply it.
+    ``q_ptrs``/``do_ptrs`` are scalar pointers to row 0 of this head (QDO_TMA: tensor descriptors
+    of its ``[seqlen_q, HEAD_DIM]`` Q and dO). ``MASKED`` tiles straddle an edge of the
+    causal/window band and apply it.
     """
+    if not QDO_TMA:
+        q_ptrs += start_m.to(tl.int64) * stride_qs
+        do_ptrs += start_m.to(tl.int64) * stride_dos
     mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
     # Scalar base pointers carried through the loop plus loop-invariant int32 tile offsets:
     # a loop-carried 2-D tile of 64-bit pointers costs two registers per element.
@@ -85,8 +99,12 @@ def _dkdv_tiles(
         offs_row = tile_start + offs_m  # [BLOCK_M]
         mask_row = offs_row < seqlen_q
         mask_q = mask_row[:, None] & mask_d[None, :]
-        q = tl.load(q_ptrs + q_offs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
-        do = tl.load(do_ptrs + do_offs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
+        if QDO_TMA:  # rows past seqlen_q come back as zeros
+            q = q_ptrs.load([tile_start, 0])
+            do = do_ptrs.load([tile_start, 0])
+        else:
+            q = tl.load(q_ptrs + q_offs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
+            do = tl.load(do_ptrs + do_offs, mask=mask_q, other=0.0)  # [BLOCK_M, BLOCK_D]
         lse2 = tl.load(lse_ptr + offs_row, mask=mask_row, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + offs_row, mask=mask_row, other=0.0)  # [BLOCK_M]
         if HAS_DROPOUT:
@@ -127,8 +145,9 @@ def _dkdv_tiles(
             if SOFTCAP:
                 ds_t = ds_t * (1.0 - capped_t * capped_t)
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
-        q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
+        if not QDO_TMA:
+            q_ptrs += BLOCK_M * stride_qs
+            do_ptrs += BLOCK_M * stride_dos
     return dk, dv
 
 
@@ -146,7 +165,7 @@ def _dkdv_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr, DO_LIKE_Q: tl.constexpr, QDO_TMA: tl.constexpr,
 ):
     # Grid: (num_n_blocks * batch * n_kv_heads,). Index math int32, pointer offsets int64.
     if DO_LIKE_Q:  # the usual case (the launcher checks): address dO with Q's strides
@@ -188,39 +207,44 @@ def _dkdv_kernel(
         pid_h = pid_kv_h * group_size + g
         q_ptrs = Q + pid_b * stride_qb + pid_h * stride_qh + q_begin * stride_qs  # scalar: row 0 of this head
         do_ptrs = DO + pid_b * stride_dob + pid_h * stride_doh + q_begin * stride_dos
+        q_ptrs, do_ptrs = stream_sources(q_ptrs, do_ptrs, seqlen_q, stride_qs, stride_dos, QDO_TMA, HEAD_DIM,
+                                         BLOCK_M, BLOCK_D)
         row_base = pid_b * stride_lse_b + pid_h * stride_lse_h + q_begin
         alibi_slope = 0.0
         if HAS_ALIBI:
             alibi_slope = tl.load(ALIBI + pid_b * stride_alibi_b + pid_h) * 1.4426950408889634
         if BOUND_RIGHT:  # rows above the band's diagonal edge
             dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_ptrs + start_m.to(tl.int64) * stride_qs, do_ptrs + start_m.to(tl.int64) * stride_dos,
-                LSE + row_base, DELTA + row_base, stride_qs, stride_dos, offs_m, offs_n, offs_d,
-                start_m, full_start, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+                dk, dv, k, v, q_ptrs, do_ptrs,
+                LSE + row_base, DELTA + row_base, stride_qs, stride_dos,
+                offs_m, offs_n, offs_d, start_m, full_start, start_n, seqlen_q, seqlen_k, diag_offset,
+                window_left, window_right,
                 qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
                 True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, QDO_TMA,
             )
         if not BOUND_LEFT:
             # Without a left edge the rest runs unmasked to the end: rows past seqlen_q load
             # LSE = +inf, so their P is 0 without a mask.
             full_end = end_m
         dk, dv = _dkdv_tiles(  # rows that see the whole tile
-            dk, dv, k, v, q_ptrs + full_start.to(tl.int64) * stride_qs, do_ptrs + full_start.to(tl.int64) * stride_dos,
-            LSE + row_base, DELTA + row_base, stride_qs, stride_dos, offs_m, offs_n, offs_d,
-            full_start, full_end, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            dk, dv, k, v, q_ptrs, do_ptrs,
+            LSE + row_base, DELTA + row_base, stride_qs, stride_dos,
+            offs_m, offs_n, offs_d, full_start, full_end, start_n, seqlen_q, seqlen_k, diag_offset,
+            window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
             False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, QDO_TMA,
         )
         if BOUND_LEFT:  # rows at the window's left edge, and the tail past seqlen_q
             dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_ptrs + full_end.to(tl.int64) * stride_qs, do_ptrs + full_end.to(tl.int64) * stride_dos,
-                LSE + row_base, DELTA + row_base, stride_qs, stride_dos, offs_m, offs_n, offs_d,
-                full_end, end_m, start_n, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+                dk, dv, k, v, q_ptrs, do_ptrs,
+                LSE + row_base, DELTA + row_base, stride_qs, stride_dos,
+                offs_m, offs_n, offs_d, full_end, end_m, start_n, seqlen_q, seqlen_k, diag_offset,
+                window_left, window_right,
                 qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
                 True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_AS_B, DO_LIKE_Q, QDO_TMA,
             )
 
     dk = dk * softmax_scale
@@ -239,31 +263,21 @@ def _dq_tiles(
     MASKED: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_TMA: tl.constexpr,
 ):
     """Fold the K/V tiles ``[start_n, end_n)`` into the Q tile's ``dq``.
 
     ``MASKED`` tiles apply the causal/window and ``seqlen_k`` masks. The ``seqlen_k`` mask
     matters here: a key past the end loads as 0, so its score is 0 and ``exp(0 - LSE)`` can
-    overflow. ``k_ptrs``/``v_ptrs`` are scalar pointers to key ``start_n``.
+    overflow. ``k_ptrs``/``v_ptrs`` are scalar pointers to key 0 of this head (KV_TMA: tensor
+    descriptors of its ``[seqlen_k, HEAD_DIM]`` K and V, as in the forward).
     """
+    k_ptrs, v_ptrs, kv_offs = start_kv_stream(k_ptrs, v_ptrs, start_n, offs_n, offs_d, stride_ks, KV_TMA)
     mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
-    # Scalar base pointers carried through the loop plus loop-invariant int32 tile offsets:
-    # a loop-carried 2-D tile of 64-bit pointers costs two registers per element.
-    # K and V share strides (the launcher guarantees it), so one offset tile serves both.
-    kv_offs = offs_n[:, None] * stride_ks + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     for tile_start in range(start_n, end_n, BLOCK_N):
         offs_key = tile_start + offs_n  # [BLOCK_N]
-        if MASKED:
-            mask_kv = (offs_key[:, None] < seqlen_k) & mask_d[None, :]
-            k = tl.load(k_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(v_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
-        elif HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs + kv_offs)
-            v = tl.load(v_ptrs + kv_offs)
-        else:
-            k = tl.load(k_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
-            v = tl.load(v_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
+        k, v = load_kv_tile(k_ptrs, v_ptrs, kv_offs, tile_start, offs_key, mask_d, seqlen_k,
+                            MASKED, KV_TMA, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D] each
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         p, capped = recomputed_probs(  # [BLOCK_M, BLOCK_N]
@@ -277,8 +291,9 @@ def _dq_tiles(
         if SOFTCAP:
             ds = ds * (1.0 - capped * capped)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_ks
+        if not KV_TMA:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_ks
     return dq
 
 
@@ -296,7 +311,7 @@ def _dq_kernel(
     IS_VARLEN: tl.constexpr, BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DO_LIKE_Q: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DO_LIKE_Q: tl.constexpr, KV_TMA: tl.constexpr,
 ):
     # Grid: (num_m_blocks * batch * n_heads,), order as in q_tile_program.
     # Index math int32, pointer offsets int64.
@@ -329,34 +344,32 @@ def _dq_kernel(
 
     k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # scalar: key 0 of this head
     v_ptrs = V + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # V shares K's strides
+    k_ptrs, v_ptrs = stream_sources(k_ptrs, v_ptrs, seqlen_k, stride_ks, stride_ks, KV_TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
     diag_offset = seqlen_k - seqlen_q
     last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
     start_n, full_start, full_end, end_n = span(start_m, last_m, seqlen_k, diag_offset - window_left,
                                                 diag_offset + window_right, BOUND_LEFT, BOUND_RIGHT, BLOCK_N)
     if BOUND_LEFT:  # tiles cut by the window's left edge
-        skip = start_n.to(tl.int64) * stride_ks
         dq = _dq_tiles(
-            dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, start_m, offs_m, offs_n, offs_d,
             start_n, full_start, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
             True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_TMA,
         )
-    skip = full_start.to(tl.int64) * stride_ks
     dq = _dq_tiles(  # tiles every row sees whole
-        dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_start, full_end, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
         False, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_TMA,
     )
-    skip = full_end.to(tl.int64) * stride_ks
     dq = _dq_tiles(  # the diagonal (causal / right edge) and the tail past seqlen_k
-        dq, q, do, lse2, delta, k_ptrs + skip, v_ptrs + skip, stride_ks, start_m, offs_m, offs_n, offs_d,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, start_m, offs_m, offs_n, offs_d,
         full_end, end_n, seqlen_k, diag_offset, window_left, window_right,
         qk_scale, softcap_in, alibi_slope, seed, dropout_threshold, dropout_scale, pid_b, pid_h,
         True, BOUND_LEFT, BOUND_RIGHT, SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, KV_TMA,
     )
     dq = dq * softmax_scale
     dq_ptrs = DQ + pid_b * stride_dqb + pid_h.to(tl.int64) * stride_dqh + rows * stride_dqs + offs_d[None, :]
@@ -383,7 +396,8 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, features, layout):
     n_heads, head_dim = q.shape[-2], q.shape[-1]
     n_kv_heads = k.shape[-2]
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "dkdv", features.masked, heavy_scores=features.heavy_scores)
+    cfg = tile_config(q.device, q.dtype, block_d, "dkdv", features.masked, heavy_scores=features.heavy_scores,
+                      long_loop=layout.max_seqlen_q >= configs.TMA_MIN_SEQLEN)
     num_n_blocks = cdiv(layout.max_seqlen_k, cfg.block_n)
     args = feature_args(features, q)
     _dkdv_kernel[(num_n_blocks * layout.batch * n_kv_heads,)](
@@ -394,7 +408,7 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, features, layout):
         features.softmax_scale, **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags,
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype), KV_AS_B=cfg.kv_as_b, DO_LIKE_Q=dout.stride() == q.stride(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        QDO_TMA=stream_by_tma(cfg, q, dout), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -402,7 +416,8 @@ def launch_dq(dout, q, k, v, lse, delta, dq, features, layout):
     n_heads, head_dim = q.shape[-2], q.shape[-1]
     n_kv_heads = k.shape[-2]
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "dq", features.masked)
+    cfg = tile_config(q.device, q.dtype, block_d, "dq", features.masked,
+                      long_loop=layout.max_seqlen_k >= configs.TMA_MIN_SEQLEN)
     num_m_blocks = cdiv(layout.max_seqlen_q, cfg.block_m)
     args = feature_args(features, q)
     _dq_kernel[(num_m_blocks * layout.batch * n_heads,)](
@@ -413,7 +428,7 @@ def launch_dq(dout, q, k, v, lse, delta, dq, features, layout):
         features.softmax_scale, **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags,
         HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype), DO_LIKE_Q=dout.stride() == q.stride(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        KV_TMA=stream_by_tma(cfg, k, v), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

@@ -4,6 +4,8 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+import triton
+from triton.runtime import _allocation
 
 from flashtile import philox
 
@@ -34,6 +36,38 @@ def device_guard(t: torch.Tensor):
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    """Scratch for device-side tensor descriptors (128 bytes per program), from torch's cache."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator():
+    """Device-side descriptors need triton's scratch allocator; install ours only where none is
+    set, so a user's own allocator is left alone."""
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_tma_allocator)
+
+
+def tma_aligned(*tensors) -> bool:
+    """The hardware's rule for a tensor descriptor: a 16-byte aligned base address and every
+    stride but the last a multiple of 16 bytes."""
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
+
+
+def stream_by_tma(cfg, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a kernel's loop reads its streamed tiles ``a`` and ``b`` (K/V, or Q/dO) through TMA
+    descriptors: where the tile entry asks for it (``TileConfig.tma``: Hopper entries for long
+    loops only), for 16-bit CUDA tensors with an unpadded head dim that are ``tma_aligned``."""
+    head_dim = a.shape[-1]
+    if not (cfg.tma and a.is_cuda and a.dtype != torch.float32 and head_dim == padded_head_dim(head_dim)):
+        return False
+    aligned = tma_aligned(a, b)
+    if aligned:
+        ensure_allocator()
+    return aligned
 
 
 def shared_strides(a: torch.Tensor, b: torch.Tensor):

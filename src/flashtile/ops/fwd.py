@@ -11,6 +11,9 @@ past ``seqlen_k`` (masked). Tiles no row sees are never loaded, so a window cost
 ``seqlen x window``, not ``seqlen^2``. Softcap, ALiBi and dropout are constexpr flags of the
 same kernel; under varlen each program reads its sequence's bounds from ``cu_seqlens``.
 
+On Hopper, loops over ``configs.TMA_MIN_SEQLEN`` keys or more read K/V through TMA tensor
+descriptors where the tile entry says so (``TileConfig.tma``).
+
 Fully masked rows (causal with ``Sq > Sk``, a window that misses every key, or ``Sk == 0``)
 write ``out = 0`` and ``lse = +inf``, FlashAttention-2's convention: the backward then
 recomputes ``P = 0`` there.
@@ -19,15 +22,17 @@ recomputes ``P = 0`` there.
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
 
 from flashtile import configs
 from flashtile.configs import tile_config
 from flashtile.ops.common import (
     cdiv, device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
+    stream_by_tma,
 )
 from flashtile.ops.score import dropout_keep, scores_base2, span, tanh, visible
-from flashtile.ops.tiles import q_tile_program, sequence_bounds
+from flashtile.ops.tiles import (
+    load_kv_tile, q_tile_program, sequence_bounds, start_kv_stream, stream_sources,
+)
 
 
 @triton.jit
@@ -48,29 +53,12 @@ def _attend_tiles(
     of its ``[seqlen_k, HEAD_DIM]`` K and V). ``MASKED`` tiles apply the causal/window and
     ``seqlen_k`` masks; unmasked ones skip them.
     """
-    if not KV_TMA:
-        k_ptrs += start_n.to(tl.int64) * stride_ks
-        v_ptrs += start_n.to(tl.int64) * stride_ks
+    k_ptrs, v_ptrs, kv_offs = start_kv_stream(k_ptrs, v_ptrs, start_n, offs_n, offs_d, stride_ks, KV_TMA)
     mask_d = offs_d < HEAD_DIM  # [BLOCK_D]
-    # Scalar base pointers carried through the loop plus loop-invariant int32 tile offsets:
-    # a loop-carried 2-D tile of 64-bit pointers costs two registers per element.
-    # K and V share strides (the launcher guarantees it), so one offset tile serves both.
-    kv_offs = offs_n[:, None] * stride_ks + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     for tile_start in range(start_n, end_n, BLOCK_N):
         offs_key = tile_start + offs_n  # [BLOCK_N]
-        if KV_TMA:  # out-of-range rows come back as zeros
-            k = k_ptrs.load([tile_start, 0])
-            v = v_ptrs.load([tile_start, 0])
-        elif MASKED:
-            mask_kv = (offs_key[:, None] < seqlen_k) & mask_d[None, :]
-            k = tl.load(k_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(v_ptrs + kv_offs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
-        elif HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs + kv_offs)
-            v = tl.load(v_ptrs + kv_offs)
-        else:
-            k = tl.load(k_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
-            v = tl.load(v_ptrs + kv_offs, mask=mask_d[None, :], other=0.0)
+        k, v = load_kv_tile(k_ptrs, v_ptrs, kv_offs, tile_start, offs_key, mask_d, seqlen_k,
+                            MASKED, KV_TMA, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D] each
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if MASKED or (HAS_ALIBI and not ALIBI_LINEAR):
@@ -157,14 +145,7 @@ def _fwd_kernel(
     k_ptrs = K + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # scalar: key 0 of this head
     v_ptrs = V + pid_b * stride_kb + pid_kv_h * stride_kh + k_begin * stride_ks  # V shares K's strides
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if KV_TMA:  # Hopper: K/V tiles arrive by TMA, which zero-fills rows past seqlen_k itself
-        k_src = tl.make_tensor_descriptor(k_ptrs, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_ptrs, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_src = k_ptrs
-        v_src = v_ptrs
+    k_src, v_src = stream_sources(k_ptrs, v_ptrs, seqlen_k, stride_ks, stride_ks, KV_TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(ALIBI + pid_b * stride_alibi_b + pid_h) * 1.4426950408889634
@@ -215,37 +196,6 @@ def _fwd_kernel(
     tl.store(lse_ptrs, lse, mask=mask_m)
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    """Scratch for device-side tensor descriptors (128 bytes per program), from torch's cache."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator():
-    """Device-side descriptors need triton's scratch allocator; install ours only where none is
-    set, so a user's own allocator is left alone."""
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        triton.set_allocator(_tma_allocator)
-
-
-def tma_aligned(*tensors) -> bool:
-    """The hardware's rule for a tensor descriptor over 16-bit elements: a 16-byte aligned base
-    address and every stride but the last a multiple of 16 bytes."""
-    return all(t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1]) for t in tensors)
-
-
-def kv_by_tma(cfg, q, k, v, head_dim: int, block_d: int, max_seqlen_k: int) -> bool:
-    """Whether the forward reads K/V through TMA descriptors: where the tile entry asks for it
-    (Hopper entries only) and the keys are many enough (``configs.TMA_MIN_SEQLEN_K``), for
-    16-bit inputs with an unpadded head dim whose K and V are ``tma_aligned``."""
-    if not (cfg.kv_tma and q.is_cuda and q.dtype != torch.float32 and head_dim == block_d
-            and max_seqlen_k >= configs.TMA_MIN_SEQLEN_K):
-        return False
-    aligned = tma_aligned(k, v)
-    if aligned:
-        _ensure_allocator()
-    return aligned
-
-
 def flash_fwd(q, k, v, features, varlen=None):
     """Launch the forward kernel.
 
@@ -264,7 +214,8 @@ def flash_fwd(q, k, v, features, varlen=None):
         return out, lse.fill_(float("inf"))
 
     block_d = padded_head_dim(head_dim)
-    cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked, layout.is_varlen, features.heavy_scores)
+    cfg = tile_config(q.device, q.dtype, block_d, "fwd", features.masked, layout.is_varlen, features.heavy_scores,
+                      long_loop=layout.max_seqlen_k >= configs.TMA_MIN_SEQLEN)
     num_m_blocks = cdiv(layout.max_seqlen_q, cfg.block_m)
     grid = (num_m_blocks * layout.batch * n_heads,)
     args = feature_args(features, q)
@@ -277,7 +228,7 @@ def flash_fwd(q, k, v, features, varlen=None):
             **args.runtime, IS_VARLEN=layout.is_varlen, **args.flags, HEAD_DIM=head_dim,
             ALIBI_LINEAR=features.alibi_slopes is not None and features.window_right == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            DOT_PRECISION=dot_precision(q.dtype), KV_TMA=kv_by_tma(cfg, q, k, v, head_dim, block_d, layout.max_seqlen_k),
+            DOT_PRECISION=dot_precision(q.dtype), KV_TMA=stream_by_tma(cfg, k, v),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
