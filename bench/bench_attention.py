@@ -7,6 +7,10 @@ EFFICIENT_ATTENTION backends, the ratio of flashtile to each, and the extra peak
 forward+backward. Writes JSON for bench/plot.py.
 
     PYTHONPATH=src python3 bench/bench_attention.py --out bench/results/h100.json
+    # short sequences at a fixed batch:
+    PYTHONPATH=src python3 bench/bench_attention.py --seqlens 128,256 --batch 64 --out ...
+    # one 131072-token causal forward+backward (B=1, H=16, D=128): times and peak memory
+    PYTHONPATH=src python3 bench/bench_attention.py --long-context --out ...
 """
 
 import argparse
@@ -94,16 +98,65 @@ def peak_memory_mib(method, batch, heads, seqlen, head_dim, causal):
         torch.cuda.empty_cache()
 
 
+def time_few(fn, runs=3):
+    """Median ms of ``runs`` calls after one warm-up, by CUDA events: for calls of seconds,
+    where do_bench's estimate-then-repeat would take minutes."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def long_context(methods, seqlen=131072, heads=16, head_dim=128):
+    """One long causal sequence on one GPU: forward and forward+backward ms, TFLOP/s and extra
+    peak memory per method (``standard`` would need seqlen^2 scores and is skipped)."""
+    rows = []
+    for method in methods:
+        if method == "standard":
+            continue
+        row = dict(method=method, batch=1, heads=heads, seqlen=seqlen, head_dim=head_dim, causal=True)
+        try:
+            fn = METHODS[method]
+            q, k, v = make_inputs(method, 1, heads, seqlen, head_dim)
+            dout = torch.randn_like(q)
+            row["fwd_ms"] = time_few(lambda: fn(q, k, v, True))
+            row["fwd_bwd_ms"] = time_few(lambda: torch.autograd.grad(fn(q, k, v, True), (q, k, v), dout))
+            for mode in ("fwd", "fwd_bwd"):
+                flops = attention_flops(1, heads, seqlen, seqlen, head_dim, True, mode)
+                row[f"{mode}_tflops"] = flops / row[f"{mode}_ms"] / 1e9
+            del q, k, v, dout
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            print(f"  {method} S={seqlen}: {type(err).__name__}: {str(err)[:100]}")
+        finally:
+            torch.cuda.empty_cache()
+        row["peak_memory_fwd_bwd_mib"] = peak_memory_mib(method, 1, heads, seqlen, head_dim, True)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/<gpu>.json)")
     parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batch", type=int, default=None, help="fixed batch (default: 16384 // seqlen)")
+    parser.add_argument("--long-context", action="store_true", help="only the 131072-token causal run")
     args = parser.parse_args()
 
     env = environment()
     print(banner(env))
+    if args.long_context:
+        rows = long_context(args.methods.split(","))
+        write_json(args.out or "long_context.json", dict(environment=env, dtype="bfloat16", long_context=rows))
+        return
     seqlens = [int(s) for s in args.seqlens.split(",")]
     head_dims = [int(d) for d in args.head_dims.split(",")]
     methods = args.methods.split(",")
@@ -112,7 +165,7 @@ def main():
         heads = 2048 // head_dim
         for causal in (False, True):
             for seqlen in seqlens:
-                batch = max(1, 16384 // seqlen)
+                batch = args.batch or max(1, 16384 // seqlen)
                 for method in methods:
                     times = measure(method, batch, heads, seqlen, head_dim, causal)
                     for mode, ms in times.items():
@@ -121,10 +174,12 @@ def main():
                                             head_dim=head_dim, causal=causal, ms=ms, tflops=flops / ms / 1e9))
 
     memory = {}
-    for method in methods:
-        memory[method] = peak_memory_mib(method, 1, 16, 16384, 128, True)
+    if not args.batch:  # the papers' shapes: also the peak-memory comparison
+        for method in methods:
+            memory[method] = peak_memory_mib(method, 1, 16, 16384, 128, True)
 
-    payload = dict(environment=env, dtype="bfloat16", records=records,
+    shape = f"batch {args.batch}" if args.batch else "batch x seqlen = 16k"
+    payload = dict(environment=env, dtype="bfloat16", records=records, shape=f"{shape}, heads x headdim = 2048",
                    peak_memory_fwd_bwd_mib=dict(shape="B=1 H=16 S=16384 D=128 causal", **memory))
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    env["gpu"].lower().replace(" ", "_") + ".json")
@@ -152,6 +207,8 @@ def print_table(records, memory):
         table.add_row(str(head_dim), "y" if causal else "n", str(seqlen), mode,
                       f"{ours:.0f}" if ours else "-", *cells)
     Console(width=160).print(table)
+    if not memory:
+        return
     print("extra peak memory, fwd+bwd, B=1 H=16 S=16384 D=128 causal (MiB):",
           ", ".join(f"{m}={v:.0f}" if v is not None else f"{m}=OOM" for m, v in memory.items()))
 

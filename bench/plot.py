@@ -25,24 +25,26 @@ def main(src, dst):
     panels = sorted({(r["head_dim"], r["causal"]) for r in records})
     seqlens = sorted({r["seqlen"] for r in records})
     index = {(r["method"], r["mode"], r["head_dim"], r["causal"], r["seqlen"]): r["tflops"] for r in records}
+    methods = [m for m in METHODS if any(r["method"] == m[0] for r in records)]  # those the run measured
     fig, axes = plt.subplots(len(MODES), len(panels), figsize=(4.2 * len(panels), 3.2 * len(MODES)), squeeze=False)
-    width = 0.8 / len(METHODS)
+    width = 0.8 / len(methods)
     for row, (mode, mode_name) in enumerate(MODES):
         for col, (head_dim, causal) in enumerate(panels):
             ax = axes[row][col]
-            for i, (method, label, color) in enumerate(METHODS):
+            for i, (method, label, color) in enumerate(methods):
                 values = [index.get((method, mode, head_dim, causal, s), 0.0) for s in seqlens]
-                xs = [x + (i - len(METHODS) / 2 + 0.5) * width for x in range(len(seqlens))]
+                xs = [x + (i - len(methods) / 2 + 0.5) * width for x in range(len(seqlens))]
                 ax.bar(xs, values, width, label=label, color=color)
             ax.set_xticks(range(len(seqlens)), [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
             ax.set_title(f"{mode_name}, head dim {head_dim}, {'causal' if causal else 'non-causal'}", fontsize=9)
             ax.set_ylabel("TFLOP/s" if col == 0 else "")
             ax.grid(axis="y", alpha=0.3)
     env = data["environment"]
-    fig.suptitle(f"{env['gpu']}, bf16, batch x seqlen = 16k, heads x headdim = 2048 "
+    shape = data.get("shape", "batch x seqlen = 16k, heads x headdim = 2048")
+    fig.suptitle(f"{env['gpu']}, bf16, {shape} "
                  f"(torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, {env['date']})", fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(METHODS), fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     fig.savefig(dst, dpi=110)
     print(f"wrote {dst}")
