@@ -8,6 +8,7 @@ arguments are not marked 16-divisible here and group_size is not specialized, so
 are close to, not equal to, what runs.
 
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
+    PYTHONPATH=src python3 bench/ptxas_report.py --tables   # every Hopper table entry
     (kernel: fwd, dkdv or dq; full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
     features: varlen, softcap, alibi, dropout, left (a window's left bound); tma: the loop's
     streamed tiles (fwd, dq: K/V; dkdv: Q/dO) by TMA tensor descriptors, e.g.
@@ -84,11 +85,25 @@ def sass_summary(compiled) -> str:
     return "SASS " + ", ".join(f"{op} {n}" for op, n in counts.items())
 
 
+def table_specs():
+    """Specs of every Hopper table entry at head dims 64, 128 and 256 (``--tables``)."""
+    from flashtile import configs
+
+    for name, table in (("SM90", configs.SM90), ("SM90_LONG", configs.SM90_LONG)):
+        for (mode, head_dim, causal), cfg in sorted(table.items()):
+            if head_dim in (64, 128, 256):
+                yield name, (f"{mode},{'causal' if causal else 'full'},{cfg.block_m},{cfg.block_n},{cfg.num_warps},"
+                             f"{cfg.num_stages},{head_dim},{int(cfg.kv_as_b)}" + (",tma" if cfg.tma else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("specs", nargs="+")
-    for spec in parser.parse_args().specs:
-        print(report(spec))
+    parser.add_argument("specs", nargs="*")
+    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90 and SM90_LONG")
+    args = parser.parse_args()
+    specs = [("", spec) for spec in args.specs] + (list(table_specs()) if args.tables else [])
+    for table, spec in specs:
+        print(f"{table} {report(spec)}".strip(), flush=True)
 
 
 if __name__ == "__main__":
