@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session: tests, then benchmarks, logs and JSON under $OUT.
 #   bash bench/gpu_session.sh check   # GPU tests + benchmark + demo
-#   bash bench/gpu_session.sh tune    # tile tuning sweep
+#   bash bench/gpu_session.sh bench   # issue-4 benchmark set: head dims 64/128/256 against SDPA FA2 and
+#                                     # cuDNN, short sequences at batch 64, the 131072-token causal run
+#   bash bench/gpu_session.sh tune    # tile tuning sweep (TUNE_ARGS="--long" for SM90_LONG)
 #   bash bench/gpu_session.sh features   # FA2 feature costs (varlen, window, softcap, ALiBi, dropout)
 #   bash bench/gpu_session.sh gputests   # only the GPU tests
 #   bash bench/gpu_session.sh probe      # the probes behind non-tuned tile choices (bench/probe.py)
@@ -19,6 +21,15 @@ case "${1:-check}" in
     python3 bench/overhead.py 2>&1 | tee "$OUT/overhead.log"
     python3 bench/bench_attention.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
     python3 -m flashtile.cli demo 2>&1 | tee "$OUT/demo.log"
+    ;;
+  bench)
+    python3 bench/overhead.py 2>&1 | tee "$OUT/overhead.log"
+    python3 bench/bench_attention.py --out "$OUT/bench.json" --head-dims 64,128,256 \
+      --methods flashtile,sdpa_flash,sdpa_cudnn 2>&1 | tee "$OUT/bench.log"
+    python3 bench/bench_attention.py --out "$OUT/short.json" --seqlens 128,256 --batch 64 --head-dims 64,128,256 \
+      --methods flashtile,sdpa_flash,sdpa_cudnn 2>&1 | tee "$OUT/short.log"
+    python3 bench/bench_attention.py --out "$OUT/long_context.json" --long-context \
+      --methods flashtile,sdpa_flash,sdpa_cudnn 2>&1 | tee "$OUT/long_context.log"
     ;;
   features)
     python3 bench/bench_features.py --out "$OUT/features.json" 2>&1 | tee "$OUT/features.log"
