@@ -76,6 +76,61 @@ def test_long_loops_with_the_real_tables(shape, causal):
     check_against_oracle(attention(causal), q, k, v, causal=causal)
 
 
+GLUON_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 2176, 4096, 8, 2, 128), (3, 256, 2048, 2, 1, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=[case_id(*s) for s in GLUON_SHAPES])
+def test_gluon_forward_matches_oracle(shape, dtype, monkeypatch):
+    """The Hopper Gluon forward (ops/fwd_hopper.py) on calls it covers, GQA and Sq != Sk among
+    them; the backward then runs on its LSE."""
+    from flashtile.ops import fwd_hopper
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("Gluon forward: Hopper only")
+    calls = []
+    real = fwd_hopper.hopper_fwd
+    monkeypatch.setattr(fwd_hopper, "hopper_fwd", lambda *a: calls.append(1) or real(*a))
+    q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
+    check_against_oracle(attention(False), q, k, v, causal=False)
+    assert calls, "the Gluon forward did not run"
+
+
+def test_gluon_forward_dispatch_rules():
+    """One check per rule of hopper_fwd_eligible: only plain attention at head dim 128, 16-bit,
+    dense, contiguous, lengths multiples of 128 with >= TMA_MIN_SEQLEN keys, on Hopper."""
+    from flashtile.features import Features
+    from flashtile.ops.fwd_hopper import hopper_fwd_eligible
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("Gluon forward: Hopper only")
+    plain = Features(0.1)
+
+    def qkv(seqlen_q=2048, seqlen_k=2048, head_dim=128, dtype=torch.bfloat16):
+        q = torch.randn(1, seqlen_q, 2, head_dim, device="cuda", dtype=dtype)
+        k = torch.randn(1, seqlen_k, 2, head_dim, device="cuda", dtype=dtype)
+        return q, k, k.clone()
+
+    assert hopper_fwd_eligible(*qkv(), plain, None)
+    assert hopper_fwd_eligible(*qkv(dtype=torch.float16), plain, None)
+    assert not hopper_fwd_eligible(*qkv(dtype=torch.float32), plain, None)
+    assert not hopper_fwd_eligible(*qkv(head_dim=64), plain, None)
+    assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64), plain, None)
+    assert not hopper_fwd_eligible(*qkv(seqlen_k=2048 + 64), plain, None)
+    assert not hopper_fwd_eligible(*qkv(seqlen_k=configs.TMA_MIN_SEQLEN - 128), plain, None)
+    q, k, v = qkv()
+    assert not hopper_fwd_eligible(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, plain, None)
+    assert not hopper_fwd_eligible(q, k, v, plain, (None, None, 2048, 2048))  # varlen
+    for features in (Features(0.1, window_right=0), Features(0.1, window_left=100), Features(0.1, softcap=5.0),
+                     Features(0.1, alibi_slopes=torch.ones(2, device="cuda")), Features(0.1, dropout_p=0.1)):
+        assert not hopper_fwd_eligible(q, k, v, features, None)
+    try:
+        configs.GLUON_FWD = False
+        assert not hopper_fwd_eligible(q, k, v, plain, None)
+    finally:
+        configs.GLUON_FWD = True
+
+
 def test_tma_needs_aligned_strides():
     """Streamed tiles go by TMA only where the entry asks, for aligned 16-bit tiles of an
     unpadded head dim: a K whose head stride is not a multiple of 16 bytes, fp32, or a head dim

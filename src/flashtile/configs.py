@@ -101,6 +101,13 @@ SM90_LONG = {
 SM90_LONG.update({(mode, small, causal): SM90_LONG[(mode, 64, causal)]
                   for (mode, d, causal) in list(SM90_LONG) if d == 64 for small in (16, 32)})
 
+# The Gluon forward (ops/fwd_hopper.py: warp-specialized, ping-pong consumers) for the calls it
+# covers: bench/gluon_fwd_probe.py, H100, 2026-11-24 08:03 UTC, head dim 128 non-causal, TFLOP/s
+# at B=4 S=4096 / B=1 S=16384: 582 / 598, against the tl kernel's 494 / 485 and cuDNN's 610 / 593
+# in the same run; bench_attention 08:04: 564-652 from 2048 to 16384 (0.93-1.02x cuDNN). Set to
+# False to time the tl kernel on the same shapes.
+GLUON_FWD = True
+
 SM90 = {
     **_TUNED_H100,
     **{(mode, small, causal): _TUNED_H100[(mode, 64, causal)]
@@ -118,6 +125,11 @@ SM90_VARLEN = {("fwd", d, False): TileConfig(128, 64, 4, 3) for d in (16, 32, 64
 def _generic(mode: str, block_d: int) -> TileConfig:
     table = GENERIC[mode]
     return table[min((d for d in table if d >= block_d), default=256)]
+
+
+def arch(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device (cached)."""
+    return _arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,8 @@ past ``seqlen_k`` (masked). Tiles no row sees are never loaded, so a window cost
 same kernel; under varlen each program reads its sequence's bounds from ``cu_seqlens``.
 
 On Hopper, loops over ``configs.TMA_MIN_SEQLEN`` keys or more read K/V through TMA tensor
-descriptors where the tile entry says so (``TileConfig.tma``).
+descriptors where the tile entry says so (``TileConfig.tma``), and the calls ``fwd_hopper`` covers
+(plain attention at head dim 128, lengths multiples of 128) take its Gluon kernel instead.
 
 Fully masked rows (causal with ``Sq > Sk``, a window that misses every key, or ``Sk == 0``)
 write ``out = 0`` and ``lse = +inf``, FlashAttention-2's convention: the backward then
@@ -204,6 +205,12 @@ def flash_fwd(q, k, v, features, varlen=None):
     Every tensor has ``stride(-1) == 1`` (see ``autograd.kernel_layout``).
     Returns ``out`` shaped like q in q's dtype and ``lse`` float32, (B, Hq, Sq) or (Hq, total_q).
     """
+    if q.is_cuda:
+        from flashtile.ops import fwd_hopper  # Gluon: no interpreter, CUDA only
+
+        if fwd_hopper.hopper_fwd_eligible(q, k, v, features, varlen):
+            with device_guard(q):
+                return fwd_hopper.hopper_fwd(q, k, v, features.softmax_scale)
     k, v = shared_strides(k, v)
     layout = sequence_layout(q, k, varlen)
     n_heads, head_dim = q.shape[-2], q.shape[-1]

@@ -1,0 +1,208 @@
+"""Probe behind ops/fwd_hopper.py (docs/performance.md, issue 4 step 5): the Gluon forward's
+schedule one technique at a time, non-causal, head dim 128, bf16, against the tl kernel and SDPA.
+
+* ``ws``: warp specialization alone -- the library's 1-warp TMA producer (``_produce_kv``) and one
+  8-warp consumer partition (two warpgroups in lockstep, 64 query rows each) running S = Q K^T,
+  the online softmax in the MMA accumulator's layout, O += P V with P as a register operand;
+* ``ws_overlap``: plus FlashAttention-3's intra-warpgroup overlap (S_j and P_{j-1} V_{j-1} issued
+  asynchronously, the softmax of S_j while the second still runs);
+* ``pingpong``: the library kernel -- two consumer warpgroups taking turns to issue.
+
+    PYTHONPATH=src python3 bench/gluon_fwd_probe.py
+"""
+
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from flashtile.ops.fwd_hopper import BLOCK_N, SLOTS, _produce_kv, hopper_fwd
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _attend(q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale,
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr,
+            NUM_WARPS: gl.constexpr):
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=mma)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, mma))
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+    for j in range(n_tiles):
+        slot = j % SLOTS
+        mbarrier.wait(ready.index(slot), (j // SLOTS) & 1)
+        s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero, use_acc=False)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_ring.index(slot), acc)
+        mbarrier.arrive(empty.index(slot), count=1)
+        m_i = m_new
+    return acc, l_i
+
+
+@gluon.jit
+def _attend_overlapped(q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr,
+                       NUM_WARPS: gl.constexpr):
+    """FlashAttention-3's intra-warpgroup overlap: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
+    together (asynchronously, in that order); the softmax of S_j runs while P_{j-1} V_{j-1} is still
+    on the tensor cores, and O is rescaled once that MMA has retired."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=mma)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero, use_acc=False)
+    m_i = gl.max(s, axis=1) * qk_scale
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, axis=1)
+    for j in range(1, n_tiles):
+        slot = j % SLOTS
+        prev = (j - 1) % SLOTS
+        mbarrier.wait(ready.index(slot), (j // SLOTS) & 1)
+        s_tok = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+        mbarrier.arrive(empty.index(prev), count=1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    last = (n_tiles - 1) % SLOTS
+    acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_ring.index(last), acc)
+    mbarrier.arrive(empty.index(last), count=1)
+    return acc, l_i
+
+
+@gluon.jit
+def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
+              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SLOTS: gl.constexpr,
+              NUM_WARPS: gl.constexpr, OVERLAP: gl.constexpr):
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kv_row0 = b * seqlen
+    q_row0 = kv_row0 + pid_m * BLOCK_M
+    col0 = h * D
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [SLOTS] + k_desc.block_type.shape, k_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [SLOTS] + v_desc.block_type.shape, v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(SLOTS):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    mbarrier.init(q_bar, count=1)
+    fence_async_shared()
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row0, col0], q_bar, q_smem)
+    mbarrier.wait(q_bar, 0)
+
+    n_tiles = seqlen // BLOCK_N
+    if OVERLAP:
+        acc, l_i = gl.warp_specialize([
+            (_attend_overlapped, (q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D,
+                                  SLOTS, NUM_WARPS)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, col0, n_tiles)),
+        ], [1], [24])
+    else:
+        acc, l_i = gl.warp_specialize([
+            (_attend, (q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D, SLOTS,
+                       NUM_WARPS)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, col0, n_tiles)),
+        ], [1], [24])
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    out = acc / l_i[:, None]
+    rows = (q_row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))).to(gl.int64)
+    cols = col0 + gl.arange(0, D, layout=gl.SliceLayout(0, mma))
+    gl.store(out_ptr + rows[:, None] * (n_heads * D) + cols[None, :], out.to(gl.bfloat16))
+
+
+def gluon_attention(q, k, v, overlap=False, block_m=128, block_n=BLOCK_N.value, num_warps=8):
+    slots = SLOTS.value  # the library producer's ring depth
+    batch, seqlen, heads, d = q.shape
+    assert d == 128 and seqlen % block_m == 0 and seqlen % block_n == 0 and q.is_contiguous()
+    out = torch.empty_like(q)
+    views = [t.view(batch * seqlen, heads * d) for t in (q, k, v)]
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gl.bfloat16)
+    q_desc = TensorDescriptor.from_tensor(views[0], [block_m, d], q_layout)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.bfloat16)
+    k_desc = TensorDescriptor.from_tensor(views[1], [block_n, d], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(views[2], [block_n, d], kv_layout)
+    grid = (seqlen // block_m, batch * heads)
+    gluon_fwd[grid](q_desc, k_desc, v_desc, out, seqlen, heads, d ** -0.5 * LOG2E, d, block_m, block_n, slots,
+                    num_warps, overlap, num_warps=num_warps)
+    return out
+
+
+def tl_forward(q, k, v):
+    """flashtile's forward with the Gluon path switched off: the tl kernel of ops/fwd.py."""
+    import flashtile
+    from flashtile import configs
+
+    configs.GLUON_FWD = False
+    try:
+        return flashtile.flash_attn_func(q, k, v)
+    finally:
+        configs.GLUON_FWD = True
+
+
+def run_variant(q, k, v, pingpong=False, **kw):
+    if pingpong:  # the library's kernel
+        return hopper_fwd(q, k, v, q.shape[-1] ** -0.5)[0]
+    return gluon_attention(q, k, v, **kw)
+
+
+def main():
+    sys.path.insert(0, "bench")
+    from common import median_ms, sdpa
+
+    torch.manual_seed(0)
+    ok = True
+    for batch, seqlen in ((4, 4096), (1, 16384)):
+        heads, d = 16, 128
+        q, k, v = (torch.randn(batch, seqlen, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ref = tl_forward(q, k, v)  # the tl kernel, tested against the float64 oracle
+        variants = {"ws": dict(), "ws_overlap": dict(overlap=True), "pingpong (ops/fwd_hopper.py)": dict(pingpong=True)}
+        errs = []
+        for kw in variants.values():
+            errs.append((run_variant(q, k, v, **kw).float() - ref.float()).abs().max().item())
+        err = max(errs)
+        ok &= err < 2e-2
+        flops = 4 * batch * heads * seqlen * seqlen * d
+        bhsd = [t.transpose(1, 2) for t in (q, k, v)]
+        row = {f"gluon_{name}": median_ms(lambda kw=kw: run_variant(q, k, v, **kw)) for name, kw in variants.items()}
+        row |= {
+            "flashtile_tl": median_ms(lambda: tl_forward(q, k, v)),
+            "sdpa_cudnn": median_ms(lambda: sdpa("sdpa_cudnn")(*bhsd, False)),
+            "sdpa_flash": median_ms(lambda: sdpa("sdpa_flash")(*bhsd, False))}
+        print(f"B={batch} S={seqlen} H={heads} D={d} non-causal fwd: max |gluon - tl| {errs}; TFLOP/s "
+              + ", ".join(f"{name} {flops / ms / 1e9:.0f}" for name, ms in row.items()), flush=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
