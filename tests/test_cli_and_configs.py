@@ -94,6 +94,23 @@ def test_launchers_call_a_loop_long_from_tma_min_seqlen_streamed_rows(monkeypatc
         assert dict(asked) == expected
 
 
+def test_forward_works_without_gluon(monkeypatch):
+    """A triton without Gluon: the Hopper forward's module fails to import, the launcher finds no
+    Gluon path (and the tl kernel serves every call)."""
+    import sys
+
+    from flashtile.ops import fwd
+
+    fwd._gluon_forward.cache_clear()
+    monkeypatch.setitem(sys.modules, "flashtile.ops.fwd_hopper", None)  # importing it raises ImportError
+    try:
+        assert fwd._gluon_forward() is None
+    finally:
+        fwd._gluon_forward.cache_clear()
+    monkeypatch.undo()
+    assert fwd._gluon_forward() is not None  # triton 3.6, as pinned, has it
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]

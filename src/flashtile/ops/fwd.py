@@ -20,6 +20,8 @@ write ``out = 0`` and ``lse = +inf``, FlashAttention-2's convention: the backwar
 recomputes ``P = 0`` there.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -197,6 +199,18 @@ def _fwd_kernel(
     tl.store(lse_ptrs, lse, mask=mask_m)
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon_forward():
+    """``ops.fwd_hopper``, imported on first CUDA use (Gluon has no interpreter), or None where
+    the installed triton has no usable Gluon (flashtile supports triton 3.2 and later; Gluon is
+    newer): every call then takes the ``tl`` kernel."""
+    try:
+        from flashtile.ops import fwd_hopper
+    except ImportError:
+        return None
+    return fwd_hopper
+
+
 def flash_fwd(q, k, v, features, varlen=None):
     """Launch the forward kernel.
 
@@ -205,12 +219,10 @@ def flash_fwd(q, k, v, features, varlen=None):
     Every tensor has ``stride(-1) == 1`` (see ``autograd.kernel_layout``).
     Returns ``out`` shaped like q in q's dtype and ``lse`` float32, (B, Hq, Sq) or (Hq, total_q).
     """
-    if q.is_cuda:
-        from flashtile.ops import fwd_hopper  # Gluon: no interpreter, CUDA only
-
-        if fwd_hopper.hopper_fwd_eligible(q, k, v, features, varlen):
-            with device_guard(q):
-                return fwd_hopper.hopper_fwd(q, k, v, features.softmax_scale)
+    hopper = _gluon_forward() if q.is_cuda else None
+    if hopper is not None and hopper.hopper_fwd_eligible(q, k, v, features, varlen):
+        with device_guard(q):
+            return hopper.hopper_fwd(q, k, v, features.softmax_scale)
     k, v = shared_strides(k, v)
     layout = sequence_layout(q, k, varlen)
     n_heads, head_dim = q.shape[-2], q.shape[-1]
