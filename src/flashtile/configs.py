@@ -157,7 +157,7 @@ def tile_config(device: torch.device, dtype: torch.dtype, block_d: int, mode: st
     if heavy_scores and block_d <= 64 and mode in HEAVY_SCORE_MODES:
         causal = True
     key = (mode, block_d, causal)
-    if _arch(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0) and key in SM90:
+    if arch(device) == (9, 0) and key in SM90:
         if varlen and key in SM90_VARLEN:
             return SM90_VARLEN[key]
         if long_loop and key in SM90_LONG:

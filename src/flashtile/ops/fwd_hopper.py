@@ -145,8 +145,7 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
         return False
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    plain = (features.window_left < 0 and features.window_right < 0 and features.softcap == 0
-             and features.alibi_slopes is None and features.dropout_p == 0)
+    plain = not features.masked and not features.heavy_scores and features.alibi_slopes is None
     return (plain and head_dim == 128 and seqlen_q % _ROWS == 0 and seqlen_k % _KEYS == 0
             and seqlen_q > 0 and seqlen_k >= configs.TMA_MIN_SEQLEN and 0 < batch * n_heads < 65536
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v))
