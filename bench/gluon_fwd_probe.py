@@ -8,9 +8,14 @@ schedule one technique at a time, non-causal, head dim 128, bf16, against the tl
   asynchronously, the softmax of S_j while the second still runs);
 * ``pingpong``: the library kernel -- two consumer warpgroups taking turns to issue.
 
-    PYTHONPATH=src python3 bench/gluon_fwd_probe.py
+``--coverage`` instead times the library kernel against the tl kernel and SDPA on every head dim
+of ``configs.SM90_GLUON_FWD``, causal and not, seqlen 512..16384 (batch x seqlen = 16384, heads
+x head dim = 2048): what decides the head dims and the minimum key length it is dispatched for.
+
+    PYTHONPATH=src python3 bench/gluon_fwd_probe.py [--coverage] [--out results.json]
 """
 
+import argparse
 import sys
 
 import torch
@@ -22,7 +27,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.fwd_hopper import BLOCK_N, SLOTS, _produce_kv, hopper_fwd
+from flashtile import configs
+from flashtile.features import Features
+from flashtile.ops.fwd import flash_fwd
+from flashtile.ops.fwd_hopper import _produce_kv, hopper_fwd
 
 LOG2E = 1.4426950408889634
 
@@ -141,8 +149,9 @@ def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
     gl.store(out_ptr + rows[:, None] * (n_heads * D) + cols[None, :], out.to(gl.bfloat16))
 
 
-def gluon_attention(q, k, v, overlap=False, block_m=128, block_n=BLOCK_N.value, num_warps=8):
-    slots = SLOTS.value  # the library producer's ring depth
+def gluon_attention(q, k, v, overlap=False, block_m=128, num_warps=8):
+    tile = configs.SM90_GLUON_FWD[(128, False)]  # the library's tile (the producer is the library's)
+    block_n, slots = tile.block_n, tile.slots
     batch, seqlen, heads, d = q.shape
     assert d == 128 and seqlen % block_m == 0 and seqlen % block_n == 0 and q.is_contiguous()
     out = torch.empty_like(q)
@@ -158,34 +167,83 @@ def gluon_attention(q, k, v, overlap=False, block_m=128, block_n=BLOCK_N.value, 
     return out
 
 
-def tl_forward(q, k, v):
-    """flashtile's forward with the Gluon path switched off: the tl kernel of ops/fwd.py."""
-    import flashtile
-    from flashtile import configs
+def _features(q, causal):
+    return Features(q.shape[-1] ** -0.5, window_right=0 if causal else -1)
 
+
+def tl_forward(q, k, v, causal=False):
+    """flashtile's forward launcher with the Gluon path switched off (the tl kernel of ops/fwd.py):
+    ``(out, lse)``."""
     configs.GLUON_FWD = False
     try:
-        return flashtile.flash_attn_func(q, k, v)
+        return flash_fwd(q, k, v, _features(q, causal))
     finally:
         configs.GLUON_FWD = True
 
 
+def library_kernel(q, k, v, causal=False):
+    """ops/fwd_hopper.py called directly, whatever the dispatch rule says: ``(out, lse)``."""
+    return hopper_fwd(q, k, v, _features(q, causal))
+
+
 def run_variant(q, k, v, pingpong=False, **kw):
-    if pingpong:  # the library's kernel
-        return hopper_fwd(q, k, v, q.shape[-1] ** -0.5)[0]
+    if pingpong:
+        return library_kernel(q, k, v)[0]
     return gluon_attention(q, k, v, **kw)
+
+
+def coverage(out_path):
+    """Library kernel vs tl kernel vs SDPA per head dim, causal and not, seqlen 512..16384."""
+    from common import attention_flops, environment, median_ms, sdpa, write_json
+
+    env = environment()
+    rows, ok = [], True
+    for head_dim in sorted({d for d, _ in configs.SM90_GLUON_FWD}):
+        heads = 2048 // head_dim
+        for causal in (False, True):
+            for seqlen in (512, 1024, 2048, 4096, 8192, 16384):
+                batch = 16384 // seqlen
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+                           for _ in range(3))
+                out, lse = library_kernel(q, k, v, causal)
+                ref_out, ref_lse = tl_forward(q, k, v, causal)  # tested against the float64 oracle
+                err = (out.float() - ref_out.float()).abs().max().item()
+                lse_err = (lse - ref_lse).abs().max().item()
+                ok &= err < 2e-2 and lse_err < 1e-3
+                bhsd = [t.transpose(1, 2) for t in (q, k, v)]
+                ms = {"gluon": median_ms(lambda: library_kernel(q, k, v, causal)),
+                      "tl": median_ms(lambda: tl_forward(q, k, v, causal)),
+                      "sdpa_cudnn": median_ms(lambda: sdpa("sdpa_cudnn")(*bhsd, causal)),
+                      "sdpa_flash": median_ms(lambda: sdpa("sdpa_flash")(*bhsd, causal))}
+                flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, "fwd")
+                tflops = {name: round(flops / t / 1e9, 1) for name, t in ms.items()}
+                rows.append(dict(head_dim=head_dim, causal=causal, batch=batch, seqlen=seqlen, heads=heads,
+                                 max_err_vs_tl=err, lse_err_vs_tl=lse_err, ms=ms, tflops=tflops))
+                print(f"d{head_dim} {'causal' if causal else 'full  '} B{batch:<2} S{seqlen:<5} err {err:.1e}/{lse_err:.1e}"
+                      f" TFLOP/s " + " ".join(f"{n} {t:.0f}" for n, t in tflops.items())
+                      + f" | gluon/cudnn {ms['sdpa_cudnn'] / ms['gluon']:.2f} gluon/tl {ms['tl'] / ms['gluon']:.2f}",
+                      flush=True)
+    write_json(out_path, {"env": env, "rows": rows})
+    return ok
 
 
 def main():
     sys.path.insert(0, "bench")
     from common import median_ms, sdpa
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--coverage", action="store_true")
+    parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
+    args = parser.parse_args()
+    if args.coverage:
+        sys.exit(0 if coverage(args.out) else 1)
     torch.manual_seed(0)
     ok = True
     for batch, seqlen in ((4, 4096), (1, 16384)):
         heads, d = 16, 128
         q, k, v = (torch.randn(batch, seqlen, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        ref = tl_forward(q, k, v)  # the tl kernel, tested against the float64 oracle
+        ref = tl_forward(q, k, v)[0]  # the tl kernel, tested against the float64 oracle
         variants = {"ws": dict(), "ws_overlap": dict(overlap=True), "pingpong (ops/fwd_hopper.py)": dict(pingpong=True)}
         errs = []
         for kw in variants.values():

@@ -9,6 +9,7 @@ are close to, not equal to, what runs.
 
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
     PYTHONPATH=src python3 bench/ptxas_report.py --tables   # every Hopper table entry
+    PYTHONPATH=src python3 bench/ptxas_report.py gluon,causal,128   # the Gluon forward (ops/fwd_hopper.py)
     (kernel: fwd, dkdv or dq; full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
     features: varlen, softcap, alibi, dropout, left (a window's left bound); tma: the loop's
     streamed tiles (fwd, dq: K/V; dkdv: Q/dO) by TMA tensor descriptors, e.g.
@@ -37,6 +38,8 @@ FEATURES = {"varlen": "IS_VARLEN", "softcap": "SOFTCAP", "alibi": "HAS_ALIBI", "
 
 
 def report(spec: str) -> str:
+    if spec.startswith("gluon,"):
+        return gluon_report(spec)
     kind, mask, block_m, block_n, warps, stages, head_dim, *extra = spec.split(",")
     kernel, pointers = KERNELS[kind]
     constexprs = dict(BOUND_RIGHT=mask == "causal", HEAD_DIM=int(head_dim), BLOCK_M=int(block_m),
@@ -58,6 +61,41 @@ def report(spec: str) -> str:
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=int(warps), num_stages=int(stages)))
+    return f"{spec}: " + ptxas_facts(compiled)
+
+
+def gluon_report(spec: str) -> str:
+    """``gluon,full|causal,head_dim``: the Gluon forward with its configs.SM90_GLUON_FWD tile, bf16."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from flashtile import configs
+    from flashtile.ops import fwd_hopper
+
+    _, mask, head_dim = spec.split(",")
+    head_dim = int(head_dim)
+    tile = configs.SM90_GLUON_FWD[(head_dim, mask == "causal")]
+    rows = torch.empty(4096, 2 * head_dim, dtype=torch.bfloat16)  # a host tensor: only its type matters
+
+    def desc_type(block_rows):
+        block = [block_rows, head_dim]
+        return mangle_type(TensorDescriptor.from_tensor(rows, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
+
+    kernel = fwd_hopper._hopper_fwd_kernel
+    types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n),
+             "v_desc": desc_type(tile.block_n), "out_ptr": "*bf16", "lse_ptr": "*fp32", "qk_scale": "fp32"}
+    constexprs = {"D": head_dim, "SLOTS": tile.slots, "CAUSAL": mask == "causal"}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+    compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    return f"{spec}: " + ptxas_facts(compiled)
+
+
+def ptxas_facts(compiled) -> str:
+    """Shared memory, ptxas's register and spill lines, and the SASS summary of a compiled kernel."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
@@ -65,7 +103,7 @@ def report(spec: str) -> str:
         log = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     facts = [line.split("info    : ")[-1].strip() for line in log.splitlines() if "registers" in line or "spill" in line]
-    return f"{spec}: shared {compiled.metadata.shared} B | " + " | ".join(facts) + " | " + sass_summary(compiled)
+    return f"shared {compiled.metadata.shared} B | " + " | ".join(facts) + " | " + sass_summary(compiled)
 
 
 def sass_summary(compiled) -> str:
@@ -94,12 +132,14 @@ def table_specs():
             if head_dim in (64, 128, 256):
                 yield name, (f"{mode},{'causal' if causal else 'full'},{cfg.block_m},{cfg.block_n},{cfg.num_warps},"
                              f"{cfg.num_stages},{head_dim},{int(cfg.kv_as_b)}" + (",tma" if cfg.tma else ""))
+    for head_dim, causal in sorted(configs.SM90_GLUON_FWD):
+        yield "SM90_GLUON_FWD", f"gluon,{'causal' if causal else 'full'},{head_dim}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("specs", nargs="*")
-    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90 and SM90_LONG")
+    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90, SM90_LONG, SM90_GLUON_FWD")
     args = parser.parse_args()
     specs = [("", spec) for spec in args.specs] + (list(table_specs()) if args.tables else [])
     for table, spec in specs:

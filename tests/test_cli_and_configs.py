@@ -111,6 +111,30 @@ def test_forward_works_without_gluon(monkeypatch):
     assert fwd._gluon_forward() is not None  # triton 3.6, as pinned, has it
 
 
+def test_gluon_forward_builds_for_hopper_on_any_machine():
+    """Every entry of configs.SM90_GLUON_FWD compiles for sm90 on this (GPU-less)
+    machine through bench/ptxas_report.py, and its SASS multiplies on Hopper's warpgroup MMA
+    (HGMMA, none of the Ampere-style HMMA) with operands arriving by TMA (UTMALDG). Runs in a
+    child process: the tests' Triton interpreter would turn the kernel into Python."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.join(root, "src")
+    specs = [f"gluon,{'causal' if causal else 'full'},{d}" for d, causal in sorted(configs.SM90_GLUON_FWD)]
+    run = subprocess.run([sys.executable, os.path.join(root, "bench", "ptxas_report.py"), *specs],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == specs
+    for line in lines:
+        counts = {op: int(n) for op, n in re.findall(r"(HGMMA|HMMA|UTMALDG) (\d+)", line)}
+        assert counts["HGMMA"] > 0 and counts["HMMA"] == 0 and counts["UTMALDG"] > 0, line
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]

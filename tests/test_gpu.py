@@ -76,52 +76,95 @@ def test_long_loops_with_the_real_tables(shape, causal):
     check_against_oracle(attention(causal), q, k, v, causal=causal)
 
 
-GLUON_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 2176, 4096, 8, 2, 128), (3, 256, 2048, 2, 1, 128)]
+GLUON_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 2176, 4096, 8, 2, 128), (3, 256, 2048, 2, 1, 128),
+                (2, 2048, 2048, 4, 2, 64), (1, 384, 2368, 4, 4, 256), (1, 2048, 2048, 2, 1, 256)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=[case_id(*s) for s in GLUON_SHAPES])
-def test_gluon_forward_matches_oracle(shape, dtype, monkeypatch):
-    """The Hopper Gluon forward (ops/fwd_hopper.py) on calls it covers, GQA and Sq != Sk among
-    them; the backward then runs on its LSE."""
+def _count_gluon_calls(monkeypatch):
+    """Counts the Gluon forward's launches; its tiles serve every key length from 128 on (the
+    tables' speed thresholds are checked by the dispatch test)."""
+    import dataclasses
+
     from flashtile.ops import fwd_hopper
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("Gluon forward: Hopper only")
+    monkeypatch.setattr(configs, "SM90_GLUON_FWD", {key: dataclasses.replace(tile, min_seqlen_k=128)
+                                                    for key, tile in configs.SM90_GLUON_FWD.items()})
     calls = []
     real = fwd_hopper.hopper_fwd
     monkeypatch.setattr(fwd_hopper, "hopper_fwd", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=[case_id(*s) for s in GLUON_SHAPES])
+def test_gluon_forward_matches_oracle(shape, causal, dtype, monkeypatch):
+    """The Hopper Gluon forward (ops/fwd_hopper.py) on calls it covers: head dims 64/128/256,
+    causal with Sq < Sk (at Sq = 384, Sk = 2368 the diagonal starts half-way through a 128-row
+    Q tile's span of 64-key tiles), GQA; the backward then runs on its LSE."""
+    calls = _count_gluon_calls(monkeypatch)
     q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
-    check_against_oracle(attention(False), q, k, v, causal=False)
+    check_against_oracle(attention(causal), q, k, v, causal=causal)
     assert calls, "the Gluon forward did not run"
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_forward_zero_scale(causal, monkeypatch):
+    """softmax_scale = 0: uniform attention over the visible keys; the causal mask is applied after
+    scaling, so masked scores are -inf, not 0 * -inf = NaN."""
+    calls = _count_gluon_calls(monkeypatch)
+    q, k, v = make_qkv(1, 2048, 2048, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
+    check_against_oracle(attention_with_scale(causal, 0.0), q, k, v, causal=causal, softmax_scale=0.0)
+    assert calls, "the Gluon forward did not run"
+
+
+def attention_with_scale(causal, softmax_scale):
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                                return_attn_probs=True)
+        return out, lse
+
+    return attn
+
+
 def test_gluon_forward_dispatch_rules():
-    """One check per rule of hopper_fwd_eligible: only plain attention at head dim 128, 16-bit,
-    dense, contiguous, lengths multiples of 128 with >= TMA_MIN_SEQLEN keys, on Hopper."""
+    """One check per rule of hopper_fwd_eligible: 16-bit, an entry of configs.SM90_GLUON_FWD for
+    the head dim and mask (causal only with Sk >= Sq), no window/softcap/ALiBi/dropout, dense,
+    contiguous, lengths multiples of the tiles, at least the entry's min_seqlen_k keys, Hopper."""
     from flashtile.features import Features
     from flashtile.ops.fwd_hopper import hopper_fwd_eligible
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("Gluon forward: Hopper only")
-    plain = Features(0.1)
+    plain, causal = Features(0.1), Features(0.1, window_right=0)
 
-    def qkv(seqlen_q=2048, seqlen_k=2048, head_dim=128, dtype=torch.bfloat16):
+    def qkv(seqlen_q=2048, seqlen_k=16384, head_dim=128, dtype=torch.bfloat16):
         q = torch.randn(1, seqlen_q, 2, head_dim, device="cuda", dtype=dtype)
         k = torch.randn(1, seqlen_k, 2, head_dim, device="cuda", dtype=dtype)
         return q, k, k.clone()
 
-    assert hopper_fwd_eligible(*qkv(), plain, None)
+    for (head_dim, masked), tile in configs.SM90_GLUON_FWD.items():
+        features = causal if masked else plain
+        assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k, seqlen_q=128, head_dim=head_dim), features, None)
+        assert not hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k - tile.block_n, seqlen_q=128,
+                                            head_dim=head_dim), features, None)
+        assert not hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k + tile.block_n // 2, seqlen_q=128,
+                                            head_dim=head_dim), features, None)
     assert hopper_fwd_eligible(*qkv(dtype=torch.float16), plain, None)
     assert not hopper_fwd_eligible(*qkv(dtype=torch.float32), plain, None)
-    assert not hopper_fwd_eligible(*qkv(head_dim=64), plain, None)
+    assert not hopper_fwd_eligible(*qkv(head_dim=96), plain, None)
     assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64), plain, None)
-    assert not hopper_fwd_eligible(*qkv(seqlen_k=2048 + 64), plain, None)
-    assert not hopper_fwd_eligible(*qkv(seqlen_k=configs.TMA_MIN_SEQLEN - 128), plain, None)
+    assert hopper_fwd_eligible(*qkv(seqlen_k=16384 + 64, head_dim=256), plain, None)  # 64-key tiles there
+    assert hopper_fwd_eligible(*qkv(seqlen_q=128), causal, None)  # Sq < Sk
+    assert not hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), causal, None)  # Sq > Sk
+    assert hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), plain, None)
     q, k, v = qkv()
     assert not hopper_fwd_eligible(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, plain, None)
-    assert not hopper_fwd_eligible(q, k, v, plain, (None, None, 2048, 2048))  # varlen
-    for features in (Features(0.1, window_right=0), Features(0.1, window_left=100), Features(0.1, softcap=5.0),
+    assert not hopper_fwd_eligible(q, k, v, plain, (None, None, 2048, 16384))  # varlen
+    for features in (Features(0.1, window_left=100), Features(0.1, window_left=100, window_right=0),
+                     Features(0.1, window_right=5), Features(0.1, softcap=5.0),
                      Features(0.1, alibi_slopes=torch.ones(2, device="cuda")), Features(0.1, dropout_p=0.1)):
         assert not hopper_fwd_eligible(q, k, v, features, None)
     try:

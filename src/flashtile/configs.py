@@ -102,11 +102,36 @@ SM90_LONG.update({(mode, small, causal): SM90_LONG[(mode, 64, causal)]
                   for (mode, d, causal) in list(SM90_LONG) if d == 64 for small in (16, 32)})
 
 # The Gluon forward (ops/fwd_hopper.py: warp-specialized, ping-pong consumers) for the calls it
-# covers: bench/gluon_fwd_probe.py, H100, 2026-11-24 08:03 UTC, head dim 128 non-causal, TFLOP/s
-# at B=4 S=4096 / B=1 S=16384: 582 / 598, against the tl kernel's 494 / 485 and cuDNN's 610 / 593
-# in the same run; bench_attention 08:04: 564-652 from 2048 to 16384 (0.93-1.02x cuDNN). Set to
-# False to time the tl kernel on the same shapes.
+# covers (SM90_GLUON_FWD): first measured by bench/gluon_fwd_probe.py, H100, 2026-11-24 08:03 UTC,
+# head dim 128 non-causal, TFLOP/s at B=4 S=4096 / B=1 S=16384: 582 / 598, against the tl
+# kernel's 494 / 485 and cuDNN's 610 / 593 in the same run. Set to False to time the tl kernel on
+# the same shapes.
 GLUON_FWD = True
+
+
+@dataclass(frozen=True)
+class GluonForwardTile:
+    block_n: int  # keys per K/V tile (each program has 128 query rows: two warpgroups of 64)
+    slots: int  # depth of the shared-memory K/V ring the producer fills
+    min_seqlen_k: int  # shorter key loops take the tl kernel
+
+
+# (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
+# beats the tl kernel (bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 09:38 UTC,
+# bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
+# kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Shared memory: Q 128 x D
+# plus slots x 2 x block_n x D, 16-bit, within an H100 SM's 227 KB. Head dim 64 is bound by the
+# exponentials (as many per score as at 128, half the MMA work), so ping-pong gains little there.
+SM90_GLUON_FWD = {
+    (64, False): GluonForwardTile(128, 3, 4096),  # 0.73 0.86 1.00 1.01 1.00 1.03
+    (64, True): GluonForwardTile(128, 3, 8192),  # 0.52 0.66 0.85 0.94 1.02 1.04
+    # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384)
+    (128, False): GluonForwardTile(128, 3, 512),  # 1.09 1.16 1.18 1.19 1.15 1.16
+    (128, True): GluonForwardTile(128, 3, 1024),  # 0.91 1.02 1.09 1.10 1.17 1.08
+    # 64-key tiles, 2 slots: three 128-key slots would need 224 KB for K/V alone.
+    (256, False): GluonForwardTile(64, 2, 512),  # 1.04 1.06 1.07 1.08 1.02 1.02
+    (256, True): GluonForwardTile(64, 2, 2048),  # 1.00 1.00 1.02 1.03 1.06 1.07
+}
 
 SM90 = {
     **_TUNED_H100,

@@ -222,7 +222,7 @@ def flash_fwd(q, k, v, features, varlen=None):
     hopper = _gluon_forward() if q.is_cuda else None
     if hopper is not None and hopper.hopper_fwd_eligible(q, k, v, features, varlen):
         with device_guard(q):
-            return hopper.hopper_fwd(q, k, v, features.softmax_scale)
+            return hopper.hopper_fwd(q, k, v, features)
     k, v = shared_strides(k, v)
     layout = sequence_layout(q, k, varlen)
     n_heads, head_dim = q.shape[-2], q.shape[-1]

@@ -29,13 +29,13 @@ from flashtile.ops.common import LOG2E as _LOG2E
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two per program)
-BLOCK_N = gl.constexpr(128)  # keys per tile
-SLOTS = gl.constexpr(3)  # K/V ring depth: 2 slots measured 502 / 475 TFLOP/s against 582 / 598 with 3
 CONSUMER_REGS = gl.constexpr(232)  # setmaxnreg for each consumer warpgroup; the producer gets 24
 
 
 @gluon.jit
 def _produce_kv(k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, kv_col0, n_tiles):
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    SLOTS: gl.constexpr = k_ring.shape[0]
     for j in range(n_tiles):
         slot = j % SLOTS
         mbarrier.wait(empty.index(slot), ((j // SLOTS) & 1) ^ 1, pred=j >= SLOTS)  # both consumers released it
@@ -45,56 +45,109 @@ def _produce_kv(k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, kv_col0, 
 
 
 @gluon.jit
-def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, ready, empty, turn, out_ptr, lse_ptr, q_row0, q_col0,
-             row_stride, lse_row0, n_tiles, qk_scale, D: gl.constexpr):
-    """Consumer warpgroup C: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``; writes its rows of
-    the output and the LSE."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    q = q_smem.index(C)
-    acc = gl.zeros([HALF_M, D], gl.float32, layout=mma)
-    zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=mma)
-    mbarrier.wait(ready.index(0), 0)
-    s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zero, use_acc=False)
-    m_i = gl.max(s, axis=1) * qk_scale  # running max, base 2
-    p = gl.exp2(s * qk_scale - m_i[:, None])
-    l_i = gl.sum(p, axis=1)
-    for j in range(1, n_tiles):
-        slot = j % SLOTS
-        prev = (j - 1) % SLOTS
-        mbarrier.wait(ready.index(slot), (j // SLOTS) & 1)
-        mbarrier.wait(turn.index(C), (j - 1) & 1)  # this warpgroup's turn to issue
-        s_tok = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-        acc_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - C), count=1)
-        s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_{j-1} V_{j-1} may still run
+def _fold_tile(j, C: gl.constexpr, q, k_ring, v_ring, ready, empty, turn, acc, p, m_i, l_i, last_key, qk_scale,
+               MASKED: gl.constexpr):
+    """Consumer C's iteration j: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} asynchronously (on
+    its turn), then fold S_j into the online softmax while the second product still runs.
+    MASKED: apply the causal mask to S_j (``last_key``: the last key the warpgroup's first row sees)."""
+    SLOTS: gl.constexpr = k_ring.shape[0]
+    o_layout: gl.constexpr = acc.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    slot = j % SLOTS
+    prev = (j - 1) % SLOTS
+    mbarrier.wait(ready.index(slot), (j // SLOTS) & 1)
+    mbarrier.wait(turn.index(C), (j - 1) & 1)  # this warpgroup's turn to issue
+    s_tok = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), gl.zeros_like(p), use_acc=False, is_async=True)
+    p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+    acc_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
+    mbarrier.arrive(turn.index(1 - C), count=1)
+    s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_{j-1} V_{j-1} may still run
+    if MASKED:
+        t = _causal_scores(s, j, last_key, qk_scale)
+        m_new = gl.maximum(m_i, gl.max(t, axis=1))
+        p = gl.exp2(t - m_new[:, None])
+    else:  # scale folded into exp2's argument (one FMA per score)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
-        mbarrier.arrive(empty.index(prev), count=1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    last = (n_tiles - 1) % SLOTS
-    acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_ring.index(last), acc)
-    mbarrier.arrive(empty.index(last), count=1)
-
-    rows = C * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma))
-    cols = q_col0 + gl.arange(0, D, layout=gl.SliceLayout(0, mma))
-    out = acc / l_i[:, None]
-    out_rows = (q_row0 + rows).to(gl.int64)
-    gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
-    gl.store(lse_ptr + lse_row0 + rows, (m_i + gl.log2(l_i)) / LOG2E)
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+    mbarrier.arrive(empty.index(prev), count=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    return acc, p, m_new, l_i
 
 
 @gluon.jit
-def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, group_size, qk_scale,
-                       D: gl.constexpr):
-    # Grid: (seqlen_q // (2 * HALF_M), batch * n_heads). q/k/v are viewed as 2-D (B * S, H * D).
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
+def _causal_scores(s, j, last_key, qk_scale):
+    """Base-2 scores of tile j with the keys past each row's last visible one (row r of the
+    warpgroup: ``last_key + r``) set to -inf, after scaling, so a scale of 0 gives 0 and -inf,
+    never NaN."""
+    HALF_M: gl.constexpr = s.shape[0]
+    BLOCK_N: gl.constexpr = s.shape[1]
+    rows = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s.type.layout))
+    keys = j * BLOCK_N - last_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+    return gl.where(keys[None, :] <= rows[:, None], s * qk_scale, float("-inf"))
+
+
+@gluon.jit
+def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, ready, empty, turn, out_ptr, lse_ptr, q_row0, q_col0,
+             row_stride, lse_row0, q_pos0, n_tiles, n_full, qk_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+    """Consumer warpgroup C: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``; writes its rows of
+    the output and the LSE. Tiles ``[n_full, n_tiles)`` take the causal mask (``q_pos0``: the last
+    key row 0 of the program sees)."""
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    # Accumulator layouts of the two products: S = Q K^T is [HALF_M, BLOCK_N], O is [HALF_M, D];
+    # each takes one wgmma as wide as its tile (their rows sit on the same threads).
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    q = q_smem.index(C)
+    last_key = q_pos0 + C * HALF_M
+    acc = gl.zeros([HALF_M, D], gl.float32, layout=o_layout)
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout),
+                      use_acc=False)
+    if CAUSAL:  # tile 0 may be on the diagonal; key 0 is visible to every row (seqlen_k >= seqlen_q)
+        t = _causal_scores(s, 0, last_key, qk_scale)
+        m_i = gl.max(t, axis=1)  # running max, base 2
+        p = gl.exp2(t - m_i[:, None])
+    else:
+        m_i = gl.max(s, axis=1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, axis=1)
+    for j in range(1, n_full):
+        acc, p, m_i, l_i = _fold_tile(j, C, q, k_ring, v_ring, ready, empty, turn, acc, p, m_i, l_i, last_key,
+                                      qk_scale, False)
+    if CAUSAL:
+        for j in range(gl.maximum(n_full, 1), n_tiles):
+            acc, p, m_i, l_i = _fold_tile(j, C, q, k_ring, v_ring, ready, empty, turn, acc, p, m_i, l_i, last_key,
+                                          qk_scale, True)
+    last = (n_tiles - 1) % k_ring.shape[0]
+    acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_ring.index(last), acc)
+    mbarrier.arrive(empty.index(last), count=1)
+
+    rows = C * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, o_layout))
+    cols = q_col0 + gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    out_rows = (q_row0 + rows).to(gl.int64)
+    gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
+    lse_rows = C * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(lse_ptr + lse_row0 + lse_rows, (m_i + gl.log2(l_i)) / LOG2E)
+
+
+@gluon.jit
+def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, group_size,
+                       num_m_blocks, qk_scale, D: gl.constexpr, SLOTS: gl.constexpr, CAUSAL: gl.constexpr):
+    # Flat grid (num_m_blocks * batch * n_heads,), head-major so one head's programs run together
+    # and share its K/V in L2; causal runs each head's longest Q tiles (the last) first.
+    # q/k/v are viewed as 2-D (B * S, H * D).
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    pid_bh = pid // num_m_blocks
+    pid_m = pid % num_m_blocks
+    if CAUSAL:
+        pid_m = num_m_blocks - 1 - pid_m
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     q_row0 = b * seqlen_q + pid_m * (2 * HALF_M)
@@ -102,6 +155,14 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
     q_col0 = h * D
     kv_col0 = (h // group_size) * D
     lse_row0 = pid_bh.to(gl.int64) * seqlen_q + pid_m * (2 * HALF_M)
+    if CAUSAL:  # bottom-right aligned: row i sees keys <= i + seqlen_k - seqlen_q
+        q_pos0 = pid_m * (2 * HALF_M) + seqlen_k - seqlen_q
+        n_tiles = (q_pos0 + 2 * HALF_M + BLOCK_N - 1) // BLOCK_N
+        n_full = (q_pos0 + 1) // BLOCK_N  # tiles every row sees whole
+    else:
+        q_pos0 = 0
+        n_tiles = seqlen_k // BLOCK_N
+        n_full = n_tiles
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [SLOTS] + k_desc.block_type.shape, k_desc.layout)
@@ -123,18 +184,17 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
     tma.async_copy_global_to_shared(q_desc, [q_row0 + HALF_M, q_col0], q_bar, q_smem.index(1))
     mbarrier.wait(q_bar, 0)
 
-    n_tiles = seqlen_k // BLOCK_N
     row_stride = n_heads * D
     gl.warp_specialize([
         (_consume, (0, q_smem, k_ring, v_ring, ready, empty, turn, out_ptr, lse_ptr, q_row0, q_col0, row_stride,
-                    lse_row0, n_tiles, qk_scale, D)),
+                    lse_row0, q_pos0, n_tiles, n_full, qk_scale, D, CAUSAL)),
         (_consume, (1, q_smem, k_ring, v_ring, ready, empty, turn, out_ptr, lse_ptr, q_row0, q_col0, row_stride,
-                    lse_row0, n_tiles, qk_scale, D)),
+                    lse_row0, q_pos0, n_tiles, n_full, qk_scale, D, CAUSAL)),
         (_produce_kv, (k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, kv_col0, n_tiles)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
-_ROWS, _KEYS = 2 * HALF_M.value, BLOCK_N.value  # host-side tile sizes
+_ROWS = 2 * HALF_M.value  # query rows per program
 
 
 def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
@@ -145,27 +205,34 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
         return False
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    plain = not features.masked and not features.heavy_scores and features.alibi_slopes is None
-    return (plain and head_dim == 128 and seqlen_q % _ROWS == 0 and seqlen_k % _KEYS == 0
-            and seqlen_q > 0 and seqlen_k >= configs.TMA_MIN_SEQLEN and 0 < batch * n_heads < 65536
+    causal = features.window_left < 0 and features.window_right == 0 and seqlen_k >= seqlen_q
+    tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
+    return (tile is not None and (causal or not features.masked) and not features.heavy_scores
+            and features.alibi_slopes is None and seqlen_q % _ROWS == 0 and seqlen_k % tile.block_n == 0
+            and seqlen_q > 0 and seqlen_k >= tile.min_seqlen_k and batch * n_heads > 0
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v))
             and configs.arch(q.device) == (9, 0))
 
 
-def hopper_fwd(q, k, v, softmax_scale):
+def hopper_fwd(q, k, v, features):
     """``(out, lse)`` for an eligible call (``hopper_fwd_eligible``)."""
+    from flashtile import configs
+
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    causal = features.masked  # eligibility leaves causal as the only mask
+    tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_block, kv_block = [_ROWS // 2, head_dim], [_KEYS, head_dim]
+    q_block, kv_block = [HALF_M.value, head_dim], [tile.block_n, head_dim]
     q_layout = gl.NVMMASharedLayout.get_default_for(q_block, dtype)
     kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, dtype)
     q_desc = TensorDescriptor.from_tensor(q.view(batch * seqlen_q, n_heads * head_dim), q_block, q_layout)
     k_desc = TensorDescriptor.from_tensor(k.view(batch * seqlen_k, n_kv_heads * head_dim), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(batch * seqlen_k, n_kv_heads * head_dim), kv_block, kv_layout)
-    grid = (seqlen_q // _ROWS, batch * n_heads)
-    _hopper_fwd_kernel[grid](q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads,
-                             softmax_scale * _LOG2E, head_dim, num_warps=4)
+    num_m_blocks = seqlen_q // _ROWS
+    _hopper_fwd_kernel[(num_m_blocks * batch * n_heads,)](
+        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads, num_m_blocks,
+        features.softmax_scale * _LOG2E, head_dim, tile.slots, causal, num_warps=4)
     return out, lse
