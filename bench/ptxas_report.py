@@ -10,6 +10,7 @@ are close to, not equal to, what runs.
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
     PYTHONPATH=src python3 bench/ptxas_report.py --tables   # every Hopper table entry
     PYTHONPATH=src python3 bench/ptxas_report.py gluon,causal,128   # the Gluon forward (ops/fwd_hopper.py)
+    PYTHONPATH=src python3 bench/ptxas_report.py gluon_bwd,full,64  # the Gluon backward (ops/bwd_hopper.py)
     (kernel: fwd, dkdv or dq; full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
     features: varlen, softcap, alibi, dropout, left (a window's left bound); tma: the loop's
     streamed tiles (fwd, dq: K/V; dkdv: Q/dO) by TMA tensor descriptors, e.g.
@@ -38,7 +39,7 @@ FEATURES = {"varlen": "IS_VARLEN", "softcap": "SOFTCAP", "alibi": "HAS_ALIBI", "
 
 
 def report(spec: str) -> str:
-    if spec.startswith("gluon,"):
+    if spec.startswith(("gluon,", "gluon_bwd,")):
         return gluon_report(spec)
     kind, mask, block_m, block_n, warps, stages, head_dim, *extra = spec.split(",")
     kernel, pointers = KERNELS[kind]
@@ -65,7 +66,8 @@ def report(spec: str) -> str:
 
 
 def gluon_report(spec: str) -> str:
-    """``gluon,full|causal,head_dim``: the Gluon forward with its configs.SM90_GLUON_FWD tile, bf16."""
+    """``gluon,full|causal,head_dim``: the Gluon forward with its configs.SM90_GLUON_FWD tile;
+    ``gluon_bwd,full|causal,head_dim``: the Gluon backward. bf16."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -73,21 +75,29 @@ def gluon_report(spec: str) -> str:
     from triton.runtime.jit import mangle_type
 
     from flashtile import configs
-    from flashtile.ops import fwd_hopper
+    from flashtile.ops import bwd_hopper, fwd_hopper
 
-    _, mask, head_dim = spec.split(",")
-    head_dim = int(head_dim)
-    tile = configs.SM90_GLUON_FWD[(head_dim, mask == "causal")]
+    kind, mask, head_dim = spec.split(",")
+    head_dim, causal = int(head_dim), mask == "causal"
     rows = torch.empty(4096, 2 * head_dim, dtype=torch.bfloat16)  # a host tensor: only its type matters
 
     def desc_type(block_rows):
         block = [block_rows, head_dim]
         return mangle_type(TensorDescriptor.from_tensor(rows, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
 
-    kernel = fwd_hopper._hopper_fwd_kernel
-    types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n),
-             "v_desc": desc_type(tile.block_n), "out_ptr": "*bf16", "lse_ptr": "*fp32", "qk_scale": "fp32"}
-    constexprs = {"D": head_dim, "SLOTS": tile.slots, "CAUSAL": mask == "causal"}
+    if kind == "gluon":
+        tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
+        kernel = fwd_hopper._hopper_fwd_kernel
+        types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n),
+                 "v_desc": desc_type(tile.block_n), "out_ptr": "*bf16"}
+        constexprs = {"D": head_dim, "SLOTS": tile.slots, "CAUSAL": causal}
+    else:
+        kernel = bwd_hopper._hopper_bwd_kernel
+        q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(bwd_hopper.BLOCK_N)
+        types = {"q_desc": q_type, "do_desc": q_type, "k_desc": kv_type, "v_desc": kv_type, "delta_ptr": "*fp32",
+                 "dq_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16", "softmax_scale": "fp32"}
+        constexprs = {"D": head_dim, "CAUSAL": causal}
+    types |= {"lse_ptr": "*fp32", "qk_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -134,12 +144,14 @@ def table_specs():
                              f"{cfg.num_stages},{head_dim},{int(cfg.kv_as_b)}" + (",tma" if cfg.tma else ""))
     for head_dim, causal in sorted(configs.SM90_GLUON_FWD):
         yield "SM90_GLUON_FWD", f"gluon,{'causal' if causal else 'full'},{head_dim}"
+    for head_dim, causal in sorted(configs.SM90_GLUON_BWD):
+        yield "SM90_GLUON_BWD", f"gluon_bwd,{'causal' if causal else 'full'},{head_dim}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("specs", nargs="*")
-    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90, SM90_LONG, SM90_GLUON_FWD")
+    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90, SM90_LONG, SM90_GLUON_FWD/BWD")
     args = parser.parse_args()
     specs = [("", spec) for spec in args.specs] + (list(table_specs()) if args.tables else [])
     for table, spec in specs:

@@ -111,8 +111,8 @@ def test_forward_works_without_gluon(monkeypatch):
     assert fwd._gluon_forward() is not None  # triton 3.6, as pinned, has it
 
 
-def test_gluon_forward_builds_for_hopper_on_any_machine():
-    """Every entry of configs.SM90_GLUON_FWD compiles for sm90 on this (GPU-less)
+def test_gluon_kernels_build_for_hopper_on_any_machine():
+    """Every entry of configs.SM90_GLUON_FWD and SM90_GLUON_BWD compiles for sm90 on this (GPU-less)
     machine through bench/ptxas_report.py, and its SASS multiplies on Hopper's warpgroup MMA
     (HGMMA, none of the Ampere-style HMMA) with operands arriving by TMA (UTMALDG). Runs in a
     child process: the tests' Triton interpreter would turn the kernel into Python."""
@@ -124,7 +124,9 @@ def test_gluon_forward_builds_for_hopper_on_any_machine():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(root, "src")
-    specs = [f"gluon,{'causal' if causal else 'full'},{d}" for d, causal in sorted(configs.SM90_GLUON_FWD)]
+    specs = [f"{kind},{'causal' if causal else 'full'},{d}"
+             for kind, table in (("gluon", configs.SM90_GLUON_FWD), ("gluon_bwd", configs.SM90_GLUON_BWD))
+             for d, causal in sorted(table)]
     run = subprocess.run([sys.executable, os.path.join(root, "bench", "ptxas_report.py"), *specs],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -133,6 +135,15 @@ def test_gluon_forward_builds_for_hopper_on_any_machine():
     for line in lines:
         counts = {op: int(n) for op, n in re.findall(r"(HGMMA|HMMA|UTMALDG) (\d+)", line)}
         assert counts["HGMMA"] > 0 and counts["HMMA"] == 0 and counts["UTMALDG"] > 0, line
+
+
+def test_gluon_backward_splits_the_dq_buffer_only_where_the_gpu_stays_full():
+    from flashtile.ops.bwd_hopper import head_chunks
+
+    assert head_chunks(16, 128, 132) == [(0, 8), (8, 8)]  # B1 H16 at 16k keys: 128 programs per head
+    assert head_chunks(16, 16, 132) == [(0, 16)]  # 8 x 16 programs per half: under two per SM
+    assert head_chunks(15, 1000, 132) == [(0, 15)]  # odd KV head count
+    assert head_chunks(1, 1000, 132) == [(0, 1)]
 
 
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):

@@ -15,7 +15,8 @@ def _options(features):
     slopes = torch.rand(4, device=DEVICE) if "alibi" in features else None
     seed = torch.tensor(2**40 + 7) if "dropout" in features else None
     window = (5, 0) if "window" in features else (-1, 0) if "causal" in features else (-1, -1)
-    return (0.25, *window, 2.0 if "softcap" in features else 0.0, slopes, 0.2 if "dropout" in features else 0.0, seed)
+    return (0.25, *window, 2.0 if "softcap" in features else 0.0, slopes, 0.2 if "dropout" in features else 0.0, seed,
+            "causal" in features)  # deterministic
 
 
 FEATURE_SETS = [(), ("causal",), ("window", "softcap", "alibi", "dropout")]

@@ -129,6 +129,95 @@ def attention_with_scale(causal, softmax_scale):
     return attn
 
 
+GLUON_BWD_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 1024, 3072, 4, 2, 128), (2, 576, 1024, 4, 1, 128),
+                    (1, 128, 128, 2, 2, 128), (2, 1024, 1024, 4, 2, 64), (1, 320, 1152, 6, 3, 64)]
+
+
+def _count_gluon_bwd_calls(monkeypatch):
+    """Counts the Gluon backward's launches, with its thresholds at 0 (the dispatch test checks them)."""
+    from flashtile.ops import bwd_hopper
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("Gluon backward: Hopper only")
+    monkeypatch.setattr(configs, "SM90_GLUON_BWD", dict.fromkeys(configs.SM90_GLUON_BWD, 0))
+    calls = []
+    real = bwd_hopper.hopper_bwd
+    monkeypatch.setattr(bwd_hopper, "hopper_bwd", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GLUON_BWD_SHAPES, ids=[case_id(*s) for s in GLUON_BWD_SHAPES])
+def test_gluon_backward_matches_oracle(shape, causal, dtype, monkeypatch):
+    """The Hopper Gluon backward (ops/bwd_hopper.py): dQ by atomics across key tiles and (GQA)
+    dK/dV summed over the group inside a program; causal with Sq < Sk (the diagonal cuts 64-row
+    tiles at different offsets per 128-key tile)."""
+    calls = _count_gluon_bwd_calls(monkeypatch)
+    q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
+    check_against_oracle(attention(causal), q, k, v, causal=causal)
+    assert calls, "the Gluon backward did not run"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_backward_in_head_chunks(causal, monkeypatch):
+    """One launch per KV head (as head_chunks splits large calls in two): every launch's dQ buffer
+    is indexed from its own first head."""
+    from flashtile.ops import bwd_hopper
+
+    calls = _count_gluon_bwd_calls(monkeypatch)
+    monkeypatch.setattr(bwd_hopper, "head_chunks", lambda n_kv_heads, *_: [(h, 1) for h in range(n_kv_heads)])
+    q, k, v = make_qkv(2, 512, 768, 6, 3, 128, dtype=torch.bfloat16, device="cuda")
+    check_against_oracle(attention(causal), q, k, v, causal=causal)
+    assert calls
+
+
+def test_gluon_backward_dispatch_rules(monkeypatch):
+    """One check per rule of hopper_bwd_eligible (the forward's, plus Sq % 64, Sk % 128, the
+    entry's key length and deterministic=False), and deterministic=True through the API."""
+    from flashtile.features import Features
+    from flashtile.ops import bwd_hopper
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("Gluon backward: Hopper only")
+    plain, causal = Features(0.1), Features(0.1, window_right=0)
+
+    def tensors(seqlen_q=2048, seqlen_k=16384, head_dim=128, dtype=torch.bfloat16):
+        q = torch.randn(1, seqlen_q, 2, head_dim, device="cuda", dtype=dtype)
+        k = torch.randn(1, seqlen_k, 2, head_dim, device="cuda", dtype=dtype)
+        return q, k, k.clone(), q.clone()
+
+    eligible = bwd_hopper.hopper_bwd_eligible
+    for (head_dim, masked), min_seqlen_k in configs.SM90_GLUON_BWD.items():
+        features = causal if masked else plain
+        shortest = max(min_seqlen_k, 128)
+        assert eligible(*tensors(128, shortest, head_dim), features, None)
+        if shortest > 128:
+            assert not eligible(*tensors(128, shortest - 128, head_dim), features, None)
+        assert not eligible(*tensors(128, shortest + 64, head_dim), features, None)  # Sk % 128
+        assert not eligible(*tensors(128 + 32, shortest, head_dim), features, None)  # Sq % 64
+        assert not eligible(*tensors(128, shortest, head_dim), Features(0.1, window_right=0 if masked else -1,
+                                                                         deterministic=True), None)
+    assert not eligible(*tensors(head_dim=256), plain, None)
+    assert not eligible(*tensors(head_dim=96), plain, None)
+    assert not eligible(*tensors(dtype=torch.float32), plain, None)
+    assert not eligible(*tensors(seqlen_q=16384 + 64), causal, None)  # Sq > Sk
+    q, k, v, dout = tensors()
+    assert not eligible(q, k, v, dout.transpose(1, 2).contiguous().transpose(1, 2), plain, None)
+    assert not eligible(q, k, v, dout, plain, (None, None, 2048, 16384))  # varlen
+    for features in (Features(0.1, window_left=100), Features(0.1, softcap=5.0), Features(0.1, dropout_p=0.1),
+                     Features(0.1, alibi_slopes=torch.ones(2, device="cuda"))):
+        assert not eligible(q, k, v, dout, features, None)
+
+    calls = _count_gluon_bwd_calls(monkeypatch)
+    q, k, v = make_qkv(1, 1024, 1024, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
+    for deterministic, expected in ((True, 0), (False, 1)):
+        calls.clear()
+        out = flashtile.flash_attn_func(q, k, v, deterministic=deterministic)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        assert len(calls) == expected
+
+
 def test_gluon_forward_dispatch_rules():
     """One check per rule of hopper_fwd_eligible: 16-bit, an entry of configs.SM90_GLUON_FWD for
     the head dim and mask (causal only with Sk >= Sq), no window/softcap/ALiBi/dropout, dense,

@@ -77,9 +77,10 @@ def _run_backward(dout, q, k, v, out, lse, f: Features, varlen):
 
 
 # The custom ops take the Features and varlen description as flat, schema-typed arguments.
-def _features(softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed) -> Features:
+def _features(softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
+              deterministic) -> Features:
     return Features(softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                    0 if seed is None else int(seed))
+                    0 if seed is None else int(seed), deterministic)
 
 
 def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -90,10 +91,10 @@ def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-    softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+    softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(out, lse)``; out shaped like q, lse float32 (B, Hq, Sq) or (Hq, total_q)."""
-    f = _features(softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed)
+    f = _features(softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, deterministic)
     return _run_forward(q, k, v, f, _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
@@ -111,10 +112,10 @@ def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
     softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
-    dropout_p: float, seed: Optional[Tensor],
+    dropout_p: float, seed: Optional[Tensor], deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dq, dk, dv)``, contiguous, shaped like ``(q, k, v)``."""
-    f = _features(softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed)
+    f = _features(softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, deterministic)
     return _run_backward(dout, q, k, v, out, lse, f, _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
@@ -163,7 +164,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, f: Features, varlen=None) -> tupl
         seed = torch.randint(2**32, 2**62, (), dtype=torch.int64) if f.dropout_p > 0 else None
         cu_q, cu_k, max_q, max_k = varlen if varlen is not None else (None, None, 0, 0)
         return attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, f.softmax_scale, f.window_left, f.window_right,
-                             f.softcap, f.alibi_slopes, f.dropout_p, seed)
+                             f.softcap, f.alibi_slopes, f.dropout_p, seed, f.deterministic)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, f, varlen)
     return _run_forward(q, k, v, f, varlen)  # inference: no autograd bookkeeping at all

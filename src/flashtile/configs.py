@@ -133,6 +133,21 @@ SM90_GLUON_FWD = {
     (256, True): GluonForwardTile(64, 2, 2048),  # 1.00 1.00 1.02 1.03 1.06 1.07
 }
 
+# The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 reductions):
+# (head dim, causal) it covers -> the key length from which it beats the tl kernels
+# (bench/gluon_bwd_probe.py, H100, 2026-11-24 09:37 UTC, bench/results/h100_gluon_bwd.json;
+# batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl time ratio at seqlen 512 / 1024 /
+# 2048 / 4096 / 8192 / 16384). Causal head dim 128 from its 09:39 re-run with the mask on every
+# tile (a single loop: fewer spills): 0.96 at 2048, 0.99 at 4096, 1.05 at 16384. Set GLUON_BWD
+# to False to time the tl kernels on the same shapes; deterministic=True always takes them.
+GLUON_BWD = True
+SM90_GLUON_BWD = {
+    (64, False): 1024,  # 0.91 1.02 1.12 1.18 1.17 1.17
+    (64, True): 2048,  # 0.77 0.91 1.08 1.18 1.26 1.30
+    (128, False): 1024,  # 0.95 1.09 1.09 1.13 1.14 1.14
+    (128, True): 8192,  # 0.85 0.91 0.90 0.95 1.00 1.04 (two loops, as above)
+}
+
 SM90 = {
     **_TUNED_H100,
     **{(mode, small, causal): _TUNED_H100[(mode, 64, causal)]

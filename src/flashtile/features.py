@@ -21,6 +21,8 @@ class Features:
     alibi_slopes: Optional[torch.Tensor] = None  # float32, (H,) or (B, H)
     dropout_p: float = 0.0
     seed: int = 0  # Philox key for dropout (flashtile/philox.py)
+    # Bitwise-reproducible backward: excludes the Gluon backward, whose dQ sums by atomics.
+    deterministic: bool = False
 
     @property
     def heavy_scores(self) -> bool:

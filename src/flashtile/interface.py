@@ -190,7 +190,8 @@ def _check_alibi(alibi_slopes, q, batch, n_heads):
                          f"({batch}, {n_heads}), got {tuple(alibi_slopes.shape)}")
 
 
-def _features(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, max_seqlen_q, max_seqlen_k):
+def _features(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, max_seqlen_q,
+              max_seqlen_k):
     left, right = normalized_window(causal, window_size, max_seqlen_q, max_seqlen_k)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.contiguous()
@@ -199,6 +200,7 @@ def _features(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_s
         window_left=left, window_right=right, softcap=float(softcap), alibi_slopes=alibi_slopes,
         dropout_p=float(dropout_p),
         seed=philox.new_seed() if dropout_p > 0 and not torch.compiler.is_compiling() else 0,
+        deterministic=bool(deterministic),
     )
 
 
@@ -214,7 +216,8 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         _check_cu_seqlens(q, k, *varlen)
         batch, max_seqlen_q, max_seqlen_k = varlen[0].shape[0] - 1, varlen[2], varlen[3]
     _check_alibi(alibi_slopes, q, batch, q.shape[-2])
-    f = _features(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, max_seqlen_q, max_seqlen_k)
+    f = _features(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, max_seqlen_q,
+                  max_seqlen_k)
     q, k, v = kernel_layout(q), kernel_layout(k), kernel_layout(v)
     out, lse = attention(q, k, v, f, varlen)
     if not return_attn_probs:
@@ -243,8 +246,10 @@ _ARGS_DOC = """
             (after scaling, before ALiBi and masking); 0.0 disables it.
         alibi_slopes: float32 tensor of shape (nheads,) or (batch_size, nheads), or None. Adds
             ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query i and key j.
-        deterministic: bool. Accepted for compatibility: flashtile's backward uses no atomics,
-            so dq, dk and dv are bitwise reproducible whatever this flag says.
+        deterministic: bool. Whether the backward must be bitwise reproducible. On Hopper the
+            fastest backward (head dims 64 and 128, no window/softcap/ALiBi/dropout) sums dq
+            by atomic adds, whose order varies from run to run; True takes the atomic-free
+            kernels instead (slower there). Everywhere else the backward is reproducible either way.
         return_attn_probs: bool. Also return ``softmax_lse`` and ``S_dmask``. For testing only."""
 
 

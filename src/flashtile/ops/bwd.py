@@ -24,6 +24,8 @@ adds inside the dK/dV kernel, as FlashAttention-2 does, was measured slower here
 docs/performance.md, issue 4 step 3.)
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -432,12 +434,29 @@ def launch_dq(dout, q, k, v, lse, delta, dq, features, layout):
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon_backward():
+    """``ops.bwd_hopper``, imported on first CUDA use, or None where triton has no usable Gluon
+    (as ``fwd._gluon_forward``)."""
+    try:
+        from flashtile.ops import bwd_hopper
+    except ImportError:
+        return None
+    return bwd_hopper
+
+
 def flash_bwd(dout, q, k, v, out, lse, features, varlen=None):
     """Launch the backward kernels; returns ``(dq, dk, dv)`` shaped like ``(q, k, v)``.
 
     ``out`` and ``lse`` are the forward's outputs; ``varlen`` as in ``flash_fwd``. Every
     tensor needs ``stride(-1) == 1``.
     """
+    hopper = _gluon_backward() if q.is_cuda else None
+    if hopper is not None and hopper.hopper_bwd_eligible(q, k, v, dout, features, varlen):
+        with device_guard(q):
+            delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+            launch_delta(out, dout, delta)
+            return hopper.hopper_bwd(dout, q, k, v, lse, delta, features)
     k, v = shared_strides(k, v)
     layout = sequence_layout(q, k, varlen)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -1,0 +1,323 @@
+"""Hopper backward in Gluon (``triton.experimental.gluon``): dK, dV and dQ in one pass.
+
+The ``tl`` backward (``bwd.py``) runs two kernels, dK/dV and dQ, so it computes ``S = Q K^T``
+and ``dP = dO V^T`` twice: 7 matrix products per tile where the backward needs 5. This kernel
+is FlashAttention-2/3's single pass. One program owns a 128-key K/V tile; three partitions:
+
+* a 1-warp producer streams the 64-row Q/dO tiles that see the K/V tile through a 2-slot TMA
+  ring (``ready``/``empty`` mbarriers);
+* two consumer warpgroups own 64 keys each (their dK and dV accumulators, 64 registers each per
+  thread) and per Q tile compute, with rows on the MMA's M side::
+
+      S = Q K^T, dP = dO V^T             (asynchronous warpgroup MMAs; the next tile's S is
+                                          issued before this tile's dQ is added)
+      P = exp2(S * scale2 - LSE2)        (masked on the causal diagonal)
+      dV += P^T dO, dK += dS^T Q         (P and dS through shared memory, read transposed)
+      dS = P * (dP - delta)
+      dQ[:, 64 c:64 c + 64] = dS K[:, 64 c:64 c + 64]
+                                         (both halves of dS, shared through shared memory;
+                                          each warpgroup takes half of dQ's columns)
+      dQ_acc[rows] += scale * dQ         (float32 ``red.global.add.v4`` reductions in L2)
+
+The dQ reductions bound the kernel: without them it ran at 695-739 TFLOP/s, with scalar
+reductions (``v2``) 419-458, with ``v4`` 480-506 (docs/performance.md). ``dQ_acc`` is float32 and
+zero-filled; the launcher casts it to the input dtype, half of the heads at a time where that
+still fills the GPU (peak memory). The atomic sums depend on their order, so this path is not
+bitwise reproducible: calls with ``deterministic=True`` take the ``tl`` kernels. Covers what
+``hopper_bwd_eligible`` checks: 16-bit inputs, head dim 128, no window/softcap/ALiBi/dropout
+(causal with ``Sk >= Sq`` is), dense contiguous batches with ``Sq % 64 == 0``, ``Sk % 128 == 0``.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from flashtile.ops.common import LOG2E as _LOG2E
+
+LOG2E = gl.constexpr(_LOG2E)
+HALF_N = gl.constexpr(64)  # keys per consumer warpgroup (two per program)
+SLOTS = gl.constexpr(2)  # Q/dO ring depth (3 measured no faster; with the v4 layout change it does not fit)
+CONSUMER_REGS = gl.constexpr(240)  # setmaxnreg for each consumer warpgroup; the producer gets 24
+BLOCK_M = 64  # query rows per streamed Q/dO tile
+BLOCK_N = 2 * HALF_N.value  # keys per program
+NUM_WARPS = 4  # per consumer warpgroup (the launch's default partition)
+
+
+@gluon.jit
+def _add_quads(ptrs, values):
+    """``*ptrs += values`` by float32 reductions in L2, four neighbouring floats per instruction
+    (``red.global.add.v4.f32``, sm_90; triton's atomic_add issues one ``atom`` per float). The
+    caller's layout gives each thread runs of four adjacent columns, which ``pack=4`` hands to
+    one instruction; the GPU tests check the sums."""
+    gl.inline_asm_elementwise(
+        "red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n\t"
+        "mov.b32 $0, 0;\n\tmov.b32 $1, 0;\n\tmov.b32 $2, 0;\n\tmov.b32 $3, 0;",
+        "=r,=r,=r,=r,l,l,l,l,f,f,f,f", [ptrs.to(gl.int64, bitcast=True), values], dtype=gl.int32, is_pure=False,
+        pack=4)
+
+
+@gluon.jit
+def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_begin, n_m, total, h0):
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    for t in range(total):
+        slot = t % SLOTS
+        row = q_row0 + m_begin + (t % n_m) * BLOCK_M
+        col = (h0 + t // n_m) * D
+        mbarrier.wait(empty.index(slot), ((t // SLOTS) & 1) ^ 1, pred=t >= SLOTS)  # both consumers released it
+        mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row, col], ready.index(slot), q_ring.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [row, col], ready.index(slot), do_ring.index(slot))
+
+
+@gluon.jit
+def _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr,
+               layout: gl.constexpr):
+    """Base-2 LSE and delta of Q tile t's rows (zeros past the last tile), in ``layout``."""
+    row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q  # (B, H, Sq)
+    rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
+    valid = (rows * 0 + t) < total
+    lse2 = gl.load(lse_ptr + row_base + rows, mask=valid, other=0.0) * LOG2E
+    delta = gl.load(delta_ptr + row_base + rows, mask=valid, other=0.0)
+    return lse2, delta
+
+
+@gluon.jit
+def _scores(t, total, q_ring, k_w, ready, layout: gl.constexpr):
+    """Issue tile t's S = Q K^T (asynchronous; reads its ring slot). Past the last tile the
+    product runs on whatever the slot holds and is discarded."""
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
+    slot = t % SLOTS
+    mbarrier.wait(ready.index(slot), (t // SLOTS) & 1, pred=t < total)
+    zero = gl.zeros([BLOCK_M, HALF_N], gl.float32, layout=layout)
+    return warpgroup_mma(q_ring.index(slot), k_w.permute((1, 0)), zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
+                 dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_ptr, dq_h0, dq_heads, b, h0, n_heads, seqlen_q,
+                 m_begin, n_m, key_pos0, qk_scale, softmax_scale, MASKED: gl.constexpr):
+    """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``64 C + [0, 64)``
+    of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
+    t + 1, whose S product runs while this tile's dQ is added (dP = dO V^T runs during the
+    exponentials). ``key_pos0``: the diagonal
+    row of the warpgroup's first key (MASKED: key j is seen by row i iff ``key_pos0 + j <= i``).
+
+    Rows sit on the MMA's M side (S = Q K^T, not K Q^T), so each thread holds the LSE and delta
+    of two rows, not sixteen; P and dS reach the dV and dK products transposed, through shared
+    memory."""
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
+    D: gl.constexpr = q_ring.shape[2]
+    mn_layout: gl.constexpr = s.type.layout
+    row_layout: gl.constexpr = gl.SliceLayout(1, mn_layout)
+    slot = t % SLOTS
+    q_s = q_ring.index(slot)
+    do_s = do_ring.index(slot)
+    m0 = m_begin + (t % n_m) * BLOCK_M
+    rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    dp_tok = warpgroup_mma(do_s, v_w.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
+    p = gl.exp2(s * qk_scale - lse2[:, None])
+    if MASKED:
+        keys = key_pos0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(0, mn_layout))
+        p = gl.where(keys[None, :] <= rows[:, None], p, 0.0)
+    p_half = p_s.slice(C * HALF_N, HALF_N, dim=1)
+    p_half.store(p.to(q_s.dtype))
+    fence_async_shared()
+    dv_tok = warpgroup_mma(p_half.permute((1, 0)), do_s, dv, is_async=True)
+    dp = warpgroup_mma_wait(1, deps=[dp_tok])  # dV's product may still run
+    ds = (p * (dp - delta[:, None])).to(q_s.dtype)
+    # dQ = dS K needs both warpgroups' halves of dS: they meet in shared memory (one buffer per
+    # parity of t, so a warpgroup a tile ahead never overwrites what the other still reads).
+    ds_buf = ds_s.index(t % 2)
+    ds_half = ds_buf.slice(C * HALF_N, HALF_N, dim=1)
+    ds_half.store(ds)
+    fence_async_shared()
+    dk_tok = warpgroup_mma(ds_half.permute((1, 0)), q_s, dk, is_async=True)
+    mbarrier.arrive(ds_bar.index(t % 2), count=1)
+    mbarrier.wait(ds_bar.index(t % 2), (t // 2) & 1)
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D // 2, 16])
+    dq_tok = warpgroup_mma(ds_buf, k_cols, gl.zeros([BLOCK_M, D // 2], gl.float32, layout=dq_layout),
+                           use_acc=False, is_async=True)
+    s_tok = _scores(t + 1, total, q_ring, k_w, ready, mn_layout)
+    next_lse2, next_delta = _row_stats(t + 1, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m,
+                                       BLOCK_M, row_layout)
+    dv, dk, dq = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok])  # tile t + 1's S may still run
+    mbarrier.arrive(empty.index(slot), count=1)
+    # Four adjacent columns per thread (a shared-memory round trip) halve the reductions
+    # against the accumulator's pairs; int32 offsets from the head's row 0 (the launcher checks
+    # Sq * H * D < 2**31) keep a tile of 64-bit offsets out of the registers.
+    add_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [4, 1], [1, 0])
+    dq_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, add_layout))
+    dq_cols = C * (D // 2) + gl.arange(0, D // 2, layout=gl.SliceLayout(0, add_layout))
+    dq_row_stride = dq_heads * D
+    dq_head = dq_ptr + ((b * seqlen_q).to(gl.int64) * dq_row_stride + (dq_h0 + t // n_m) * D)
+    _add_quads(dq_head + (dq_rows[:, None] * dq_row_stride + dq_cols[None, :]),
+               gl.convert_layout(dq * softmax_scale, add_layout))
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    return dk, dv, s, next_lse2, next_delta
+
+
+@gluon.jit
+def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
+             dq_ptr, dk_ptr, dv_ptr, b, kv_h, dq_h0, dq_heads, n0, key_pos0, m_begin, n_m, group_size,
+             n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+    """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
+    ``dq_ptr`` holds ``dq_heads`` heads, the first of this program's group at ``dq_h0``."""
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
+    kd_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D, 16])
+    mn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HALF_N, 16])
+    k_w = k_s.slice(C * HALF_N, HALF_N, dim=0)
+    v_w = v_s.slice(C * HALF_N, HALF_N, dim=0)
+    k_cols = k_s.slice(C * (D // 2), D // 2, dim=1)  # the head-dim columns of dQ this warpgroup computes
+    dk = gl.zeros([HALF_N, D], gl.float32, layout=kd_layout)
+    dv = gl.zeros([HALF_N, D], gl.float32, layout=kd_layout)
+    my_key_pos0 = key_pos0 + C * HALF_N
+    h0 = kv_h * group_size
+    total = group_size * n_m
+    mbarrier.wait(kv_bar, 0)
+    s_tok = _scores(0, total, q_ring, k_w, ready, mn_layout)
+    lse2, delta = _row_stats(0, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+                             gl.SliceLayout(1, mn_layout))
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    # Tiles t = g * n_m + i: the group's query heads g, each over its Q tiles i. Under causal
+    # every tile takes the mask: a second loop for the few diagonal tiles cost more registers than
+    # the mask (ptxas: 340 against 288 bytes of spills; 392 against 412 TFLOP/s at 16k).
+    for t in range(total):
+        dk, dv, s, lse2, delta = _fold_q_tile(
+            C, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
+            dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_ptr, dq_h0, dq_heads, b, h0, n_heads, seqlen_q,
+            m_begin, n_m, my_key_pos0, qk_scale, softmax_scale, CAUSAL)
+
+    n_kv_heads = n_heads // group_size
+    keys = (b * seqlen_k + n0 + C * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, kd_layout))).to(gl.int64)
+    dims = kv_h * D + gl.arange(0, D, layout=gl.SliceLayout(0, kd_layout))
+    offs = keys[:, None] * (n_kv_heads * D) + dims[None, :]
+    gl.store(dk_ptr + offs, (dk * softmax_scale).to(dk_ptr.dtype.element_ty))
+    gl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
+
+
+@gluon.jit
+def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
+                       seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks, qk_scale,
+                       softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+    # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads),
+    # head-major; key tile 0 (under causal the one most rows see) first. q/dO are viewed as 2-D
+    # (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_ptr is float32 (B, Sq, chunk_kv_heads * group_size, D).
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    pid = gl.program_id(0)
+    pid_bkv = pid // num_n_blocks
+    n0 = (pid % num_n_blocks) * (2 * HALF_N)
+    b = pid_bkv // chunk_kv_heads
+    kv_h = kv_head0 + pid_bkv % chunk_kv_heads
+    key_pos0 = n0 - (seqlen_k - seqlen_q)  # the row on key n0's diagonal
+    if CAUSAL:  # rows before key_pos0 see none of this tile
+        m_begin = gl.maximum(key_pos0, 0) // BLOCK_M * BLOCK_M
+    else:
+        m_begin = 0
+    n_m = (seqlen_q - m_begin) // BLOCK_M
+
+    k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
+    v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
+    q_ring = gl.allocate_shared_memory(q_desc.dtype, [SLOTS] + q_desc.block_type.shape, q_desc.layout)
+    do_ring = gl.allocate_shared_memory(do_desc.dtype, [SLOTS] + do_desc.block_type.shape, do_desc.layout)
+    # P (each warpgroup its own half, single-buffered) and dS (both halves read by both, so one
+    # buffer per parity of the tile index), [BLOCK_M rows, 128 keys] each.
+    pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 2 * HALF_N], q_desc.dtype)
+    p_s = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, 2 * HALF_N], pds_layout)
+    ds_s = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, 2 * HALF_N], pds_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # released by both consumers
+    mbarrier.init(ds_bar.index(0), count=2)  # both consumers' halves of dS^T stored
+    mbarrier.init(ds_bar.index(1), count=2)
+    mbarrier.init(kv_bar, count=1)
+    fence_async_shared()
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b * seqlen_k + n0, kv_h * D], kv_bar, k_s)
+    tma.async_copy_global_to_shared(v_desc, [b * seqlen_k + n0, kv_h * D], kv_bar, v_s)
+
+    h0 = kv_h * group_size
+    dq_h0 = (kv_h - kv_head0) * group_size
+    dq_heads = chunk_kv_heads * group_size
+    gl.warp_specialize([
+        (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr, dq_ptr,
+                    dk_ptr, dv_ptr, b, kv_h, dq_h0, dq_heads, n0, key_pos0, m_begin, n_m, group_size,
+                    n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D, CAUSAL)),
+        (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr, dq_ptr,
+                    dk_ptr, dv_ptr, b, kv_h, dq_h0, dq_heads, n0, key_pos0, m_begin, n_m, group_size,
+                    n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D, CAUSAL)),
+        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
+                         group_size * n_m, h0)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
+    """Whether a backward takes this kernel: see the module docstring. Pure host checks."""
+    from flashtile import configs
+
+    if not (configs.GLUON_BWD and q.is_cuda and varlen is None and not features.deterministic
+            and q.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    causal = features.window_left < 0 and features.window_right == 0 and seqlen_k >= seqlen_q
+    min_seqlen_k = configs.SM90_GLUON_BWD.get((head_dim, features.masked))
+    return (min_seqlen_k is not None and (causal or not features.masked) and not features.heavy_scores
+            and features.alibi_slopes is None and seqlen_q % BLOCK_M == 0 and seqlen_k % BLOCK_N == 0
+            and seqlen_q > 0 and seqlen_k >= max(min_seqlen_k, BLOCK_N) and batch * n_heads > 0
+            and seqlen_q * n_heads * head_dim < 2**31
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v, dout))
+            and configs.arch(q.device) == (9, 0))
+
+
+def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int) -> list[tuple[int, int]]:
+    """``(first KV head, KV heads)`` per launch. The float32 dQ buffer covers one launch's heads:
+    two halves where each half still gives every SM two programs (peak memory: at seqlen 16384
+    the whole buffer would take flashtile's extra peak past cuDNN's), otherwise one launch."""
+    half = n_kv_heads // 2
+    if n_kv_heads % 2 == 0 and half * programs_per_kv_head >= 2 * sm_count:
+        return [(0, half), (half, half)]
+    return [(0, n_kv_heads)]
+
+
+def hopper_bwd(dout, q, k, v, lse, delta, features):
+    """``(dq, dk, dv)`` for an eligible call; ``delta`` = rowsum(dO * O) as ``bwd.launch_delta``
+    computes it."""
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    group_size = n_heads // n_kv_heads
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_block, kv_block = [BLOCK_M, head_dim], [BLOCK_N, head_dim]
+    q_layout = gl.NVMMASharedLayout.get_default_for(q_block, dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, dtype)
+    q_rows = (batch * seqlen_q, n_heads * head_dim)
+    kv_rows = (batch * seqlen_k, n_kv_heads * head_dim)
+    q_desc = TensorDescriptor.from_tensor(q.view(q_rows), q_block, q_layout)
+    do_desc = TensorDescriptor.from_tensor(dout.view(q_rows), q_block, q_layout)
+    k_desc = TensorDescriptor.from_tensor(k.view(kv_rows), kv_block, kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v.view(kv_rows), kv_block, kv_layout)
+    num_n_blocks = seqlen_k // BLOCK_N
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    for kv_head0, chunk in head_chunks(n_kv_heads, num_n_blocks * batch, sm_count):
+        heads = slice(kv_head0 * group_size, (kv_head0 + chunk) * group_size)
+        dq_acc = torch.zeros((batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
+        _hopper_bwd_kernel[(num_n_blocks * batch * chunk,)](
+            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_acc, dk, dv, seqlen_q, seqlen_k, n_heads, group_size,
+            kv_head0, chunk, num_n_blocks, features.softmax_scale * _LOG2E, features.softmax_scale,
+            head_dim, features.masked, num_warps=NUM_WARPS)
+        dq[:, :, heads] = dq_acc
+    return dq, dk, dv
