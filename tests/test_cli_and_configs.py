@@ -94,21 +94,26 @@ def test_launchers_call_a_loop_long_from_tma_min_seqlen_streamed_rows(monkeypatc
         assert dict(asked) == expected
 
 
-def test_forward_works_without_gluon(monkeypatch):
-    """A triton without Gluon: the Hopper forward's module fails to import, the launcher finds no
-    Gluon path (and the tl kernel serves every call)."""
+@pytest.mark.parametrize("launcher, loader, module", [("fwd", "_gluon_forward", "fwd_hopper"),
+                                                     ("bwd", "_gluon_backward", "bwd_hopper")])
+def test_launchers_work_without_gluon(monkeypatch, launcher, loader, module):
+    """A triton without Gluon: the Hopper kernels' modules fail to import, the launchers find no
+    Gluon path (and the tl kernels serve every call)."""
+    import importlib
     import sys
 
-    from flashtile.ops import fwd
+    from flashtile import ops
 
-    fwd._gluon_forward.cache_clear()
-    monkeypatch.setitem(sys.modules, "flashtile.ops.fwd_hopper", None)  # importing it raises ImportError
+    load = getattr(importlib.import_module(f"flashtile.ops.{launcher}"), loader)
+    load.cache_clear()
+    monkeypatch.setitem(sys.modules, f"flashtile.ops.{module}", None)  # importing it raises ImportError
+    monkeypatch.delattr(ops, module, raising=False)  # (an earlier import left it on the package)
     try:
-        assert fwd._gluon_forward() is None
+        assert load() is None
     finally:
-        fwd._gluon_forward.cache_clear()
+        load.cache_clear()
     monkeypatch.undo()
-    assert fwd._gluon_forward() is not None  # triton 3.6, as pinned, has it
+    assert load() is not None  # triton 3.6, as pinned, has it
 
 
 def test_gluon_kernels_build_for_hopper_on_any_machine():
