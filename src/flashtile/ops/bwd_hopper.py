@@ -320,4 +320,5 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
             kv_head0, chunk, num_n_blocks, features.softmax_scale * _LOG2E, features.softmax_scale,
             head_dim, features.masked, num_warps=NUM_WARPS)
         dq[:, :, heads] = dq_acc
+        del dq_acc  # before the next chunk's buffer is allocated, or both would be alive at once
     return dq, dk, dv
