@@ -7,6 +7,8 @@
 #   bash bench/gpu_session.sh features   # FA2 feature costs (varlen, window, softcap, ALiBi, dropout)
 #   bash bench/gpu_session.sh gputests   # only the GPU tests
 #   bash bench/gpu_session.sh probe      # the probes behind non-tuned tile choices (bench/probe.py)
+#   bash bench/gpu_session.sh gluon      # the Gluon kernels against the tl kernels and SDPA: the ratios
+#                                        # behind configs.SM90_GLUON_FWD / SM90_GLUON_BWD
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/flashtile-out}
@@ -44,6 +46,11 @@ case "${1:-check}" in
     ;;
   probe)
     python3 bench/probe.py --out "$OUT/probe.json" 2>&1 | tee "$OUT/probe.log"
+    ;;
+  gluon)
+    python3 bench/gluon_fwd_probe.py --coverage --out "$OUT/gluon_fwd.json" 2>&1 | tee "$OUT/gluon_fwd.log"
+    python3 bench/gluon_bwd_probe.py --seqlens 512,1024,2048,4096,8192,16384 --out "$OUT/gluon_bwd.json" 2>&1 \
+      | tee "$OUT/gluon_bwd.log"
     ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac

@@ -14,6 +14,12 @@ a forward entry of its own (``SM90_VARLEN``), both from bench/probe.py; bench/be
 measures every feature's cost. Long loops (``TMA_MIN_SEQLEN`` streamed rows or more: keys for
 fwd and dq, queries for dkdv) take ``SM90_LONG`` where it has an entry: their tiles arrive
 through TMA descriptors.
+
+The Gluon kernels (``ops/fwd_hopper.py``, ``ops/bwd_hopper.py``) have tables of their own:
+``SM90_GLUON_FWD`` (tile and minimum key length per head dim and mask) and ``SM90_GLUON_BWD``
+(minimum key length), regenerated from ``bench/gluon_fwd_probe.py --coverage`` and
+``bench/gluon_bwd_probe.py`` (``bash bench/gpu_session.sh gluon``), which time them against the
+``tl`` kernels on every length and print the ratios the entries quote.
 """
 
 import functools

@@ -1,6 +1,6 @@
 """Backward pass: P is recomputed tile by tile from the saved LSE; nothing N x N is stored.
 
-Three launches, no atomics (so the result is bitwise reproducible, ``deterministic`` or not):
+Three launches, no atomics (so the result is bitwise reproducible):
 
 1. ``_delta_kernel``: ``delta_i = sum_d dO_id * O_id`` (the rowsum that softmax's Jacobian needs).
 2. ``_dkdv_kernel``: one K/V tile per program; streams the Q/dO tiles that see it and
@@ -19,9 +19,10 @@ rows carry ``LSE = +inf`` from the forward and get zero gradients the same way.
 
 On Hopper, loops over ``configs.TMA_MIN_SEQLEN`` rows or more read the tiles they stream (Q/dO
 in dK/dV, K/V in dQ) through TMA tensor descriptors where the tile entry says so
-(``TileConfig.tma``), which zero-fill rows past the sequence's end. (Accumulating dQ by atomic
-adds inside the dK/dV kernel, as FlashAttention-2 does, was measured slower here:
-docs/performance.md, issue 4 step 3.)
+(``TileConfig.tma``), which zero-fill rows past the sequence's end. The calls ``bwd_hopper``
+covers (plain or causal attention at head dims 64 and 128, ``deterministic=False``) take its
+Gluon one-pass kernel instead, which sums dQ by atomics (in ``tl`` that design was slower:
+docs/performance.md, issue 4 steps 3 and 7).
 """
 
 import functools
@@ -33,8 +34,8 @@ import triton.language as tl
 from flashtile import configs
 from flashtile.configs import tile_config
 from flashtile.ops.common import (
-    cdiv, device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
-    stream_by_tma,
+    cdiv, device_guard, dot_precision, feature_args, load_gluon_module, padded_head_dim, sequence_layout,
+    shared_strides, stream_by_tma,
 )
 from flashtile.ops.score import dropout_keep, recomputed_probs, span
 from flashtile.ops.tiles import (
@@ -436,13 +437,8 @@ def launch_dq(dout, q, k, v, lse, delta, dq, features, layout):
 
 @functools.lru_cache(maxsize=None)
 def _gluon_backward():
-    """``ops.bwd_hopper``, imported on first CUDA use, or None where triton has no usable Gluon
-    (as ``fwd._gluon_forward``)."""
-    try:
-        from flashtile.ops import bwd_hopper
-    except ImportError:
-        return None
-    return bwd_hopper
+    """``ops.bwd_hopper``, imported on first CUDA use, or None (``common.load_gluon_module``)."""
+    return load_gluon_module("bwd_hopper")
 
 
 def flash_bwd(dout, q, k, v, out, lse, features, varlen=None):

@@ -1,6 +1,7 @@
 """Host-side helpers shared by the kernel launchers."""
 
 import contextlib
+import importlib
 from typing import NamedTuple
 
 import torch
@@ -10,6 +11,24 @@ from triton.runtime import _allocation
 from flashtile import philox
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+
+# The triton release line the Gluon kernels (ops/fwd_hopper.py, ops/bwd_hopper.py) were written and
+# tested against. Gluon is experimental and its API moves between releases, so other versions take
+# the tl kernels rather than risk a compile error at the first call.
+GLUON_TRITON = (3, 6)
+
+
+def load_gluon_module(name: str):
+    """``flashtile.ops.<name>``, a Gluon kernel module, or None where the installed triton is not
+    the GLUON_TRITON line or has no usable Gluon (flashtile supports triton 3.2 and later):
+    every call then takes the ``tl`` kernels."""
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) != GLUON_TRITON:
+        return None
+    try:
+        return importlib.import_module(f"flashtile.ops.{name}")
+    except ImportError:
+        return None
 
 
 def padded_head_dim(head_dim: int) -> int:

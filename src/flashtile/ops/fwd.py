@@ -13,7 +13,8 @@ same kernel; under varlen each program reads its sequence's bounds from ``cu_seq
 
 On Hopper, loops over ``configs.TMA_MIN_SEQLEN`` keys or more read K/V through TMA tensor
 descriptors where the tile entry says so (``TileConfig.tma``), and the calls ``fwd_hopper`` covers
-(plain attention at head dim 128, lengths multiples of 128) take its Gluon kernel instead.
+(plain or causal attention at head dims 64, 128 and 256, lengths multiples of 128) take its Gluon
+kernel instead.
 
 Fully masked rows (causal with ``Sq > Sk``, a window that misses every key, or ``Sk == 0``)
 write ``out = 0`` and ``lse = +inf``, FlashAttention-2's convention: the backward then
@@ -29,8 +30,8 @@ import triton.language as tl
 from flashtile import configs
 from flashtile.configs import tile_config
 from flashtile.ops.common import (
-    cdiv, device_guard, dot_precision, feature_args, padded_head_dim, sequence_layout, shared_strides,
-    stream_by_tma,
+    cdiv, device_guard, dot_precision, feature_args, load_gluon_module, padded_head_dim, sequence_layout,
+    shared_strides, stream_by_tma,
 )
 from flashtile.ops.score import dropout_keep, scores_base2, span, tanh, visible
 from flashtile.ops.tiles import (
@@ -201,14 +202,9 @@ def _fwd_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _gluon_forward():
-    """``ops.fwd_hopper``, imported on first CUDA use (Gluon has no interpreter), or None where
-    the installed triton has no usable Gluon (flashtile supports triton 3.2 and later; Gluon is
-    newer): every call then takes the ``tl`` kernel."""
-    try:
-        from flashtile.ops import fwd_hopper
-    except ImportError:
-        return None
-    return fwd_hopper
+    """``ops.fwd_hopper``, imported on first CUDA use (Gluon has no interpreter), or None
+    (``common.load_gluon_module``)."""
+    return load_gluon_module("fwd_hopper")
 
 
 def flash_fwd(q, k, v, features, varlen=None):
