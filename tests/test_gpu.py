@@ -80,21 +80,27 @@ GLUON_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 2176, 4096, 8, 2, 128), (3, 256,
                 (2, 2048, 2048, 4, 2, 64), (1, 384, 2368, 4, 4, 256), (1, 2048, 2048, 2, 1, 256)]
 
 
-def _count_gluon_calls(monkeypatch):
-    """Counts the Gluon forward's launches; its tiles serve every key length from 128 on (the
-    tables' speed thresholds are checked by the dispatch test)."""
-    import dataclasses
-
-    from flashtile.ops import fwd_hopper
+def _count_launches(monkeypatch, module_name, launcher, table, every_length):
+    """Counts the launches of a Gluon module's launcher, with its table's length thresholds
+    replaced by ``every_length`` (the dispatch tests check the real thresholds)."""
+    import importlib
 
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("Gluon forward: Hopper only")
-    monkeypatch.setattr(configs, "SM90_GLUON_FWD", {key: dataclasses.replace(tile, min_seqlen_k=128)
-                                                    for key, tile in configs.SM90_GLUON_FWD.items()})
+        pytest.skip("Gluon kernels: Hopper only")
+    module = importlib.import_module(f"flashtile.ops.{module_name}")
+    monkeypatch.setattr(configs, table, every_length)
     calls = []
-    real = fwd_hopper.hopper_fwd
-    monkeypatch.setattr(fwd_hopper, "hopper_fwd", lambda *a: calls.append(1) or real(*a))
+    real = getattr(module, launcher)
+    monkeypatch.setattr(module, launcher, lambda *a: calls.append(1) or real(*a))
     return calls
+
+
+def _count_gluon_calls(monkeypatch):
+    """The Gluon forward's launches; its tiles serve every key length from 128 on."""
+    import dataclasses
+
+    every_length = {key: dataclasses.replace(tile, min_seqlen_k=128) for key, tile in configs.SM90_GLUON_FWD.items()}
+    return _count_launches(monkeypatch, "fwd_hopper", "hopper_fwd", "SM90_GLUON_FWD", every_length)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -134,16 +140,9 @@ GLUON_BWD_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 1024, 3072, 4, 2, 128), (2, 
 
 
 def _count_gluon_bwd_calls(monkeypatch):
-    """Counts the Gluon backward's launches, with its thresholds at 0 (the dispatch test checks them)."""
-    from flashtile.ops import bwd_hopper
-
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("Gluon backward: Hopper only")
-    monkeypatch.setattr(configs, "SM90_GLUON_BWD", dict.fromkeys(configs.SM90_GLUON_BWD, 0))
-    calls = []
-    real = bwd_hopper.hopper_bwd
-    monkeypatch.setattr(bwd_hopper, "hopper_bwd", lambda *a: calls.append(1) or real(*a))
-    return calls
+    """The Gluon backward's launches, with its thresholds at 0."""
+    return _count_launches(monkeypatch, "bwd_hopper", "hopper_bwd", "SM90_GLUON_BWD",
+                           dict.fromkeys(configs.SM90_GLUON_BWD, 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
