@@ -70,3 +70,30 @@ def write_json(path, payload):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def min_winning_seqlen(ratios: dict) -> int | None:
+    """The shortest length from which a kernel wins at that length and every longer one measured:
+    ``ratios`` maps seqlen -> (old kernel's time / new kernel's time). None if it loses at the
+    longest. Used to turn the Gluon probes' rows into configs.SM90_GLUON_* entries."""
+    winning = None
+    for seqlen in sorted(ratios, reverse=True):
+        if ratios[seqlen] < 1.0:
+            break
+        winning = seqlen
+    return winning
+
+
+def gluon_table_rows(rows, old="tl", new="gluon") -> list[str]:
+    """configs-style lines ``(head_dim, causal): <min seqlen>,  # ratios`` from probe rows (dicts
+    with head_dim, causal, seqlen and ms per kernel), one per (head dim, mask), in the format the
+    Gluon tables quote; an entry that never wins is printed commented out."""
+    lines = []
+    for head_dim, causal in sorted({(r["head_dim"], r["causal"]) for r in rows}):
+        ratios = {r["seqlen"]: r["ms"][old] / r["ms"][new] for r in rows
+                  if r["head_dim"] == head_dim and r["causal"] == causal}
+        shortest = min_winning_seqlen(ratios)
+        quoted = " ".join(f"{ratios[s]:.2f}" for s in sorted(ratios))
+        entry = f"({head_dim}, {causal}): {shortest},  # {quoted}"
+        lines.append(entry if shortest is not None else f"# {entry}  (never wins)")
+    return lines

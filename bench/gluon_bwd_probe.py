@@ -30,7 +30,7 @@ def backward(gluon, dout, q, k, v, out, lse, features):
 
 def main():
     sys.path.insert(0, "bench")
-    from common import attention_flops, environment, median_ms, sdpa, write_json
+    from common import attention_flops, environment, gluon_table_rows, median_ms, sdpa, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
@@ -75,6 +75,9 @@ def main():
                   + " ".join(f"{n} {t:.0f}" for n, t in tflops.items())
                   + f" | gluon/cudnn {ms['sdpa_cudnn'] / ms['gluon']:.2f} gluon/tl {ms['tl'] / ms['gluon']:.2f}",
                   flush=True)
+    print("Gluon / tl time ratios per length and the shortest winning length (configs entries):")
+    for line in gluon_table_rows(rows):
+        print("    " + line)
     write_json(args.out, {"env": env, "whole_dq": args.whole_dq, "rows": rows})
     sys.exit(0 if ok else 1)
 

@@ -194,7 +194,7 @@ def run_variant(q, k, v, pingpong=False, **kw):
 
 def coverage(out_path):
     """Library kernel vs tl kernel vs SDPA per head dim, causal and not, seqlen 512..16384."""
-    from common import attention_flops, environment, median_ms, sdpa, write_json
+    from common import attention_flops, environment, gluon_table_rows, median_ms, sdpa, write_json
 
     env = environment()
     rows, ok = [], True
@@ -224,6 +224,9 @@ def coverage(out_path):
                       f" TFLOP/s " + " ".join(f"{n} {t:.0f}" for n, t in tflops.items())
                       + f" | gluon/cudnn {ms['sdpa_cudnn'] / ms['gluon']:.2f} gluon/tl {ms['tl'] / ms['gluon']:.2f}",
                       flush=True)
+    print("Gluon / tl time ratios per length and the shortest winning length (configs entries):")
+    for line in gluon_table_rows(rows):
+        print("    " + line)
     write_json(out_path, {"env": env, "rows": rows})
     return ok
 

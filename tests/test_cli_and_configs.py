@@ -157,6 +157,32 @@ def test_gluon_backward_splits_the_dq_buffer_only_where_the_gpu_stays_full():
     assert head_chunks(1, 1000, 132) == [(0, 1)]
 
 
+def test_gluon_tables_are_what_their_probes_measured():
+    """SM90_GLUON_FWD / SM90_GLUON_BWD hold the shortest length from which the committed probe
+    results show the Gluon kernel at least as fast as the tl kernel at every longer length
+    (bench/common.py's rule; the probes print these lines): no entry without its measurement."""
+    import json
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        from common import gluon_table_rows, min_winning_seqlen
+    finally:
+        sys.path.remove(bench)
+    assert min_winning_seqlen({512: 0.9, 1024: 1.1, 2048: 0.99, 4096: 1.2}) == 4096
+    assert min_winning_seqlen({512: 1.0, 1024: 1.1}) == 512
+    assert min_winning_seqlen({512: 1.2, 1024: 0.9}) is None
+    for table, name, min_of in ((configs.SM90_GLUON_FWD, "fwd", lambda tile: tile.min_seqlen_k),
+                                (configs.SM90_GLUON_BWD, "bwd", lambda entry: entry)):
+        with open(os.path.join(bench, "results", f"h100_gluon_{name}.json")) as f:
+            lines = gluon_table_rows(json.load(f)["rows"])
+        measured = {line.split(":")[0]: int(line.split(":")[1].split(",")[0]) for line in lines}
+        expected = {str(key): min_of(entry) for key, entry in table.items()}
+        assert {key: measured[key] for key in expected} == expected
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]

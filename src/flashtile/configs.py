@@ -123,29 +123,31 @@ class GluonForwardTile:
 
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
-# beats the tl kernel (bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 09:38 UTC,
+# runs at least as fast as the tl kernel at that length and every longer one (bench/common.py
+# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 09:38 UTC,
 # bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Shared memory: Q 128 x D
 # plus slots x 2 x block_n x D, 16-bit, within an H100 SM's 227 KB. Head dim 64 is bound by the
 # exponentials (as many per score as at 128, half the MMA work), so ping-pong gains little there.
 SM90_GLUON_FWD = {
-    (64, False): GluonForwardTile(128, 3, 4096),  # 0.73 0.86 1.00 1.01 1.00 1.03
+    (64, False): GluonForwardTile(128, 3, 2048),  # 0.73 0.86 1.00 1.01 1.00 1.03
     (64, True): GluonForwardTile(128, 3, 8192),  # 0.52 0.66 0.85 0.94 1.02 1.04
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384)
     (128, False): GluonForwardTile(128, 3, 512),  # 1.09 1.16 1.18 1.19 1.15 1.16
     (128, True): GluonForwardTile(128, 3, 1024),  # 0.91 1.02 1.09 1.10 1.17 1.08
     # 64-key tiles, 2 slots: three 128-key slots would need 224 KB for K/V alone.
     (256, False): GluonForwardTile(64, 2, 512),  # 1.04 1.06 1.07 1.08 1.02 1.02
-    (256, True): GluonForwardTile(64, 2, 2048),  # 1.00 1.00 1.02 1.03 1.06 1.07
+    (256, True): GluonForwardTile(64, 2, 1024),  # 1.00 1.00 1.02 1.03 1.06 1.07 (0.996 at 512)
 }
 
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 reductions):
-# (head dim, causal) it covers -> the key length from which it beats the tl kernels
-# (bench/gluon_bwd_probe.py, H100, 2026-11-24 09:37 UTC, bench/results/h100_gluon_bwd.json;
-# batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl time ratio at seqlen 512 / 1024 /
-# 2048 / 4096 / 8192 / 16384). Causal head dim 128 from its 09:39 re-run with the mask on every
-# tile (a single loop: fewer spills): 0.96 at 2048, 0.99 at 4096, 1.05 at 16384. Set GLUON_BWD
-# to False to time the tl kernels on the same shapes; deterministic=True always takes them.
+# (head dim, causal) it covers -> the key length from which it runs at least as fast as the tl
+# kernels at that length and every longer one (min_winning_seqlen over bench/gluon_bwd_probe.py,
+# H100, 2026-11-24 09:37 UTC, bench/results/h100_gluon_bwd.json; batch x seqlen = 16384, heads x
+# head dim = 2048; Gluon / tl time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384).
+# Causal head dim 128 was re-run at 09:50 with the mask on every tile (a single loop: fewer
+# spills): 0.96 at 2048, 0.99 at 4096, 1.05 at 16384. Set GLUON_BWD to False to time the tl
+# kernels on the same shapes; deterministic=True always takes them.
 GLUON_BWD = True
 SM90_GLUON_BWD = {
     (64, False): 1024,  # 0.91 1.02 1.12 1.18 1.17 1.17
