@@ -18,6 +18,15 @@ def test_info_checks_the_current_path(capsys):
     assert f"flashtile {flashtile.__version__}" in out and "check     ok" in out
 
 
+def test_info_names_the_hopper_paths(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "Gluon forward/backward" in cli._path_description(torch.device("cuda", 0))
+    monkeypatch.setattr("triton.__version__", "3.7.0")
+    assert "no Gluon kernels (they need triton 3.6)" in cli._path_description(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert cli._path_description(torch.device("cuda", 0)) == "Triton kernels, generic tile table (sm80)"
+
+
 def test_demo_runs_and_reports_errors(capsys):
     assert cli.main(["demo", "--seqlens", "64,300"]) == 0
     out = capsys.readouterr().out

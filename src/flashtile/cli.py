@@ -23,8 +23,15 @@ def _path_description(device: torch.device) -> str:
     if device.type == "cpu":
         return "exact blockwise PyTorch path (flashtile/cpu.py)"
     arch = torch.cuda.get_device_capability(device)
-    table = "tuned sm90 tile table" if arch == (9, 0) else "generic tile table"
-    return f"Triton kernels, {table} (sm{arch[0]}{arch[1]})"
+    if arch != (9, 0):
+        return f"Triton kernels, generic tile table (sm{arch[0]}{arch[1]})"
+    from flashtile.ops.common import GLUON_TRITON, load_gluon_module
+
+    if load_gluon_module("fwd_hopper") is not None and load_gluon_module("bwd_hopper") is not None:
+        gluon = "Gluon forward/backward where measured faster"
+    else:
+        gluon = f"no Gluon kernels (they need triton {GLUON_TRITON[0]}.{GLUON_TRITON[1]})"
+    return f"Triton kernels, tuned sm90 tile tables, {gluon} (sm90)"
 
 
 def _sampled_error(q, k, v, out, causal, rows=64, lowp=False):
