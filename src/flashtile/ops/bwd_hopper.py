@@ -6,26 +6,28 @@ is FlashAttention-2/3's single pass. One program owns a 128-key K/V tile; three 
 
 * a 1-warp producer streams the 64-row Q/dO tiles that see the K/V tile through a 2-slot TMA
   ring (``ready``/``empty`` mbarriers);
-* two consumer warpgroups own 64 keys each (their dK and dV accumulators, 64 registers each per
-  thread) and per Q tile compute, with rows on the MMA's M side::
+* two consumer warpgroups own 64 keys each (their dK and dV accumulators, D / 2 registers each
+  per thread) and per Q tile compute, with rows on the MMA's M side::
 
       S = Q K^T, dP = dO V^T             (asynchronous warpgroup MMAs; the next tile's S is
                                           issued before this tile's dQ is added)
       P = exp2(S * scale2 - LSE2)        (masked on the causal diagonal)
       dV += P^T dO, dK += dS^T Q         (P and dS through shared memory, read transposed)
       dS = P * (dP - delta)
-      dQ[:, 64 c:64 c + 64] = dS K[:, 64 c:64 c + 64]
+      dQ[:, c D/2:(c+1) D/2] = dS K[:, c D/2:(c+1) D/2]
                                          (both halves of dS, shared through shared memory;
-                                          each warpgroup takes half of dQ's columns)
+                                          warpgroup c takes half of dQ's columns)
       dQ_acc[rows] += scale * dQ         (float32 ``red.global.add.v4`` reductions in L2)
 
-The dQ reductions bound the kernel: without them it ran at 695-739 TFLOP/s, with scalar
-reductions (``v2``) 419-458, with ``v4`` 480-506 (docs/performance.md). ``dQ_acc`` is float32 and
+The dQ reductions bound the kernel (head dim 128): without them it ran at 695-739 TFLOP/s, with
+two floats per reduction (``v2``) 419-458, with four (``v4``) 480-506 (docs/performance.md). ``dQ_acc`` is float32 and
 zero-filled; the launcher casts it to the input dtype, half of the heads at a time where that
 still fills the GPU (peak memory). The atomic sums depend on their order, so this path is not
 bitwise reproducible: calls with ``deterministic=True`` take the ``tl`` kernels. Covers what
-``hopper_bwd_eligible`` checks: 16-bit inputs, head dim 128, no window/softcap/ALiBi/dropout
-(causal with ``Sk >= Sq`` is), dense contiguous batches with ``Sq % 64 == 0``, ``Sk % 128 == 0``.
+``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim, causal) entries of
+``configs.SM90_GLUON_BWD`` (head dims 64 and 128, each from the key length where it beats the
+``tl`` kernels), no window/softcap/ALiBi/dropout (causal with ``Sk >= Sq``), dense contiguous
+batches with ``Sq % 64 == 0`` and ``Sk % 128 == 0``.
 """
 
 import torch
@@ -80,7 +82,7 @@ def _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, 
     """Base-2 LSE and delta of Q tile t's rows (zeros past the last tile), in ``layout``."""
     row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q  # (B, H, Sq)
     rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
-    valid = (rows * 0 + t) < total
+    valid = (rows * 0 + t) < total  # the scalar test t < total as a mask in the rows' layout
     lse2 = gl.load(lse_ptr + row_base + rows, mask=valid, other=0.0) * LOG2E
     delta = gl.load(delta_ptr + row_base + rows, mask=valid, other=0.0)
     return lse2, delta
@@ -101,11 +103,11 @@ def _scores(t, total, q_ring, k_w, ready, layout: gl.constexpr):
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
                  dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_ptr, dq_h0, dq_heads, b, h0, n_heads, seqlen_q,
                  m_begin, n_m, key_pos0, qk_scale, softmax_scale, MASKED: gl.constexpr):
-    """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``64 C + [0, 64)``
+    """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``C D/2 + [0, D/2)``
     of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
     t + 1, whose S product runs while this tile's dQ is added (dP = dO V^T runs during the
-    exponentials). ``key_pos0``: the diagonal
-    row of the warpgroup's first key (MASKED: key j is seen by row i iff ``key_pos0 + j <= i``).
+    exponentials). ``key_pos0``: the diagonal row of the warpgroup's first key (MASKED: key j is
+    seen by row i iff ``key_pos0 + j <= i``).
 
     Rows sit on the MMA's M side (S = Q K^T, not K Q^T), so each thread holds the LSE and delta
     of two rows, not sixteen; P and dS reach the dV and dK products transposed, through shared
