@@ -192,6 +192,43 @@ def test_gluon_tables_are_what_their_probes_measured():
         assert {key: measured[key] for key in expected} == expected
 
 
+def test_gluon_applies_rule_by_rule(monkeypatch):
+    """The conditions both Gluon launchers share (ops/common.gluon_applies), one rule at a time,
+    on host stand-ins for CUDA tensors (the GPU dispatch tests run the launchers' full rules)."""
+    from flashtile.features import Features
+    from flashtile.ops.common import gluon_applies
+
+    class Cuda:  # what the rule reads of a tensor
+        def __init__(self, shape, dtype=torch.bfloat16, contiguous=True, ptr=0, is_cuda=True):
+            self.shape, self.dtype, self.is_cuda, self._contiguous, self._ptr = shape, dtype, is_cuda, contiguous, ptr
+            self.device = torch.device("cuda", 0)
+
+        def is_contiguous(self):
+            return self._contiguous
+
+        def data_ptr(self):
+            return self._ptr
+
+    monkeypatch.setattr(configs, "_arch", lambda index: (9, 0))
+    q, k = Cuda((2, 1024, 4, 128)), Cuda((2, 2048, 2, 128))
+    plain, causal = Features(0.1), Features(0.1, window_right=0)
+    assert gluon_applies(q, k, plain, None, q, k) and gluon_applies(q, k, causal, None, q, k)
+    assert not gluon_applies(Cuda((2, 1024, 4, 128), is_cuda=False), k, plain, None, q, k)
+    assert not gluon_applies(Cuda((2, 1024, 4, 128), dtype=torch.float32), k, plain, None, q, k)
+    assert not gluon_applies(q, k, plain, (None, None, 1024, 2048), q, k)  # varlen
+    assert not gluon_applies(Cuda((2, 0, 4, 128)), k, plain, None, k)  # no queries
+    assert not gluon_applies(Cuda((0, 1024, 4, 128)), k, plain, None, k)  # no batch
+    assert not gluon_applies(k, q, causal, None, q, k)  # causal with Sq > Sk
+    assert gluon_applies(k, q, plain, None, q, k)
+    for features in (Features(0.1, window_left=8), Features(0.1, window_right=8), Features(0.1, softcap=1.0),
+                     Features(0.1, dropout_p=0.1), Features(0.1, alibi_slopes=torch.ones(4))):
+        assert not gluon_applies(q, k, features, None, q, k)
+    assert not gluon_applies(q, k, plain, None, q, Cuda((2, 2048, 2, 128), contiguous=False))
+    assert not gluon_applies(q, k, plain, None, q, Cuda((2, 2048, 2, 128), ptr=8))  # TMA needs 16-byte alignment
+    monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
+    assert not gluon_applies(q, k, plain, None, q, k)
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]

@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_N = gl.constexpr(64)  # keys per consumer warpgroup (two per program)
@@ -268,19 +268,13 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     """Whether a backward takes this kernel: see the module docstring. Pure host checks."""
     from flashtile import configs
 
-    if not (configs.GLUON_BWD and q.is_cuda and varlen is None and not features.deterministic
-            and q.dtype in (torch.bfloat16, torch.float16)):
+    if not (configs.GLUON_BWD and not features.deterministic and gluon_applies(q, k, features, varlen, q, k, v, dout)):
         return False
-    batch, seqlen_q, n_heads, head_dim = q.shape
+    _, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    causal = features.window_left < 0 and features.window_right == 0 and seqlen_k >= seqlen_q
     min_seqlen_k = configs.SM90_GLUON_BWD.get((head_dim, features.masked))
-    return (min_seqlen_k is not None and (causal or not features.masked) and not features.heavy_scores
-            and features.alibi_slopes is None and seqlen_q % BLOCK_M == 0 and seqlen_k % BLOCK_N == 0
-            and seqlen_q > 0 and seqlen_k >= max(min_seqlen_k, BLOCK_N) and batch * n_heads > 0
-            and seqlen_q * n_heads * head_dim < 2**31
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v, dout))
-            and configs.arch(q.device) == (9, 0))
+    return (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % BLOCK_N == 0
+            and seqlen_k >= max(min_seqlen_k, BLOCK_N) and seqlen_q * n_heads * head_dim < 2**31)
 
 
 def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int) -> list[tuple[int, int]]:

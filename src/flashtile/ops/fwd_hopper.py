@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two per program)
@@ -205,17 +205,12 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     """Whether a forward takes this kernel: see the module docstring. Pure host checks."""
     from flashtile import configs
 
-    if not (configs.GLUON_FWD and q.is_cuda and varlen is None and q.dtype in (torch.bfloat16, torch.float16)):
+    if not (configs.GLUON_FWD and gluon_applies(q, k, features, varlen, q, k, v)):
         return False
-    batch, seqlen_q, n_heads, head_dim = q.shape
-    seqlen_k = k.shape[1]
-    causal = features.window_left < 0 and features.window_right == 0 and seqlen_k >= seqlen_q
+    seqlen_q, head_dim, seqlen_k = q.shape[1], q.shape[3], k.shape[1]
     tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
-    return (tile is not None and (causal or not features.masked) and not features.heavy_scores
-            and features.alibi_slopes is None and seqlen_q % _ROWS == 0 and seqlen_k % tile.block_n == 0
-            and seqlen_q > 0 and seqlen_k >= tile.min_seqlen_k and batch * n_heads > 0
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v))
-            and configs.arch(q.device) == (9, 0))
+    return (tile is not None and seqlen_q % _ROWS == 0 and seqlen_k % tile.block_n == 0
+            and seqlen_k >= tile.min_seqlen_k)
 
 
 def hopper_fwd(q, k, v, features):
