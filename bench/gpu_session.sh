@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh probe      # the probes behind non-tuned tile choices (bench/probe.py)
 #   bash bench/gpu_session.sh gluon      # the Gluon kernels against the tl kernels and SDPA: the ratios
 #                                        # behind configs.SM90_GLUON_FWD / SM90_GLUON_BWD
+#   bash bench/gpu_session.sh decode     # KV-cache tests, decode benchmark (PROBE=1: tile/split probe
+#                                        # first) and the example generation loop
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/flashtile-out}
@@ -51,6 +53,15 @@ case "${1:-check}" in
     python3 bench/gluon_fwd_probe.py --coverage --out "$OUT/gluon_fwd.json" 2>&1 | tee "$OUT/gluon_fwd.log"
     python3 bench/gluon_bwd_probe.py --seqlens 512,1024,2048,4096,8192,16384 --out "$OUT/gluon_bwd.json" 2>&1 \
       | tee "$OUT/gluon_bwd.log"
+    ;;
+  decode)
+    timeout 300 python3 -m pytest -n 8 -q -m gpu -p no:cacheprovider tests/test_kvcache.py 2>&1 \
+      | tee "$OUT/tests.log" | tail -15
+    if [ -n "${PROBE:-}" ]; then
+      timeout 200 python3 bench/bench_decode.py --probe --out "$OUT/decode_probe.json" 2>&1 | tee "$OUT/decode_probe.log"
+    fi
+    timeout 300 python3 bench/bench_decode.py --out "$OUT/decode.json" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"
+    timeout 200 python3 examples/generate.py 2>&1 | tee "$OUT/generate.log"
     ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac

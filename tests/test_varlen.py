@@ -89,7 +89,7 @@ def i32(values, device=DEVICE):
     (lambda: dict(q=torch.randn(2, 10, 2, 16, device=DEVICE)), ValueError,
      r"q must have 3 dimensions \(total_tokens, nheads, headdim\)"),
     (lambda: dict(alibi_slopes=torch.ones(3, 2, device=DEVICE)), ValueError, r"or \(batch_size, nheads\) = \(2, 2\)"),
-    (lambda: dict(block_table=i32([[0], [1]])), NotImplementedError, "block_table"),
+    (lambda: dict(block_table=i32([[0], [1]])), ValueError, r"k must have 4 dimensions \(num_blocks, page_block_size"),
 ], ids=["list", "int64", "2d", "lengths-differ", "start", "decreasing", "end", "max-small", "max-float",
         "device", "rank", "alibi-batch", "block-table"])
 def test_varlen_rejects_bad_cu_seqlens(overrides, error, words):

@@ -212,3 +212,17 @@ def tile_config(device: torch.device, dtype: torch.dtype, block_d: int, mode: st
             return SM90_LONG[key]
         return SM90[key]
     return _generic(mode, block_d)
+
+# KV-cache attention (ops/decode.py, decoding and paged prefill): (block_n, num_warps, num_stages)
+# per padded head dim, any CUDA GPU. 128: bench/bench_decode.py --probe on the H100, 2026-11-24
+# 11:56 UTC (bf16, 32/8 heads, per-layer CUDA-graph time; % of copy bandwidth, contiguous / page 64):
+# (32, 4, 3) 38.6/38.2 B1x4k, 55.9/54.9 B1x8k, 83.8/82.5 B1x32k, 97.3/95.8 B8x32k, 99.1/98.0 B64x4k;
+# (64, 4, 3) 39.9/39.0, 55.6/55.3, 83.4/82.9, 94.4/93.8, 95.4/92.6; (64, 4, 2), (128, 4, 2) and
+# (128, 8, 3) each lost somewhere by 3-15%. The other head dims: not measured, same bytes per stage.
+DECODE_TILES = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (32, 4, 3), 256: (16, 4, 3)}
+
+# flash_attn_with_kvcache and paged varlen range-check the values of cache_seqlens,
+# cache_batch_idx, cache_leftpad and block_table in one device-to-host copy per call (skipped
+# while capturing a CUDA graph). False skips it: for serving loops that build those indices
+# themselves and cannot afford the wait; an out-of-range index then reads or writes outside the cache.
+CHECK_CACHE_INDICES = True

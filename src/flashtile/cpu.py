@@ -190,3 +190,54 @@ def varlen_backward(dout, q, k, v, out, lse, f: Features, cu_seqlens_q, cu_seqle
                                    out[None, q_lo:q_hi], lse[None, :, q_lo:q_hi], _for_sequence(f, b), batch_offset=b)
         dq[q_lo:q_hi], dk[k_lo:k_hi], dv[k_lo:k_hi] = (g[0] for g in grads)
     return dq, dk, dv
+
+
+def _cache_rows(cache_tensor, cache, b, start, end):
+    """Positions ``[start, end)`` of sequence ``b`` in a contiguous or paged cache tensor."""
+    if cache.block_table is None:
+        row = b if cache.batch_idx is None else int(cache.batch_idx[b])
+        return cache_tensor[row, start:end]
+    positions = torch.arange(start, end)
+    page_size = cache_tensor.shape[1]
+    pages = cache.block_table[b].long()[positions // page_size]
+    return cache_tensor[pages, positions % page_size]
+
+
+def cache_append(x, cache_tensor, cache, base):
+    """Write ``x`` (B, S, Hk, D) into the cache at positions ``base[b] + j`` (``base``: list of ints)."""
+    page_size = cache_tensor.shape[1]
+    for b in range(x.shape[0]):
+        positions = torch.arange(base[b], base[b] + x.shape[1])
+        if cache.block_table is None:
+            row = b if cache.batch_idx is None else int(cache.batch_idx[b])
+            cache_tensor[row, positions] = x[b]
+        else:
+            cache_tensor[cache.block_table[b].long()[positions // page_size], positions % page_size] = x[b]
+
+
+def cache_forward(q, cache, f: Features, varlen_q=None):
+    """Attention of q over a ``features.KVCache``, one sequence at a time: ``(out, lse)`` shaped as
+    ``ops.decode.cache_attention`` returns them (q dense (B, Sq, Hq, D), or packed with
+    ``varlen_q = (cu_seqlens_q, max_seqlen_q)``)."""
+    out = torch.zeros(q.shape, dtype=q.dtype)
+    if varlen_q is None:
+        batch = q.shape[0]
+        bounds = [(b, b + 1) for b in range(batch)]
+        lse = torch.full((batch, q.shape[2], q.shape[1]), math.inf, dtype=torch.float32)
+    else:
+        cu = varlen_q[0].tolist()
+        batch = len(cu) - 1
+        bounds = list(zip(cu, cu[1:]))
+        lse = torch.full((q.shape[1], q.shape[0]), math.inf, dtype=torch.float32)
+    ends = [cache.seqlen] * batch if cache.seqlens is None else [n + cache.seqlen_new for n in cache.seqlens.tolist()]
+    starts = [0] * batch if cache.leftpad is None else cache.leftpad.tolist()
+    for b, (lo, hi) in enumerate(bounds):
+        keys = _cache_rows(cache.k_cache, cache, b, starts[b], ends[b])[None]
+        values = _cache_rows(cache.v_cache, cache, b, starts[b], ends[b])[None]
+        queries = q[lo:hi] if varlen_q is None else q[None, lo:hi]
+        seq_out, seq_lse = attention_forward(queries, keys, values, _for_sequence(f, b), batch_offset=b)
+        if varlen_q is None:
+            out[b], lse[b] = seq_out[0], seq_lse[0]
+        else:
+            out[lo:hi], lse[:, lo:hi] = seq_out[0], seq_lse[0]
+    return out, lse

@@ -5,7 +5,7 @@ launchers (``ops/``), the CPU path (``cpu.py``) and autograd all read this one d
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -49,3 +49,30 @@ def normalized_window(causal: bool, window_size, max_seqlen_q: int, max_seqlen_k
     if right >= max_seqlen_q:
         right = -1
     return left, right
+
+
+class KVCache(NamedTuple):
+    """Where each sequence's keys and values live, for ``flash_attn_with_kvcache`` and paged varlen.
+
+    Keys are numbered by their position in the cache. Sequence ``b`` attends the keys
+    ``[start_b, end_b)``: ``start_b = leftpad[b]`` (0 without it) and ``end_b = seqlens[b] +
+    seqlen_new`` (``seqlen`` for every sequence when ``seqlens`` is None). Contiguous caches hold
+    sequence ``b`` in row ``batch_idx[b]`` (``b`` without it); paged ones (``block_table`` given)
+    hold position ``p`` in page ``block_table[b, p // page_size]``, row ``p % page_size``.
+    Masks are bottom-right aligned to ``end_b``, as for a ``seqlen_k = end_b - start_b`` call.
+    """
+    k_cache: torch.Tensor  # (batch_cache, seqlen_cache, Hk, D), or (num_pages, page_size, Hk, D)
+    v_cache: torch.Tensor
+    seqlens: Optional[torch.Tensor]  # int32 (B,)
+    seqlen: int
+    seqlen_new: int
+    batch_idx: Optional[torch.Tensor]  # int32 (B,)
+    leftpad: Optional[torch.Tensor]  # int32 (B,)
+    block_table: Optional[torch.Tensor]  # int32 (B, pages per sequence)
+
+    @property
+    def capacity(self) -> int:
+        """How many positions one sequence can address."""
+        if self.block_table is None:
+            return self.k_cache.shape[1]
+        return self.block_table.shape[1] * self.k_cache.shape[1]

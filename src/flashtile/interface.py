@@ -89,9 +89,10 @@ def _check_qkv(q, k, v, varlen=False):
         )
 
 
-def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _check_cu_seqlens(q, total_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     """cu_seqlens: int32, 1-D, on q's device, equal lengths B + 1, starting at 0, non-decreasing,
-    ending at the token count; max_seqlen: int at least the longest sequence."""
+    ending at the token count (``total_k`` None: any key count, for paged K/V); max_seqlen: int at
+    least the longest sequence."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -115,7 +116,7 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     # Tensors made under torch.inference_mode have no version counter: checked on every call.
     cacheable = not (cu_seqlens_q.is_inference() or cu_seqlens_k.is_inference())
     if cacheable:
-        key = (cu_seqlens_q._version, cu_seqlens_k._version, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+        key = (cu_seqlens_q._version, cu_seqlens_k._version, q.shape[0], total_k, max_seqlen_q, max_seqlen_k)
         ref_q, ref_k, checked = _VALIDATED_CU_SEQLENS.get(id(cu_seqlens_q), (None, None, None))
         if ref_q is not None and ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and checked == key:
             return
@@ -123,14 +124,14 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     half = len(values) // 2
     for name, bounds, total, max_name, max_len in (
         ("cu_seqlens_q", values[:half], q.shape[0], "max_seqlen_q", max_seqlen_q),
-        ("cu_seqlens_k", values[half:], k.shape[0], "max_seqlen_k", max_seqlen_k),
+        ("cu_seqlens_k", values[half:], total_k, "max_seqlen_k", max_seqlen_k),
     ):
         if bounds[0] != 0:
             raise ValueError(f"{name} must start at 0, got {bounds[0]}")
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
         if any(n < 0 for n in lengths):
             raise ValueError(f"{name} must be non-decreasing, got {bounds}")
-        if bounds[-1] != total:
+        if total is not None and bounds[-1] != total:
             raise ValueError(f"{name} must end at the number of tokens ({total}), got {bounds[-1]}")
         if lengths and max(lengths) > max_len:
             raise ValueError(f"{max_name} is {max_len} but a sequence has {max(lengths)} tokens; it must be at "
@@ -213,7 +214,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     if varlen is None:
         batch, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     else:
-        _check_cu_seqlens(q, k, *varlen)
+        _check_cu_seqlens(q, k.shape[0], *varlen)
         batch, max_seqlen_q, max_seqlen_k = varlen[0].shape[0] - 1, varlen[2], varlen[3]
     _check_alibi(alibi_slopes, q, batch, q.shape[-2])
     f = _features(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, max_seqlen_q,
@@ -336,7 +337,11 @@ def flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: int32 (batch_size + 1,), on q's device: 0, then the
             running sums of the sequence lengths (lengths of 0 are allowed).
         max_seqlen_q, max_seqlen_k: int, at least the longest query / key sequence.
-        block_table: paged KV cache (not supported yet: must be None).
+        block_table: int32 (batch_size, max_num_blocks_per_seq) or None: paged K/V (paged
+            prefill). k and v are then caches of shape (num_blocks, page_block_size, nheads_k,
+            headdim) and key j of sequence b (j < cu_seqlens_k[b + 1] - cu_seqlens_k[b]) lives in
+            page ``block_table[b, j // page_block_size]``, row ``j % page_block_size``. Forward only
+            (no dropout, no gradient), as in FlashAttention-2.
         All other arguments as in ``flash_attn_func``; ``alibi_slopes`` of shape
         (batch_size, nheads) gives each sequence its own slopes.
     Return:
@@ -346,7 +351,11 @@ def flash_attn_varlen_func(
             the top-left corner of entry b (None without dropout).
     """
     if block_table is not None:
-        raise NotImplementedError("block_table (paged KV) in flash_attn_varlen_func is not supported yet; pass None")
+        from flashtile.kvcache import paged_varlen_attention
+
+        return paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                                      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                      return_attn_probs)
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                       deterministic, return_attn_probs,
                       varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
