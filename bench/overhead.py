@@ -9,13 +9,21 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import sdpa  # noqa: E402
 
 import flashtile  # noqa: E402
+from flashtile import configs  # noqa: E402
 from flashtile.features import Features  # noqa: E402
 from flashtile.ops import flash_fwd  # noqa: E402
+
+
+def sdpa_gqa(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 def per_call_us(fn, calls=2000):
@@ -41,8 +49,23 @@ def main():
         "SDPA flash, no grad": lambda: sdpa("sdpa_flash")(qh, kh, vh, True),
         "SDPA flash, requires_grad": lambda: sdpa("sdpa_flash")(qhg, kh, vh, True),
     }
+    # One decode step: 32 query heads over 8 KV heads, a 256-token cache.
+    qd = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(1, 256, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.full((1,), 256, dtype=torch.int32, device="cuda")
+
+    def decode(check):
+        def run():
+            configs.CHECK_CACHE_INDICES = check
+            flashtile.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=lengths)
+        return run
+
+    rows["flash_attn_with_kvcache, index checks off"] = decode(False)
+    rows["flash_attn_with_kvcache, index checks on"] = decode(True)
+    rows["SDPA flash decode step (enable_gqa)"] = lambda: sdpa_gqa(qd.transpose(1, 2), kc.transpose(1, 2),
+                                                                      vc.transpose(1, 2))
     for name, fn in rows.items():
-        print(f"{name:42s} {per_call_us(fn):7.1f} us/call")
+        print(f"{name:46s} {per_call_us(fn):7.1f} us/call")
 
 
 if __name__ == "__main__":

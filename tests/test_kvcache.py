@@ -107,6 +107,7 @@ CASES = {
     "paged16-append": dict(seqlen_q=2, seqlen_new=2, page_size=16, seqlens=(13, 40)),
     "paged-odd-size": dict(seqlen_q=1, seqlen_new=1, page_size=24, seqlens=(23, 24)),
     "leftpad-batch-idx": dict(seqlen_q=2, seqlen_new=1, leftpad=(3, 0), batch_idx=(2, 0), cache_rows=3),
+    "paged-leftpad": dict(seqlen_q=2, seqlen_new=1, page_size=16, leftpad=(3, 17)),
     "int-seqlens": dict(seqlens=17, seqlen_new=2, seqlen_q=2),
     "whole-cache": dict(seqlens=None, capacity=37),
     "prefill-two-row-tiles": dict(seqlen_q=9, seqlen_new=9, seqlens=(0, 20)),
