@@ -158,7 +158,7 @@ def probe(copy_gbs):
     """Tiles and split counts: GB/s (per-layer graph time) for each alternative."""
     rows = []
     shapes = [(1, 4096), (1, 8192), (1, 32768), (8, 32768), (64, 4096)]
-    tiles = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)]
+    tiles = [(32, 4, 3), (32, 4, 4), (64, 4, 3), (128, 8, 3)]
     saved = dict(configs.DECODE_TILES)
 
     def measure(label, layers, table_size=None, splits=0):
@@ -179,8 +179,9 @@ def probe(copy_gbs):
                 measure(f"tile {tile} {'page64' if page_size else 'contiguous'}", layers, page_size)
         configs.DECODE_TILES.update(saved)
         if batch == 1:
-            for splits in (8, 16, 24, 32, 48, 64, 128):
+            for splits in (16, 24, 33, 48, 64):
                 measure(f"splits {splits}", layers, None, splits)
+
         del layers, first
         torch.cuda.empty_cache()
     return rows

@@ -171,12 +171,12 @@ def test_paged_equals_contiguous(path):
 
 
 def test_split_heuristic_edges():
-    # Work that gives every SM a program: no split, whatever the length.
-    assert split_count(0, work=132, max_keys=1 << 20, block_n=64, n_sms=132) == 1
-    assert split_count(0, work=131, max_keys=1 << 20, block_n=64, n_sms=132) == 2
-    # One program: enough splits to fill the GPU (capped at MAX_SPLITS)...
+    # Work that gives every SM two programs: no split, whatever the length.
+    assert split_count(0, work=264, max_keys=1 << 20, block_n=64, n_sms=132) == 1
+    assert split_count(0, work=263, max_keys=1 << 20, block_n=64, n_sms=132) == 2
+    # One program: enough splits to fill the GPU twice (capped at MAX_SPLITS)...
     assert split_count(0, work=1, max_keys=1 << 20, block_n=64, n_sms=132) == MAX_SPLITS
-    assert split_count(0, work=8, max_keys=1 << 20, block_n=64, n_sms=132) == 17
+    assert split_count(0, work=8, max_keys=1 << 20, block_n=64, n_sms=132) == 33
     # ...but no split shorter than MIN_TILES_PER_SPLIT tiles.
     assert split_count(0, work=8, max_keys=64 * MIN_TILES_PER_SPLIT * 5, block_n=64, n_sms=132) == 5
     assert split_count(0, work=8, max_keys=64 * (MIN_TILES_PER_SPLIT * 5 - 1), block_n=64, n_sms=132) == 4

@@ -237,17 +237,18 @@ def split_count(requested: int, work: int, max_keys: int, block_n: int, n_sms: i
     """How many slices the keys are split into.
 
     ``requested`` > 0 is taken as given (capped at one tile per split and MAX_SPLITS). 0 picks:
-    one slice when the ``work`` programs (batch x KV heads x row tiles) already give every SM one;
-    otherwise enough slices that the grid does (``n_sms`` programs), but no split shorter than
-    MIN_TILES_PER_SPLIT tiles of the longest sequence (``max_keys``). One program per SM, not
-    two: at batch 1 (8 KV heads) 16 splits beat 32 at 4k, 8k and 32k keys (bench_decode --probe:
-    40.0 / 57.1 / 86.2% of copy bandwidth against 37.9 / 55.6 / 83.8)."""
+    one slice when the ``work`` programs (batch x KV heads x row tiles) already give every SM
+    two; otherwise enough slices that the grid does (``2 * n_sms`` programs), but no split shorter
+    than MIN_TILES_PER_SPLIT tiles of the longest sequence (``max_keys``). Two programs per SM:
+    at batch 1 (8 KV heads, 33 splits) this reached 40 / 55 / 83 / 97% of the copy bandwidth at
+    4k / 8k / 32k / 128k keys; one per SM (17 splits) 31-45 / 70 / 80%, the extra programs
+    leaving a tail (bench_decode.py, docs/performance.md)."""
     tiles = max(cdiv(max_keys, block_n), 1)
     if requested > 0:
         return max(1, min(requested, tiles, MAX_SPLITS))
-    if work >= n_sms:
+    if work >= 2 * n_sms:
         return 1
-    wanted = cdiv(n_sms, max(work, 1))
+    wanted = cdiv(2 * n_sms, max(work, 1))
     return max(1, min(wanted, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
