@@ -20,11 +20,26 @@ from kvcache_oracle import kvcache_ref, sequence_rows
 PATHS = ["cpu", "triton"]
 
 
-def run(path, *args, **kwargs):
-    if path == "triton":
+def on_triton(fn, **kwargs):
+    """``fn(**kwargs)`` on the Triton kernels: the interpreter without a GPU, else CUDA copies of
+    the tensors (the caches copied back in place, the results returned on the CPU)."""
+    if not torch.cuda.is_available():
         with use_triton_on_cpu():
-            return flash_attn_with_kvcache(*args, **kwargs)
-    return flash_attn_with_kvcache(*args, **kwargs)
+            return fn(**kwargs)
+    moved = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    result = fn(**moved)
+    for name in ("k_cache", "v_cache"):
+        if name in kwargs:
+            kwargs[name].copy_(moved[name].cpu())
+    if isinstance(result, tuple):
+        return tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in result)
+    return result.cpu()
+
+
+def run(path, **kwargs):
+    if path == "triton":
+        return on_triton(flash_attn_with_kvcache, **kwargs)
+    return flash_attn_with_kvcache(**kwargs)
 
 
 def make_case(batch=2, seqlen_q=1, heads=4, kv_heads=2, head_dim=32, capacity=48, seqlens=(5, 33), seqlen_new=0,
@@ -203,12 +218,12 @@ def test_paged_varlen_prefill(path):
     # The same keys packed contiguously, for the oracle.
     k = torch.cat([k_cache[table[b].long()].flatten(0, 1)[:n] for b, n in enumerate(k_lens)])
     v = torch.cat([v_cache[table[b].long()].flatten(0, 1)[:n] for b, n in enumerate(k_lens)])
-    args = (q, k_cache, v_cache, cu_q, cu_k, max(q_lens), max(k_lens))
+    args = dict(q=q, k=k_cache, v=v_cache, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(q_lens),
+                max_seqlen_k=max(k_lens), causal=True, return_attn_probs=True, block_table=table)
     if path == "triton":
-        with use_triton_on_cpu():
-            out, lse, s_dmask = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
+        out, lse, s_dmask = on_triton(flash_attn_varlen_func, **args)
     else:
-        out, lse, s_dmask = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
+        out, lse, s_dmask = flash_attn_varlen_func(**args)
     assert s_dmask is None
     ref_out, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True)
     lowp = [attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True, upcast=False, reorder_ops=r) for r in (False, True)]
