@@ -12,6 +12,7 @@ being captured or under ``torch.compile``, and can be switched off with
 themselves); an out-of-range index then reads or writes outside the cache.
 """
 
+import numpy as np
 import torch
 
 from flashtile import configs, cpu
@@ -137,57 +138,53 @@ def _check_cache_lengths(cache_seqlens, cache_leftpad, cache_batch_idx, batch, d
             _check_index_tensor(name, t, (batch,), device)
 
 
+def _host_values(tensors):
+    """The int32 tensors' values as NumPy arrays, through one device-to-host copy if on the GPU."""
+    if not tensors[0].is_cuda:
+        return [t.numpy() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu().numpy()
+    sizes = [t.numel() for t in tensors]
+    parts = np.split(flat, np.cumsum(sizes)[:-1])
+    return [part.reshape(t.shape) for part, t in zip(parts, tensors)]
+
+
 def _check_index_values(cache: KVCache, device, seqlen_ro=None, max_rotated_offset=0):
     """Range checks on the values of the index tensors, read in one device-to-host copy (none
-    for Python ints and CPU tensors). Rotated positions are ``seqlens[b] + j`` for ``j <=
-    max_rotated_offset``; ``seqlen_ro``: rows of rotary_cos (None without rotary)."""
+    for Python ints and CPU tensors) and checked with NumPy. Rotated positions are
+    ``seqlens[b] + j`` for ``j <= max_rotated_offset``; ``seqlen_ro``: rows of rotary_cos (None
+    without rotary)."""
     if not configs.CHECK_CACHE_INDICES or torch.compiler.is_compiling():
         return
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
     capacity, num_rows = cache.capacity, cache.k_cache.shape[0]
-    indices = (cache.seqlens, cache.leftpad, cache.batch_idx, cache.block_table)
-    if all(t is None for t in indices):  # cache_seqlens is an int or None: nothing to read
-        begin_max = begin_min = cache.seqlen - cache.seqlen_new
-        values = {}
-    else:
-        if cache.seqlens is None:
-            begins = torch.full((1,), cache.seqlen - cache.seqlen_new, dtype=torch.int32, device=device)
-        else:
-            begins = cache.seqlens
-        if begins.numel() == 0:
-            return  # batch 0
-        ends = begins + cache.seqlen_new
-        stats = {"begin_min": begins.min(), "begin_max": begins.max()}
-        if cache.leftpad is not None:
-            stats["leftpad_min"] = cache.leftpad.min()
-            stats["leftpad_excess"] = (cache.leftpad - begins).max()
-        if cache.batch_idx is not None:
-            stats["batch_idx_min"] = cache.batch_idx.min()
-            stats["batch_idx_max"] = cache.batch_idx.max()
-        if cache.block_table is not None and cache.block_table.shape[1] > 0:
-            page_size = cache.k_cache.shape[1]
-            slots = torch.arange(cache.block_table.shape[1], device=device)
-            used = slots[None, :] < ((ends + page_size - 1) // page_size)[:, None]
-            stats["pages_min"] = torch.where(used, cache.block_table, 0).min()
-            stats["pages_max"] = torch.where(used, cache.block_table, 0).max()
-        values = dict(zip(stats, torch.stack([v.to(torch.int64) for v in stats.values()]).tolist()))
-        begin_min, begin_max = values["begin_min"], values["begin_max"]
-    if begin_min < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got {begin_min}")
-    if begin_max + cache.seqlen_new > capacity:
-        raise ValueError(f"cache_seqlens + seqlen_new reaches {begin_max + cache.seqlen_new} but the cache holds "
-                         f"{capacity} positions per sequence")
-    if "leftpad_min" in values and (values["leftpad_min"] < 0 or values["leftpad_excess"] > 0):
+    names = [name for name in ("seqlens", "leftpad", "batch_idx", "block_table") if getattr(cache, name) is not None]
+    values = dict(zip(names, _host_values([getattr(cache, name) for name in names]))) if names else {}
+    begins = values.get("seqlens", np.array([cache.seqlen - cache.seqlen_new]))
+    if begins.size == 0:
+        return  # batch 0
+    begins = begins.astype(np.int64)
+    ends = begins + cache.seqlen_new
+    if begins.min() < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {begins.min()}")
+    if ends.max() > capacity:
+        raise ValueError(f"cache_seqlens + seqlen_new reaches {ends.max()} but the cache holds {capacity} positions "
+                         f"per sequence")
+    if "leftpad" in values and ((values["leftpad"] < 0).any() or (values["leftpad"] > begins).any()):
         raise ValueError("cache_leftpad must satisfy 0 <= cache_leftpad[b] <= cache_seqlens[b]")
-    if "batch_idx_min" in values and (values["batch_idx_min"] < 0 or values["batch_idx_max"] >= num_rows):
-        raise ValueError(f"cache_batch_idx must index k_cache's {num_rows} sequences (0 to {num_rows - 1}), got "
-                         f"values from {values['batch_idx_min']} to {values['batch_idx_max']}")
-    if "pages_min" in values and (values["pages_min"] < 0 or values["pages_max"] >= num_rows):
-        raise ValueError(f"block_table must index k_cache's {num_rows} pages (0 to {num_rows - 1}) in every slot a "
-                         f"sequence uses, got values from {values['pages_min']} to {values['pages_max']}")
-    if seqlen_ro is not None and begin_max + max_rotated_offset >= seqlen_ro:
-        raise ValueError(f"rotary_cos/rotary_sin have {seqlen_ro} rows but position {begin_max + max_rotated_offset} "
+    for name, table, what in (("cache_batch_idx", values.get("batch_idx"), "sequences"),
+                              ("block_table", values.get("block_table"), "pages")):
+        if table is None:
+            continue
+        if name == "block_table":  # only the slots below each sequence's end are read
+            page_size = cache.k_cache.shape[1]
+            table = table[np.arange(table.shape[1])[None, :] < -(-ends // page_size)[:, None]]
+        if table.size and (table.min() < 0 or table.max() >= num_rows):
+            raise ValueError(f"{name} must index k_cache's {num_rows} {what} (0 to {num_rows - 1})"
+                             f"{' in every slot a sequence uses' if name == 'block_table' else ''}, got values from "
+                             f"{table.min()} to {table.max()}")
+    if seqlen_ro is not None and begins.max() + max_rotated_offset >= seqlen_ro:
+        raise ValueError(f"rotary_cos/rotary_sin have {seqlen_ro} rows but position {begins.max() + max_rotated_offset} "
                          f"is rotated; they need a row for every position up to cache_seqlens + seqlen - 1")
 
 
