@@ -266,8 +266,10 @@ def flash_attn_with_kvcache(
 
     seqlen_new = 0 if k is None else k.shape[1]
     is_tensor = isinstance(cache_seqlens, torch.Tensor)
+    # ``seqlen`` (every sequence's end) only matters without a seqlens tensor: an int cache_seqlens
+    # plus the new tokens, or the whole cache.
     cache = KVCache(k_cache, v_cache, cache_seqlens if is_tensor else None,
-                    (0 if cache_seqlens is None else cache_seqlens) + seqlen_new, seqlen_new,
+                    cache_seqlens + seqlen_new if isinstance(cache_seqlens, int) else 0, seqlen_new,
                     cache_batch_idx, cache_leftpad, block_table)
     if cache_seqlens is None:
         cache = cache._replace(seqlen=cache.capacity)
