@@ -154,11 +154,11 @@ def run_grid(batches, lengths, page_sizes, copy_gbs):
     return records
 
 
-def probe(copy_gbs):
+def probe(copy_gbs, tile_specs):
     """Tiles and split counts: GB/s (per-layer graph time) for each alternative."""
     rows = []
     shapes = [(1, 4096), (1, 8192), (1, 32768), (8, 32768), (64, 4096)]
-    tiles = [(32, 4, 3), (32, 4, 4), (64, 4, 3), (128, 8, 3)]
+    tiles = [tuple(int(x) for x in t.split("x")) for t in tile_specs.split(",") if t]
     saved = dict(configs.DECODE_TILES)
 
     def measure(label, layers, table_size=None, splits=0):
@@ -181,6 +181,11 @@ def probe(copy_gbs):
         if batch == 1:
             for splits in (16, 24, 33, 48, 64):
                 measure(f"splits {splits}", layers, None, splits)
+        saved_pdl = configs.DECODE_PDL
+        for pdl in (True, False):
+            configs.DECODE_PDL = pdl
+            measure(f"combine {'with' if pdl else 'without'} PDL", layers)
+        configs.DECODE_PDL = saved_pdl
 
         del layers, first
         torch.cuda.empty_cache()
@@ -194,6 +199,8 @@ def main():
     parser.add_argument("--lengths", default="1024,4096,8192,16384,32768,131072")
     parser.add_argument("--pages", default="16,64,256")
     parser.add_argument("--probe", action="store_true")
+    parser.add_argument("--probe-tiles", default="32x4x3,32x4x4,64x4x3,128x8x3",
+                        help="block_n x warps x stages candidates for --probe")
     args = parser.parse_args()
     env = environment()
     print(banner(env))
@@ -203,7 +210,7 @@ def main():
     payload = dict(environment=env, copy_gbs=copy_gbs, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                    dtype="bfloat16")
     if args.probe:
-        payload["probe"] = probe(copy_gbs)
+        payload["probe"] = probe(copy_gbs, args.probe_tiles)
     else:
         q, k_cache, v_cache, seqlens = make_cache(1, 4096)
         payload["check_us"] = check_cost_us(q, k_cache, v_cache, seqlens)

@@ -220,6 +220,9 @@ def tile_config(device: torch.device, dtype: torch.dtype, block_d: int, mode: st
 # (64, 4, 3) 39.9/39.0, 55.6/55.3, 83.4/82.9, 94.4/93.8, 95.4/92.6; (64, 4, 2), (128, 4, 2) and
 # (128, 8, 3) each lost somewhere by 3-15%. The other head dims: not measured, same bytes per stage.
 DECODE_TILES = {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (32, 4, 3), 256: (16, 4, 3)}
+# Split-KV decoding on sm90+: launch the combine kernel as a programmatic dependent of the split
+# kernel (PDL), so its launch overlaps the split kernel. bench/bench_decode.py --probe compares.
+DECODE_PDL = True
 
 # flash_attn_with_kvcache and paged varlen range-check the values of cache_seqlens,
 # cache_batch_idx, cache_leftpad and block_table in one device-to-host copy per call (skipped

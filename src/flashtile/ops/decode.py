@@ -43,7 +43,7 @@ def _cache_attention_kernel(
     seqlen_q, seqlen_k, seqlen_new, n_heads, group_size, num_m_blocks, num_splits, total_tokens,
     qk_scale, softcap_in, window_left, window_right,
     VARLEN_Q: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     BOUND_LEFT: tl.constexpr, BOUND_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -52,6 +52,8 @@ def _cache_attention_kernel(
     # programs that read one KV head's slice run side by side.
     # PAGE_SIZE: 0 for a contiguous cache. Rows of a tile are (query i, head g of the group)
     # pairs, row = i * group_size + g.
+    if PDL:  # the combine kernel may be scheduled now; it waits for this grid's results itself
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
     pid_split = (pid // num_m_blocks) % num_splits
@@ -197,10 +199,14 @@ def _cache_attention_kernel(
 @triton.jit(do_not_specialize=["total_tokens", "num_splits", "seqlen_q"])
 def _combine_kernel(
     O_PART, LSE_PART, OUT, LSE, total_tokens, n_heads, num_splits, seqlen_q, stride_lse_b, stride_lse_h,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """One output row (token, head): the splits' outputs weighted by exp(lse_s - lse), in float32.
-    Rows no split saw (every lse_s = -inf) get out = 0 and lse = +inf."""
+    Rows no split saw (every lse_s = -inf) get out = 0 and lse = +inf. PDL: launched as a
+    programmatic dependent of the split kernel (its launch overlaps that kernel), so it first
+    waits for the split kernel's writes."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # token * n_heads + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -299,6 +305,8 @@ def cache_attention(q, cache, features, num_splits=0, varlen_q=None, max_keys=No
         o_part = lse_part = lse
     args = feature_args(features, q)
     paged = cache.block_table is not None
+    # Hopper's programmatic dependent launch for the combine kernel (configs.DECODE_PDL).
+    pdl = splits > 1 and configs.DECODE_PDL and q.is_cuda and configs.arch(q.device) >= (9, 0)
     placeholder = cu_seqlens_q  # any tensor: pointers the flags say are never read
     with device_guard(q):
         _cache_attention_kernel[(work * splits,)](
@@ -316,7 +324,7 @@ def cache_attention(q, cache, features, num_splits=0, varlen_q=None, max_keys=No
             args.runtime["window_right"],
             VARLEN_Q=varlen_q is not None, HAS_SEQLENS=cache.seqlens is not None,
             HAS_BATCH_IDX=cache.batch_idx is not None, HAS_LEFTPAD=cache.leftpad is not None,
-            PAGE_SIZE=k_cache.shape[1] if paged else 0, SPLIT=splits > 1,
+            PAGE_SIZE=k_cache.shape[1] if paged else 0, SPLIT=splits > 1, PDL=pdl,
             BOUND_LEFT=args.flags["BOUND_LEFT"], BOUND_RIGHT=args.flags["BOUND_RIGHT"],
             SOFTCAP=args.flags["SOFTCAP"], HAS_ALIBI=args.flags["HAS_ALIBI"],
             HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_head_dim(head_dim),
@@ -326,6 +334,6 @@ def cache_attention(q, cache, features, num_splits=0, varlen_q=None, max_keys=No
             _combine_kernel[(total_tokens * n_heads,)](
                 o_part, lse_part, out, lse, total_tokens, n_heads, splits, lse_seqlen, stride_lse_b, stride_lse_h,
                 HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
-                num_warps=4 if head_dim > 64 else 2,
+                PDL=pdl, num_warps=4 if head_dim > 64 else 2, launch_pdl=pdl,
             )
     return out, lse
