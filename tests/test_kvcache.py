@@ -162,6 +162,21 @@ def test_fully_masked_rows_are_zero(path):
     assert torch.isinf(lse[0, :, :4]).all() and (lse[0, :, :4] > 0).all()
 
 
+def column_major(t):
+    """The same values with stride(-1) != 1 (a transposed copy, transposed back)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_inputs_without_unit_stride(path):
+    # q, the new k/v and the rotary tables in layouts the kernels cannot read in place.
+    case = make_case(seqlen_q=2, seqlen_new=2, rotary_dim=16)
+    for name in ("q", "k", "v", "rotary_cos", "rotary_sin"):
+        case[name] = column_major(case[name])
+        assert case[name].stride(-1) != 1
+    check_call(path, case, causal=True)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_every_split_count_agrees(path):
     # 3 splits of a 16-wide tile loop, 7 (more than some sequences' tiles), and the heuristic.

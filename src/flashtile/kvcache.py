@@ -297,6 +297,12 @@ def _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys):
     from flashtile.ops.append import rotary_store
     from flashtile.ops.decode import cache_attention
 
+    def unit_stride(t):  # the kernels read rows with unit stride in the last dim; others are copied
+        return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+    if rotary is not None:
+        rotary = (unit_stride(rotary[0]), unit_stride(rotary[1]), rotary[2])
     base = cache.seqlens if cache.seqlens is not None else cache.seqlen - cache.seqlen_new
     if k is not None:
         rotary_store(k, cache.k_cache, base, rotary, cache)
@@ -304,8 +310,6 @@ def _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys):
     if rotary is not None:
         q = rotary_store(q, torch.empty(q.shape, dtype=q.dtype, device=q.device), base, rotary, None,
                          position_step=1 if local else 0)
-    elif q.stride(-1) != 1:
-        q = q.contiguous()
     return cache_attention(q, cache, f, num_splits, max_keys=max_keys)
 
 
