@@ -118,3 +118,45 @@ def test_compile_fullgraph_dropout_is_seeded_by_torch():
     assert torch.equal(first, again) and not torch.equal(first, other)
     grads = torch.autograd.grad(first.sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def _decode_inputs(paged):
+    """A decode step's tensors: 2 sequences, 4 query heads over 2 KV heads, a new token each."""
+    torch.manual_seed(5)
+    q = torch.randn(2, 1, 4, 16, device=DEVICE)
+    shape = (8, 16, 2, 16) if paged else (2, 64, 2, 16)
+    k_cache, v_cache = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    k, v = torch.randn(2, 1, 2, 16, device=DEVICE), torch.randn(2, 1, 2, 16, device=DEVICE)
+    angles = torch.rand(70, 4, device=DEVICE)
+    extras = dict(cache_seqlens=torch.tensor([5, 40], dtype=torch.int32, device=DEVICE),
+                  rotary_cos=angles.cos(), rotary_sin=angles.sin())
+    if paged:
+        extras["block_table"] = torch.tensor([[3, 1, 6, 0], [2, 7, 5, 4]], dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, k, v, extras
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_opcheck(paged):
+    from flashtile.kvcache import kvcache_attention
+
+    q, k_cache, v_cache, k, v, extras = _decode_inputs(paged)
+    args = (q, k_cache, v_cache, k, v, extras["rotary_cos"], extras["rotary_sin"], True, True, extras["cache_seqlens"],
+            0, 1, None, None, extras.get("block_table"), 0.25, -1, 0, 0.0, None, 0)
+    torch.library.opcheck(kvcache_attention, args)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_compiles_without_graph_break(paged):
+    """torch.compile(fullgraph=True) of a decode step: same output and same cache as eager."""
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+
+    def step(q, k_cache, v_cache, k, v, extras):
+        return flashtile.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, causal=True, **extras)
+
+    q, k_cache, v_cache, k, v, extras = _decode_inputs(paged)
+    eager_caches = (k_cache.clone(), v_cache.clone())
+    expected = step(q, *eager_caches, k, v, extras)
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    got = compiled(q, k_cache, v_cache, k, v, extras)
+    assert torch.equal(got, expected)
+    assert torch.equal(k_cache, eager_caches[0]) and torch.equal(v_cache, eager_caches[1])

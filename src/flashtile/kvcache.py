@@ -12,12 +12,15 @@ being captured or under ``torch.compile``, and can be switched off with
 themselves); an out-of-range index then reads or writes outside the cache.
 """
 
+from typing import Optional
+
 import numpy as np
 import torch
+from torch import Tensor
 
 from flashtile import configs, cpu
 from flashtile.autograd import uses_triton
-from flashtile.features import KVCache
+from flashtile.features import Features, KVCache
 from flashtile.interface import (
     MAX_HEAD_DIM, _check_alibi, _check_cu_seqlens, _check_options, _check_tensor, _features,
 )
@@ -282,15 +285,47 @@ def flash_attn_with_kvcache(
                         max(seqlen_new, rotated_queries) - 1)
 
     f = _features(q, 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, False, seqlen_q, capacity)
-    rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
-    max_keys = cache.seqlen if not is_tensor else (
-        int(cache_seqlens.max()) + seqlen_new if not cache_seqlens.is_cuda and batch > 0 else None)
-    if uses_triton(q):  # the kernels write fresh tensors: no autograd graph to switch off
-        out, lse = _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys)
+    if torch.compiler.is_compiling():  # one opaque op in the graph (the cache mutation declared)
+        out, lse = kvcache_attention(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, rotary_interleaved, local,
+                                     cache.seqlens, cache.seqlen, seqlen_new, cache_batch_idx, cache_leftpad,
+                                     block_table, f.softmax_scale, f.window_left, f.window_right, f.softcap,
+                                     f.alibi_slopes, num_splits)
     else:
-        with torch.no_grad():
-            out, lse = _run_cpu(q, k, v, cache, f, rotary, local)
+        out, lse = _run(q, k, v, cache, f, rotary_cos, rotary_sin, rotary_interleaved, local, num_splits)
     return (out, lse) if return_softmax_lse else out
+
+
+def _run(q, k, v, cache, f, rotary_cos, rotary_sin, rotary_interleaved, local, num_splits):
+    rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
+    if uses_triton(q):  # the kernels write fresh tensors: no autograd graph to switch off
+        seqlens = cache.seqlens
+        max_keys = cache.seqlen if seqlens is None else (
+            int(seqlens.max()) + cache.seqlen_new if not seqlens.is_cuda and seqlens.numel() else None)
+        return _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys)
+    with torch.no_grad():
+        return _run_cpu(q, k, v, cache, f, rotary, local)
+
+
+# Under torch.compile the call is this custom op (its arguments already validated by the caller).
+# Eager calls skip it: the custom-op dispatch costs ~100 us per call (autograd.py).
+@torch.library.custom_op("flashtile::kvcache_attention", mutates_args=("k_cache", "v_cache"))
+def kvcache_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+    rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], rotary_interleaved: bool, rotate_per_query: bool,
+    cache_seqlens: Optional[Tensor], seqlen: int, seqlen_new: int, cache_batch_idx: Optional[Tensor],
+    cache_leftpad: Optional[Tensor], block_table: Optional[Tensor], softmax_scale: float, window_left: int,
+    window_right: int, softcap: float, alibi_slopes: Optional[Tensor], num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of flash_attn_with_kvcache; k/v (if given) appended into the caches in place."""
+    cache = KVCache(k_cache, v_cache, cache_seqlens, seqlen, seqlen_new, cache_batch_idx, cache_leftpad, block_table)
+    f = Features(softmax_scale, window_left, window_right, softcap, alibi_slopes)
+    return _run(q, k, v, cache, f, rotary_cos, rotary_sin, rotary_interleaved, rotate_per_query, num_splits)
+
+
+@kvcache_attention.register_fake
+def _(q, *args):
+    batch, seqlen_q, n_heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, n_heads, seqlen_q), dtype=torch.float32)
 
 
 def _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys):
