@@ -147,7 +147,9 @@ def test_kvcache_opcheck(paged):
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_kvcache_compiles_without_graph_break(paged):
-    """torch.compile(fullgraph=True) of a decode step: same output and same cache as eager."""
+    """torch.compile(fullgraph=True) of a decode step (under no_grad: with grad mode on, inductor
+    on the GPU rejects the op's in-place cache update, "a leaf Variable that requires grad is
+    being used in an in-place operation"): same output and same cache as eager."""
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"
 
     def step(q, k_cache, v_cache, k, v, extras):
@@ -157,6 +159,7 @@ def test_kvcache_compiles_without_graph_break(paged):
     eager_caches = (k_cache.clone(), v_cache.clone())
     expected = step(q, *eager_caches, k, v, extras)
     compiled = torch.compile(step, fullgraph=True, backend=backend)
-    got = compiled(q, k_cache, v_cache, k, v, extras)
+    with torch.no_grad():  # inference, as a serving loop runs it
+        got = compiled(q, k_cache, v_cache, k, v, extras)
     assert torch.equal(got, expected)
     assert torch.equal(k_cache, eager_caches[0]) and torch.equal(v_cache, eager_caches[1])
