@@ -192,27 +192,24 @@ def varlen_backward(dout, q, k, v, out, lse, f: Features, cu_seqlens_q, cu_seqle
     return dq, dk, dv
 
 
+def _cache_index(cache, page_size, b, positions):
+    """Indices into a cache tensor's first two dims of ``positions`` of sequence ``b``: its row of
+    a contiguous cache, or its pages of a paged one."""
+    if cache.block_table is None:
+        return (b if cache.batch_idx is None else int(cache.batch_idx[b])), positions
+    return cache.block_table[b].long()[positions // page_size], positions % page_size
+
+
 def _cache_rows(cache_tensor, cache, b, start, end):
     """Positions ``[start, end)`` of sequence ``b`` in a contiguous or paged cache tensor."""
-    if cache.block_table is None:
-        row = b if cache.batch_idx is None else int(cache.batch_idx[b])
-        return cache_tensor[row, start:end]
-    positions = torch.arange(start, end)
-    page_size = cache_tensor.shape[1]
-    pages = cache.block_table[b].long()[positions // page_size]
-    return cache_tensor[pages, positions % page_size]
+    return cache_tensor[_cache_index(cache, cache_tensor.shape[1], b, torch.arange(start, end))]
 
 
 def cache_append(x, cache_tensor, cache, base):
     """Write ``x`` (B, S, Hk, D) into the cache at positions ``base[b] + j`` (``base``: list of ints)."""
-    page_size = cache_tensor.shape[1]
     for b in range(x.shape[0]):
         positions = torch.arange(base[b], base[b] + x.shape[1])
-        if cache.block_table is None:
-            row = b if cache.batch_idx is None else int(cache.batch_idx[b])
-            cache_tensor[row, positions] = x[b]
-        else:
-            cache_tensor[cache.block_table[b].long()[positions // page_size], positions % page_size] = x[b]
+        cache_tensor[_cache_index(cache, cache_tensor.shape[1], b, positions)] = x[b]
 
 
 def cache_forward(q, cache, f: Features, varlen_q=None):

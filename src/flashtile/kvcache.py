@@ -135,9 +135,10 @@ def _check_cache_lengths(cache_seqlens, cache_leftpad, cache_batch_idx, batch, d
                             f"{type(cache_seqlens).__name__}")
         if cache_seqlens < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
-    for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad),
-                    ("cache_batch_idx", cache_batch_idx)):
-        if isinstance(t, torch.Tensor) or (t is not None and name != "cache_seqlens"):
+    if isinstance(cache_seqlens, torch.Tensor):
+        _check_index_tensor("cache_seqlens", cache_seqlens, (batch,), device)
+    for name, t in (("cache_leftpad", cache_leftpad), ("cache_batch_idx", cache_batch_idx)):
+        if t is not None:
             _check_index_tensor(name, t, (batch,), device)
 
 
@@ -295,15 +296,21 @@ def flash_attn_with_kvcache(
     return (out, lse) if return_softmax_lse else out
 
 
-def _run(q, k, v, cache, f, rotary_cos, rotary_sin, rotary_interleaved, local, num_splits):
+def _run(q, k, v, cache, f, rotary_cos, rotary_sin, rotary_interleaved, local, num_splits, varlen_q=None,
+         max_keys=None):
+    """Append (and rotate), then attend: the kernels for CUDA tensors (or the interpreter), else the
+    CPU path. ``varlen_q``: ``(cu_seqlens_q, max_seqlen_q)`` for packed queries (paged varlen, no
+    append); ``max_keys``: the longest sequence's end if the caller knows it."""
     rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
     if uses_triton(q):  # the kernels write fresh tensors: no autograd graph to switch off
         seqlens = cache.seqlens
-        max_keys = cache.seqlen if seqlens is None else (
-            int(seqlens.max()) + cache.seqlen_new if not seqlens.is_cuda and seqlens.numel() else None)
-        return _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys)
+        if max_keys is None and seqlens is None:
+            max_keys = cache.seqlen
+        elif max_keys is None and not seqlens.is_cuda and seqlens.numel():  # known without a device sync
+            max_keys = int(seqlens.max()) + cache.seqlen_new
+        return _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys, varlen_q)
     with torch.no_grad():
-        return _run_cpu(q, k, v, cache, f, rotary, local)
+        return _run_cpu(q, k, v, cache, f, rotary, local, varlen_q)
 
 
 # Under torch.compile the call is this custom op (its arguments already validated by the caller).
@@ -328,7 +335,7 @@ def _(q, *args):
     return q.new_empty(q.shape), q.new_empty((batch, n_heads, seqlen_q), dtype=torch.float32)
 
 
-def _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys):
+def _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys, varlen_q):
     from flashtile.ops.append import rotary_store
     from flashtile.ops.decode import cache_attention
 
@@ -345,10 +352,12 @@ def _run_triton(q, k, v, cache, f, rotary, local, num_splits, max_keys):
     if rotary is not None:
         q = rotary_store(q, torch.empty(q.shape, dtype=q.dtype, device=q.device), base, rotary, None,
                          position_step=1 if local else 0)
-    return cache_attention(q, cache, f, num_splits, max_keys=max_keys)
+    return cache_attention(q, cache, f, num_splits, varlen_q, max_keys)
 
 
-def _run_cpu(q, k, v, cache, f, rotary, local):
+def _run_cpu(q, k, v, cache, f, rotary, local, varlen_q):
+    if k is None and rotary is None:
+        return cpu.cache_forward(q, cache, f, varlen_q)
     batch, seqlen_q = q.shape[:2]
     base = cache.seqlens.tolist() if cache.seqlens is not None else [cache.seqlen - cache.seqlen_new] * batch
     if rotary is not None:
@@ -385,12 +394,6 @@ def paged_varlen_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     _check_index_values(cache, q.device)
     f = _features(q, 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, False, max_seqlen_q,
                   max_seqlen_k)
-    varlen_q = (cu_seqlens_q, max_seqlen_q)
-    if uses_triton(q):
-        from flashtile.ops.decode import cache_attention
-
-        out, lse = cache_attention(q if q.stride(-1) == 1 else q.contiguous(), cache, f, 0, varlen_q,
-                                   max_keys=max_seqlen_k)
-    else:
-        out, lse = cpu.cache_forward(q, cache, f, varlen_q)
+    out, lse = _run(q, None, None, cache, f, None, None, False, False, 0, varlen_q=(cu_seqlens_q, max_seqlen_q),
+                    max_keys=max_seqlen_k)
     return (out, lse, None) if return_attn_probs else out
