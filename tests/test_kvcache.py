@@ -312,6 +312,10 @@ BAD_INPUTS = {
     "lse-flag": (_bad(return_softmax_lse=1), TypeError, "return_softmax_lse"),
     "window": (_bad(window_size=(-2, 0)), ValueError, "window_size"),
     "alibi-shape": (_bad(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes"),
+    "cache-rows": (_bad(k_cache=lambda c: c["k_cache"][:1], v_cache=lambda c: c["v_cache"][:1]), ValueError,
+                   "k_cache holds 1 sequences but q has batch size 2"),
+    "rotary-int": (_bad(rotary_cos=lambda c: c["rotary_cos"].int(), rotary_sin=lambda c: c["rotary_sin"].int()),
+                   TypeError, "rotary_cos must be a floating-point tensor"),
 }
 
 
@@ -340,6 +344,13 @@ def test_bad_block_table_is_rejected(name):
     case = make_case(page_size=16, seqlens=(20, 40), seqlen_new=1)
     case["block_table"] = make_table(case)
     with pytest.raises(error, match=message):
+        flash_attn_with_kvcache(**case)
+
+
+def test_empty_pages_are_rejected():
+    case = make_case(page_size=16, seqlens=(0, 0))
+    case["k_cache"], case["v_cache"] = case["k_cache"][:, :0], case["v_cache"][:, :0]
+    with pytest.raises(ValueError, match="page_block_size 0"):
         flash_attn_with_kvcache(**case)
 
 
