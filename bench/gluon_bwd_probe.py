@@ -34,7 +34,7 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
-    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--head-dims", default="64,128,256")
     parser.add_argument("--whole-dq", action="store_true",
                         help="one launch with a float32 dQ buffer for every head (no head_chunks split)")
     parser.add_argument("--out", default="bench/results/h100_gluon_bwd.json")

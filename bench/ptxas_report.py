@@ -92,10 +92,13 @@ def gluon_report(spec: str) -> str:
                  "v_desc": desc_type(tile.block_n), "out_ptr": "*bf16"}
         constexprs = {"D": head_dim, "SLOTS": tile.slots, "CAUSAL": causal}
     else:
-        kernel = bwd_hopper._hopper_bwd_kernel
-        q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(bwd_hopper.BLOCK_N)
+        kernel, block_n = bwd_hopper._kernel_for(head_dim)
+        q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
+        dq_block = [bwd_hopper.BLOCK_M, 32]
+        dq_type = mangle_type(TensorDescriptor.from_tensor(
+            torch.empty(4096, 2 * head_dim), dq_block, gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)))
         types = {"q_desc": q_type, "do_desc": q_type, "k_desc": kv_type, "v_desc": kv_type, "delta_ptr": "*fp32",
-                 "dq_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16", "softmax_scale": "fp32"}
+                 "dq_desc": dq_type, "dk_ptr": "*bf16", "dv_ptr": "*bf16", "softmax_scale": "fp32"}
         constexprs = {"D": head_dim, "CAUSAL": causal}
     types |= {"lse_ptr": "*fp32", "qk_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}

@@ -134,8 +134,9 @@ def test_launchers_work_without_gluon(monkeypatch, launcher, loader, module):
 def test_gluon_kernels_build_for_hopper_on_any_machine():
     """Every entry of configs.SM90_GLUON_FWD and SM90_GLUON_BWD compiles for sm90 on this (GPU-less)
     machine through bench/ptxas_report.py, and its SASS multiplies on Hopper's warpgroup MMA
-    (HGMMA, none of the Ampere-style HMMA) with operands arriving by TMA (UTMALDG). Runs in a
-    child process: the tests' Triton interpreter would turn the kernel into Python."""
+    (HGMMA, none of the Ampere-style HMMA) with operands arriving by TMA (UTMALDG); the
+    backward's dQ leaves by TMA reductions (UTMAREDG). Runs in a child process: the tests'
+    Triton interpreter would turn the kernel into Python."""
     import os
     import re
     import subprocess
@@ -153,8 +154,19 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
     lines = run.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == specs
     for line in lines:
-        counts = {op: int(n) for op, n in re.findall(r"(HGMMA|HMMA|UTMALDG) (\d+)", line)}
+        counts = {op: int(n) for op, n in re.findall(r"(HGMMA|HMMA|UTMALDG|UTMAREDG) (\d+)", line)}
         assert counts["HGMMA"] > 0 and counts["HMMA"] == 0 and counts["UTMALDG"] > 0, line
+        assert (counts["UTMAREDG"] > 0) == line.startswith("gluon_bwd"), line
+
+
+def test_causal_gluon_grids_take_heads_in_groups_sized_to_l2():
+    from flashtile.ops.hopper_order import L2_GROUP_BYTES, head_group
+
+    assert head_group(False, 64, 1) == 1  # equal programs: plain head-major order
+    assert head_group(True, 64, L2_GROUP_BYTES // 4) == 4
+    assert head_group(True, 3, L2_GROUP_BYTES // 4) == 3  # no more than the heads there are
+    assert head_group(True, 64, 4 * L2_GROUP_BYTES) == 1  # a head larger than the budget: alone
+    assert head_group(True, 64, 0) == 64
 
 
 def test_gluon_backward_splits_the_dq_buffer_only_where_the_gpu_stays_full():

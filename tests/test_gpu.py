@@ -136,7 +136,8 @@ def attention_with_scale(causal, softmax_scale):
 
 
 GLUON_BWD_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 1024, 3072, 4, 2, 128), (2, 576, 1024, 4, 1, 128),
-                    (1, 128, 128, 2, 2, 128), (2, 1024, 1024, 4, 2, 64), (1, 320, 1152, 6, 3, 64)]
+                    (1, 128, 128, 2, 2, 128), (2, 1024, 1024, 4, 2, 64), (1, 320, 1152, 6, 3, 64),
+                    (2, 1024, 1024, 4, 2, 256), (1, 192, 704, 4, 1, 256), (1, 64, 64, 2, 2, 256)]
 
 
 def _count_gluon_bwd_calls(monkeypatch):
@@ -158,22 +159,41 @@ def test_gluon_backward_matches_oracle(shape, causal, dtype, monkeypatch):
     assert calls, "the Gluon backward did not run"
 
 
+@pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gluon_backward_in_head_chunks(causal, monkeypatch):
+def test_gluon_backward_in_head_chunks(causal, head_dim, monkeypatch):
     """One launch per KV head (as head_chunks splits large calls in two): every launch's dQ buffer
     is indexed from its own first head."""
     from flashtile.ops import bwd_hopper
 
     calls = _count_gluon_bwd_calls(monkeypatch)
     monkeypatch.setattr(bwd_hopper, "head_chunks", lambda n_kv_heads, *_: [(h, 1) for h in range(n_kv_heads)])
-    q, k, v = make_qkv(2, 512, 768, 6, 3, 128, dtype=torch.bfloat16, device="cuda")
+    q, k, v = make_qkv(2, 512, 768, 6, 3, head_dim, dtype=torch.bfloat16, device="cuda")
     check_against_oracle(attention(causal), q, k, v, causal=causal)
     assert calls
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gluon_causal_grid_in_head_groups(head_dim, monkeypatch):
+    """Causal Gluon forward and backward with heads taken in groups (ops/hopper_order.py) that do
+    not divide the 2 x 4 heads: the forward's groups of 3 (3, 3, 2) and the backward's of 6 (it
+    streams Q/dO, half the forward's K/V bytes here). Every (head, tile) program must still run
+    exactly once, which the oracle comparison checks."""
+    from flashtile.ops import hopper_order
+
+    fwd_calls, bwd_calls = _count_gluon_calls(monkeypatch), _count_gluon_bwd_calls(monkeypatch)
+    q, k, v = make_qkv(2, 256, 512, 4, 4, head_dim, dtype=torch.bfloat16, device="cuda")
+    per_head = 2 * 512 * head_dim * 2  # the forward's K/V bytes per head
+    monkeypatch.setattr(hopper_order, "L2_GROUP_BYTES", 3 * per_head)
+    assert hopper_order.head_group(True, 8, per_head) == 3 and hopper_order.head_group(True, 8, per_head // 2) == 6
+    check_against_oracle(attention(True), q, k, v, causal=True)
+    assert fwd_calls and bwd_calls
+
+
 def test_gluon_backward_dispatch_rules(monkeypatch):
-    """One check per rule of hopper_bwd_eligible (the forward's, plus Sq % 64, Sk % 128, the
-    entry's key length and deterministic=False), and deterministic=True through the API."""
+    """One check per rule of hopper_bwd_eligible (the forward's, plus Sq % 64, Sk a multiple of
+    the kernel's keys per program, the entry's key length and deterministic=False), and
+    deterministic=True through the API."""
     from flashtile.features import Features
     from flashtile.ops import bwd_hopper
 
@@ -189,15 +209,15 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
     eligible = bwd_hopper.hopper_bwd_eligible
     for (head_dim, masked), min_seqlen_k in configs.SM90_GLUON_BWD.items():
         features = causal if masked else plain
-        shortest = max(min_seqlen_k, 128)
+        block_n = bwd_hopper._kernel_for(head_dim)[1]
+        shortest = max(min_seqlen_k, 128)  # causal needs Sk >= Sq = 128
         assert eligible(*tensors(128, shortest, head_dim), features, None)
-        if shortest > 128:
-            assert not eligible(*tensors(128, shortest - 128, head_dim), features, None)
-        assert not eligible(*tensors(128, shortest + 64, head_dim), features, None)  # Sk % 128
+        if min_seqlen_k > 128:
+            assert not eligible(*tensors(128, shortest - block_n, head_dim), features, None)
+        assert not eligible(*tensors(128, shortest + block_n // 2, head_dim), features, None)  # Sk % block_n
         assert not eligible(*tensors(128 + 32, shortest, head_dim), features, None)  # Sq % 64
         assert not eligible(*tensors(128, shortest, head_dim), Features(0.1, window_right=0 if masked else -1,
                                                                          deterministic=True), None)
-    assert not eligible(*tensors(head_dim=256), plain, None)
     assert not eligible(*tensors(head_dim=96), plain, None)
     assert not eligible(*tensors(dtype=torch.float32), plain, None)
     assert not eligible(*tensors(seqlen_q=16384 + 64), causal, None)  # Sq > Sk

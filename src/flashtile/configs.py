@@ -124,36 +124,39 @@ class GluonForwardTile:
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
 # runs at least as fast as the tl kernel at that length and every longer one (bench/common.py
-# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 09:38 UTC,
+# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 14:14 UTC,
 # bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Shared memory: Q 128 x D
 # plus slots x 2 x block_n x D, 16-bit, within an H100 SM's 227 KB. Head dim 64 is bound by the
 # exponentials (as many per score as at 128, half the MMA work), so ping-pong gains little there.
 SM90_GLUON_FWD = {
-    (64, False): GluonForwardTile(128, 3, 2048),  # 0.73 0.86 1.00 1.01 1.00 1.03
-    (64, True): GluonForwardTile(128, 3, 8192),  # 0.52 0.66 0.85 0.94 1.02 1.04
+    # 2048 and 4096 were ties at 09:38 (1.00, 1.01) and losses at 14:14: noise of ~3% decides them.
+    (64, False): GluonForwardTile(128, 3, 8192),  # 0.70 0.83 0.94 0.98 1.01 1.01
+    (64, True): GluonForwardTile(128, 3, 8192),  # 0.54 0.65 0.83 0.97 1.02 1.09
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384)
-    (128, False): GluonForwardTile(128, 3, 512),  # 1.09 1.16 1.18 1.19 1.15 1.16
-    (128, True): GluonForwardTile(128, 3, 1024),  # 0.91 1.02 1.09 1.10 1.17 1.08
+    (128, False): GluonForwardTile(128, 3, 512),  # 1.06 1.15 1.15 1.16 1.11 1.15
+    (128, True): GluonForwardTile(128, 3, 1024),  # 0.85 1.00 1.14 1.13 1.14 1.19
     # 64-key tiles, 2 slots: three 128-key slots would need 224 KB for K/V alone.
-    (256, False): GluonForwardTile(64, 2, 512),  # 1.04 1.06 1.07 1.08 1.02 1.02
-    (256, True): GluonForwardTile(64, 2, 1024),  # 1.00 1.00 1.02 1.03 1.06 1.07 (0.996 at 512)
+    (256, False): GluonForwardTile(64, 2, 512),  # 1.03 1.05 1.08 1.08 1.06 1.02
+    (256, True): GluonForwardTile(64, 2, 512),  # 1.00 1.05 1.08 1.08 1.06 1.05
 }
 
-# The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 reductions):
-# (head dim, causal) it covers -> the key length from which it runs at least as fast as the tl
-# kernels at that length and every longer one (min_winning_seqlen over bench/gluon_bwd_probe.py,
-# H100, 2026-11-24 09:37 UTC, bench/results/h100_gluon_bwd.json; batch x seqlen = 16384, heads x
-# head dim = 2048; Gluon / tl time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384).
-# Causal head dim 128 was re-run at 09:50 with the mask on every tile (a single loop: fewer
-# spills): 0.96 at 2048, 0.99 at 4096, 1.05 at 16384. Set GLUON_BWD to False to time the tl
-# kernels on the same shapes; deterministic=True always takes them.
+# The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;
+# head dim 256 in ops/bwd_hopper_wide.py): (head dim, causal) it covers -> the key length from
+# which it runs at least as fast as the tl kernels at that length and every longer one
+# (min_winning_seqlen over bench/gluon_bwd_probe.py, H100, 2026-11-24 14:16 UTC,
+# bench/results/h100_gluon_bwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
+# time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Causal head dim 128 started at
+# 8192 before the TMA reductions and the grouped causal grid (ops/hopper_order.py). Set GLUON_BWD
+# to False to time the tl kernels on the same shapes; deterministic=True always takes them.
 GLUON_BWD = True
 SM90_GLUON_BWD = {
-    (64, False): 1024,  # 0.91 1.02 1.12 1.18 1.17 1.17
-    (64, True): 2048,  # 0.77 0.91 1.08 1.18 1.26 1.30
-    (128, False): 1024,  # 0.95 1.09 1.09 1.13 1.14 1.14
-    (128, True): 8192,  # 0.85 0.91 0.90 0.95 1.00 1.04 (two loops, as above)
+    (64, False): 1024,  # 0.93 1.05 1.16 1.21 1.23 1.28
+    (64, True): 2048,  # 0.75 0.89 1.06 1.13 1.20 1.26
+    (128, False): 1024,  # 0.97 1.13 1.15 1.18 1.19 1.19
+    (128, True): 1024,  # 0.92 1.04 1.07 1.15 1.21 1.17
+    (256, False): 512,  # 1.12 1.25 1.20 1.26 1.31 1.33
+    (256, True): 1024,  # 0.94 1.09 1.14 1.18 1.17 1.14
 }
 
 SM90 = {

@@ -2,7 +2,9 @@
 
 The ``tl`` backward (``bwd.py``) runs two kernels, dK/dV and dQ, so it computes ``S = Q K^T``
 and ``dP = dO V^T`` twice: 7 matrix products per tile where the backward needs 5. This kernel
-is FlashAttention-2/3's single pass. One program owns a 128-key K/V tile; three partitions:
+is FlashAttention-2/3's single pass (head dims 64 and 128; head dim 256 takes
+``bwd_hopper_wide``'s kernel, launched from here). One program owns a 128-key K/V tile; three
+partitions:
 
 * a 1-warp producer streams the 64-row Q/dO tiles that see the K/V tile through a 2-slot TMA
   ring (``ready``/``empty`` mbarriers);
@@ -17,49 +19,62 @@ is FlashAttention-2/3's single pass. One program owns a 128-key K/V tile; three 
       dQ[:, c D/2:(c+1) D/2] = dS K[:, c D/2:(c+1) D/2]
                                          (both halves of dS, shared through shared memory;
                                           warpgroup c takes half of dQ's columns)
-      dQ_acc[rows] += scale * dQ         (float32 ``red.global.add.v4`` reductions in L2)
+      dQ_acc[rows] += scale * dQ         (float32 TMA reductions into L2, from shared memory)
 
-The dQ reductions bound the kernel (head dim 128): without them it ran at 695-739 TFLOP/s, with
-two floats per reduction (``v2``) 419-458, with four (``v4``) 480-506 (docs/performance.md). ``dQ_acc`` is float32 and
-zero-filled; the launcher casts it to the input dtype, half of the heads at a time where that
-still fills the GPU (peak memory). The atomic sums depend on their order, so this path is not
-bitwise reproducible: calls with ``deterministic=True`` take the ``tl`` kernels. Covers what
-``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim, causal) entries of
-``configs.SM90_GLUON_BWD`` (head dims 64 and 128, each from the key length where it beats the
-``tl`` kernels), no window/softcap/ALiBi/dropout (causal with ``Sk >= Sq``), dense contiguous
-batches with ``Sq % 64 == 0`` and ``Sk % 128 == 0``.
+The dQ sums first went out as ``red.global.add.v4.f32`` instructions from every thread (480-506
+TFLOP/s at head dim 128); a TMA bulk reduction per 32 columns (``_tma_reduce_add``) replaced them
+(docs/performance.md). ``dQ_acc`` is float32 and zero-filled; the launcher casts it to the input
+dtype, half of the heads at a time where that still fills the GPU (peak memory). The sums depend
+on their order, so this path is not bitwise reproducible: calls with ``deterministic=True`` take
+the ``tl`` kernels. Covers what ``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim,
+causal) entries of ``configs.SM90_GLUON_BWD`` (head dims 64, 128 and 256, each from the key
+length where it beats the ``tl`` kernels), no window/softcap/ALiBi/dropout (causal with
+``Sk >= Sq``), dense contiguous batches with ``Sq % 64 == 0`` and ``Sk`` a multiple of the
+kernel's keys per program (128; 64 at head dim 256).
 """
 
 import torch
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies
+from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_N = gl.constexpr(64)  # keys per consumer warpgroup (two per program)
-SLOTS = gl.constexpr(2)  # Q/dO ring depth (3 measured no faster; with the v4 layout change it does not fit)
+SLOTS = gl.constexpr(2)  # Q/dO ring depth (3 measured no faster; with the dQ staging buffers it does not fit)
 CONSUMER_REGS = gl.constexpr(240)  # setmaxnreg for each consumer warpgroup; the producer gets 24
 BLOCK_M = 64  # query rows per streamed Q/dO tile
 BLOCK_N = 2 * HALF_N.value  # keys per program
 NUM_WARPS = 4  # per consumer warpgroup (the launch's default partition)
 
 
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """``tensor_desc[coord] += src`` (a float32 shared-memory tile) by a TMA bulk reduction
+    (``cp.reduce.async.bulk.tensor``, UTMAREDG): Gluon 3.6 exports TMA loads and stores but not
+    this, which its builder has (``create_async_tma_reduce``). Asynchronous like a TMA store:
+    ``tma.store_wait`` before ``src`` is written again."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
 @gluon.jit
-def _add_quads(ptrs, values):
-    """``*ptrs += values`` by float32 reductions in L2, four neighbouring floats per instruction
-    (``red.global.add.v4.f32``, sm_90; triton's atomic_add issues one ``atom`` per float). The
-    caller's layout gives each thread runs of four adjacent columns, which ``pack=4`` hands to
-    one instruction; the GPU tests check the sums."""
-    gl.inline_asm_elementwise(
-        "red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n\t"
-        "mov.b32 $0, 0;\n\tmov.b32 $1, 0;\n\tmov.b32 $2, 0;\n\tmov.b32 $3, 0;",
-        "=r,=r,=r,=r,l,l,l,l,f,f,f,f", [ptrs.to(gl.int64, bitcast=True), values], dtype=gl.int32, is_pure=False,
-        pack=4)
+def _reduce_dq(dq_desc, dq, staging, row, col):
+    """``dQ_acc[row:, col:] += dq`` (float32, ``staging``'s shape): through ``staging`` in shared
+    memory, then one TMA reduction per 32 columns (128-byte rows, the swizzle's width: the widest
+    TMA box). The caller waits (``tma.store_wait``) before ``staging`` is written again."""
+    PIECE: gl.constexpr = dq_desc.block_type.shape[1]
+    staging.store(dq)
+    fence_async_shared()
+    for i in gl.static_range(staging.shape[1] // PIECE):
+        _tma_reduce_add(dq_desc, [row, col + i * PIECE], staging.slice(i * PIECE, PIECE, dim=1))
 
 
 @gluon.jit
@@ -95,14 +110,15 @@ def _scores(t, total, q_ring, k_w, ready, layout: gl.constexpr):
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     slot = t % SLOTS
     mbarrier.wait(ready.index(slot), (t // SLOTS) & 1, pred=t < total)
-    zero = gl.zeros([BLOCK_M, HALF_N], gl.float32, layout=layout)
+    N: gl.constexpr = k_w.shape[0]
+    zero = gl.zeros([BLOCK_M, N], gl.float32, layout=layout)
     return warpgroup_mma(q_ring.index(slot), k_w.permute((1, 0)), zero, use_acc=False, is_async=True)
 
 
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
-                 dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_ptr, dq_h0, dq_heads, b, h0, n_heads, seqlen_q,
-                 m_begin, n_m, key_pos0, qk_scale, softmax_scale, MASKED: gl.constexpr):
+                 dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
+                 seqlen_q, m_begin, n_m, key_pos0, qk_scale, softmax_scale, MASKED: gl.constexpr):
     """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``C D/2 + [0, D/2)``
     of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
     t + 1, whose S product runs while this tile's dQ is added (dP = dO V^T runs during the
@@ -150,26 +166,20 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
                                        BLOCK_M, row_layout)
     dv, dk, dq = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok])  # tile t + 1's S may still run
     mbarrier.arrive(empty.index(slot), count=1)
-    # Four adjacent columns per thread (a shared-memory round trip) halve the reductions
-    # against the accumulator's pairs; int32 offsets from the head's row 0 (the launcher checks
-    # Sq * H * D < 2**31) keep a tile of 64-bit offsets out of the registers.
-    add_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [4, 1], [1, 0])
-    dq_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, add_layout))
-    dq_cols = C * (D // 2) + gl.arange(0, D // 2, layout=gl.SliceLayout(0, add_layout))
-    dq_row_stride = dq_heads * D
-    dq_head = dq_ptr + ((b * seqlen_q).to(gl.int64) * dq_row_stride + (dq_h0 + t // n_m) * D)
-    _add_quads(dq_head + (dq_rows[:, None] * dq_row_stride + dq_cols[None, :]),
-               gl.convert_layout(dq * softmax_scale, add_layout))
+    # The warpgroup's dQ columns reach L2 by TMA reductions from shared memory; the previous
+    # tile's reductions must have read the buffer first.
+    tma.store_wait(0)
+    _reduce_dq(dq_desc, dq * softmax_scale, dq_s.index(C), b * seqlen_q + m0, (dq_h0 + t // n_m) * D + C * (D // 2))
     s = warpgroup_mma_wait(0, deps=[s_tok])
     return dk, dv, s, next_lse2, next_delta
 
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-             dq_ptr, dk_ptr, dv_ptr, b, kv_h, dq_h0, dq_heads, n0, key_pos0, m_begin, n_m, group_size,
-             n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+             dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m,
+             group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
     """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
-    ``dq_ptr`` holds ``dq_heads`` heads, the first of this program's group at ``dq_h0``."""
+    ``dq_desc``'s columns start at head ``dq_h0`` for this program's group."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     kd_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, D, 16])
@@ -194,8 +204,9 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     for t in range(total):
         dk, dv, s, lse2, delta = _fold_q_tile(
             C, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
-            dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_ptr, dq_h0, dq_heads, b, h0, n_heads, seqlen_q,
-            m_begin, n_m, my_key_pos0, qk_scale, softmax_scale, CAUSAL)
+            dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
+            seqlen_q, m_begin, n_m, my_key_pos0, qk_scale, softmax_scale, CAUSAL)
+    tma.store_wait(0)  # the last reduction has read dq_s before the program ends
 
     n_kv_heads = n_heads // group_size
     keys = (b * seqlen_k + n0 + C * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, kd_layout))).to(gl.int64)
@@ -206,16 +217,16 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
 
 
 @gluon.jit
-def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
-                       seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks, qk_scale,
+def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
+                       seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks, head_group, qk_scale,
                        softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
-    # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads),
-    # head-major; key tile 0 (under causal the one most rows see) first. q/dO are viewed as 2-D
-    # (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_ptr is float32 (B, Sq, chunk_kv_heads * group_size, D).
+    # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads) in
+    # hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most rows
+    # see) first. q/dO are viewed as 2-D
+    # (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_desc float32 (B * Sq, chunk_kv_heads * group_size * D).
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    pid_bkv = pid // num_n_blocks
-    n0 = (pid % num_n_blocks) * (2 * HALF_N)
+    pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group)
+    n0 = n_rank * (2 * HALF_N)
     b = pid_bkv // chunk_kv_heads
     kv_h = kv_head0 + pid_bkv % chunk_kv_heads
     key_pos0 = n0 - (seqlen_k - seqlen_q)  # the row on key n0's diagonal
@@ -234,6 +245,8 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_p
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 2 * HALF_N], q_desc.dtype)
     p_s = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, 2 * HALF_N], pds_layout)
     ds_s = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, 2 * HALF_N], pds_layout)
+    # Each consumer's float32 dQ columns on their way to the TMA reduction.
+    dq_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], dq_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -251,13 +264,12 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_p
 
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
-    dq_heads = chunk_kv_heads * group_size
     gl.warp_specialize([
-        (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr, dq_ptr,
-                    dk_ptr, dv_ptr, b, kv_h, dq_h0, dq_heads, n0, key_pos0, m_begin, n_m, group_size,
+        (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
+                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size,
                     n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D, CAUSAL)),
-        (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr, dq_ptr,
-                    dk_ptr, dv_ptr, b, kv_h, dq_h0, dq_heads, n0, key_pos0, m_begin, n_m, group_size,
+        (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
+                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size,
                     n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D, CAUSAL)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
@@ -273,8 +285,19 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     _, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     min_seqlen_k = configs.SM90_GLUON_BWD.get((head_dim, features.masked))
-    return (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % BLOCK_N == 0
-            and seqlen_k >= max(min_seqlen_k, BLOCK_N) and seqlen_q * n_heads * head_dim < 2**31)
+    block_n = _kernel_for(head_dim)[1]
+    return (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0
+            and seqlen_k >= max(min_seqlen_k, block_n) and seqlen_q * n_heads * head_dim < 2**31)
+
+
+def _kernel_for(head_dim: int):
+    """``(kernel, keys per program)``: head dim 256 takes ``bwd_hopper_wide``'s kernel (whole dK
+    and dV rows of 64 keys would not fit one warpgroup's registers)."""
+    if head_dim == 256:
+        from flashtile.ops import bwd_hopper_wide
+
+        return bwd_hopper_wide._wide_bwd_kernel, bwd_hopper_wide.BLOCK_N
+    return _hopper_bwd_kernel, BLOCK_N
 
 
 def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int) -> list[tuple[int, int]]:
@@ -297,23 +320,28 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_block, kv_block = [BLOCK_M, head_dim], [BLOCK_N, head_dim]
+    kernel, block_n = _kernel_for(head_dim)
+    q_block, kv_block = [BLOCK_M, head_dim], [block_n, head_dim]
     q_layout = gl.NVMMASharedLayout.get_default_for(q_block, dtype)
     kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, dtype)
     q_rows = (batch * seqlen_q, n_heads * head_dim)
+    dq_block = [BLOCK_M, 32]  # 32 dQ columns: float32 rows of 128 bytes, the swizzle's width
+    dq_layout = gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)
     kv_rows = (batch * seqlen_k, n_kv_heads * head_dim)
     q_desc = TensorDescriptor.from_tensor(q.view(q_rows), q_block, q_layout)
     do_desc = TensorDescriptor.from_tensor(dout.view(q_rows), q_block, q_layout)
     k_desc = TensorDescriptor.from_tensor(k.view(kv_rows), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(kv_rows), kv_block, kv_layout)
-    num_n_blocks = seqlen_k // BLOCK_N
+    num_n_blocks = seqlen_k // block_n
     sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
     for kv_head0, chunk in head_chunks(n_kv_heads, num_n_blocks * batch, sm_count):
+        order_group = head_group(features.masked, batch * chunk, 2 * group_size * seqlen_q * head_dim * q.element_size())
         heads = slice(kv_head0 * group_size, (kv_head0 + chunk) * group_size)
         dq_acc = torch.zeros((batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
-        _hopper_bwd_kernel[(num_n_blocks * batch * chunk,)](
-            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_acc, dk, dv, seqlen_q, seqlen_k, n_heads, group_size,
-            kv_head0, chunk, num_n_blocks, features.softmax_scale * _LOG2E, features.softmax_scale,
+        dq_desc = TensorDescriptor.from_tensor(dq_acc.view(batch * seqlen_q, -1), dq_block, dq_layout)
+        kernel[(num_n_blocks * batch * chunk,)](
+            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk, dv, seqlen_q, seqlen_k, n_heads,
+            group_size, kv_head0, chunk, num_n_blocks, order_group, features.softmax_scale * _LOG2E, features.softmax_scale,
             head_dim, features.masked, num_warps=NUM_WARPS)
         dq[:, :, heads] = dq_acc
         del dq_acc  # before the next chunk's buffer is allocated, or both would be alive at once

@@ -30,6 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies
+from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two per program)
@@ -142,14 +143,13 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, ready, empty, turn, out_pt
 
 @gluon.jit
 def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, group_size,
-                       num_m_blocks, qk_scale, D: gl.constexpr, SLOTS: gl.constexpr, CAUSAL: gl.constexpr):
-    # Flat grid (num_m_blocks * batch * n_heads,), head-major so one head's programs run together
-    # and share its K/V in L2; causal runs each head's longest Q tiles (the last) first.
-    # q/k/v are viewed as 2-D (B * S, H * D).
+                       num_m_blocks, head_group, qk_scale, D: gl.constexpr, SLOTS: gl.constexpr,
+                       CAUSAL: gl.constexpr):
+    # Flat grid (num_m_blocks * batch * n_heads,) in hopper_order's order: head-major so a head's
+    # programs share its K/V in L2; causal in groups of heads, their longest Q tiles (the last)
+    # first. q/k/v are viewed as 2-D (B * S, H * D).
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    pid = gl.program_id(0)
-    pid_bh = pid // num_m_blocks
-    pid_m = pid % num_m_blocks
+    pid_bh, pid_m = head_and_rank(gl.program_id(0), num_m_blocks, gl.num_programs(0) // num_m_blocks, head_group)
     if CAUSAL:
         pid_m = num_m_blocks - 1 - pid_m
     b = pid_bh // n_heads
@@ -231,7 +231,9 @@ def hopper_fwd(q, k, v, features):
     k_desc = TensorDescriptor.from_tensor(k.view(batch * seqlen_k, n_kv_heads * head_dim), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(batch * seqlen_k, n_kv_heads * head_dim), kv_block, kv_layout)
     num_m_blocks = seqlen_q // _ROWS
+    group_size = n_heads // n_kv_heads
+    heads = head_group(causal, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
     _hopper_fwd_kernel[(num_m_blocks * batch * n_heads,)](
-        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads, num_m_blocks,
+        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, heads,
         features.softmax_scale * _LOG2E, head_dim, tile.slots, causal, num_warps=4)
     return out, lse
