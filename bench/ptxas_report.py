@@ -66,8 +66,8 @@ def report(spec: str) -> str:
 
 
 def gluon_report(spec: str) -> str:
-    """``gluon,full|causal,head_dim``: the Gluon forward with its configs.SM90_GLUON_FWD tile;
-    ``gluon_bwd,full|causal,head_dim``: the Gluon backward. bf16."""
+    """``gluon,full|causal,head_dim[,softcap]``: the Gluon forward with its configs.SM90_GLUON_FWD
+    tile; ``gluon_bwd,full|causal,head_dim[,softcap]``: the Gluon backward. bf16."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -77,8 +77,8 @@ def gluon_report(spec: str) -> str:
     from flashtile import configs
     from flashtile.ops import bwd_hopper, fwd_hopper
 
-    kind, mask, head_dim = spec.split(",")
-    head_dim, causal = int(head_dim), mask == "causal"
+    kind, mask, head_dim, *extra = spec.split(",")
+    head_dim, causal, softcap = int(head_dim), mask == "causal", extra == ["softcap"]
     rows = torch.empty(4096, 2 * head_dim, dtype=torch.bfloat16)  # a host tensor: only its type matters
 
     def desc_type(block_rows):
@@ -90,7 +90,7 @@ def gluon_report(spec: str) -> str:
         kernel = fwd_hopper._hopper_fwd_kernel
         types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n),
                  "v_desc": desc_type(tile.block_n), "out_ptr": "*bf16"}
-        constexprs = {"D": head_dim, "SLOTS": tile.slots, "CAUSAL": causal}
+        constexprs = {"D": head_dim, "SLOTS": tile.slots, "CAUSAL": causal, "SOFTCAP": softcap}
     else:
         kernel, block_n = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
@@ -99,8 +99,8 @@ def gluon_report(spec: str) -> str:
             torch.empty(4096, 2 * head_dim), dq_block, gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)))
         types = {"q_desc": q_type, "do_desc": q_type, "k_desc": kv_type, "v_desc": kv_type, "delta_ptr": "*fp32",
                  "dq_desc": dq_type, "dk_ptr": "*bf16", "dv_ptr": "*bf16", "softmax_scale": "fp32"}
-        constexprs = {"D": head_dim, "CAUSAL": causal}
-    types |= {"lse_ptr": "*fp32", "qk_scale": "fp32"}
+        constexprs = {"D": head_dim, "CAUSAL": causal, "SOFTCAP": softcap}
+    types |= {"lse_ptr": "*fp32", "qk_scale": "fp32", "softcap_in": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

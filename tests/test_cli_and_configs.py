@@ -232,9 +232,11 @@ def test_gluon_applies_rule_by_rule(monkeypatch):
     assert not gluon_applies(Cuda((0, 1024, 4, 128)), k, plain, None, k)  # no batch
     assert not gluon_applies(k, q, causal, None, q, k)  # causal with Sq > Sk
     assert gluon_applies(k, q, plain, None, q, k)
-    for features in (Features(0.1, window_left=8), Features(0.1, window_right=8), Features(0.1, softcap=1.0),
+    for features in (Features(0.1, window_left=8), Features(0.1, window_right=8),
                      Features(0.1, dropout_p=0.1), Features(0.1, alibi_slopes=torch.ones(4))):
         assert not gluon_applies(q, k, features, None, q, k)
+    assert gluon_applies(q, k, Features(0.1, softcap=1.0), None, q, k)
+    assert gluon_applies(q, k, Features(0.1, window_right=0, softcap=1.0), None, q, k)
     assert not gluon_applies(q, k, plain, None, q, Cuda((2, 2048, 2, 128), contiguous=False))
     assert not gluon_applies(q, k, plain, None, q, Cuda((2, 2048, 2, 128), ptr=8))  # TMA needs 16-byte alignment
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))

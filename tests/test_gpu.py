@@ -173,6 +173,29 @@ def test_gluon_backward_in_head_chunks(causal, head_dim, monkeypatch):
     assert calls
 
 
+GLUON_SOFTCAP_SHAPES = [(2, 1024, 1024, 4, 2, 64), (1, 256, 1152, 4, 4, 128), (1, 384, 768, 2, 1, 256)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GLUON_SOFTCAP_SHAPES, ids=[case_id(*s) for s in GLUON_SOFTCAP_SHAPES])
+def test_gluon_softcap_matches_oracle(shape, causal, monkeypatch):
+    """Softcap on the Gluon forward and backward (scores cap * tanh(S * scale / cap), dS times
+    1 - tanh^2), by the tolerance rule on out, lse, dq, dk, dv; small scores' tanh is nearly
+    linear, so the scale is raised until the cap bends most of them."""
+    fwd_calls, bwd_calls = _count_gluon_calls(monkeypatch), _count_gluon_bwd_calls(monkeypatch)
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, softmax_scale=0.5, causal=causal, softcap=3.0,
+                                                return_attn_probs=True)
+        return out, lse
+
+    check_against_oracle(attn, q, k, v, causal=causal, softmax_scale=0.5, softcap=3.0)
+    assert fwd_calls, "the Gluon forward did not run"
+    # Entries measured slower with softcap keep the tl backward (configs.SM90_GLUON_BWD_NO_SOFTCAP).
+    assert bool(bwd_calls) == ((shape[-1], causal) not in configs.SM90_GLUON_BWD_NO_SOFTCAP)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gluon_causal_grid_in_head_groups(head_dim, monkeypatch):
     """Causal Gluon forward and backward with heads taken in groups (ops/hopper_order.py) that do
@@ -188,6 +211,28 @@ def test_gluon_causal_grid_in_head_groups(head_dim, monkeypatch):
     assert hopper_order.head_group(True, 8, per_head) == 3 and hopper_order.head_group(True, 8, per_head // 2) == 6
     check_against_oracle(attention(True), q, k, v, causal=True)
     assert fwd_calls and bwd_calls
+
+
+def test_gluon_backward_frees_each_dq_chunk_before_the_next(monkeypatch):
+    """head_chunks splits the float32 dQ buffer to cap peak memory: each launch's buffer (and
+    its TMA descriptor, which holds a reference to it) is gone before the next is allocated.
+    Four one-head chunks; a leak would keep all four alive at the peak."""
+    from flashtile.ops import bwd_hopper
+
+    calls = _count_gluon_bwd_calls(monkeypatch)
+    monkeypatch.setattr(bwd_hopper, "head_chunks", lambda n_kv_heads, *_: [(h, 1) for h in range(n_kv_heads)])
+    batch, seqlen, heads, head_dim = 1, 2048, 4, 128
+    q, k, v = make_qkv(batch, seqlen, seqlen, heads, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    out = flashtile.flash_attn_func(q, k, v)
+    dout = torch.randn_like(out)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.autograd.grad(out, (q, k, v), dout)
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = 3 * batch * seqlen * heads * head_dim * 2
+    chunk = batch * seqlen * head_dim * 4  # one KV head's float32 dQ
+    assert calls and extra < grads + 2 * chunk, (extra, grads, chunk)
 
 
 def test_gluon_backward_dispatch_rules(monkeypatch):
@@ -224,9 +269,11 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
     q, k, v, dout = tensors()
     assert not eligible(q, k, v, dout.transpose(1, 2).contiguous().transpose(1, 2), plain, None)
     assert not eligible(q, k, v, dout, plain, (None, None, 2048, 16384))  # varlen
-    for features in (Features(0.1, window_left=100), Features(0.1, softcap=5.0), Features(0.1, dropout_p=0.1),
+    for features in (Features(0.1, window_left=100), Features(0.1, dropout_p=0.1),
                      Features(0.1, alibi_slopes=torch.ones(2, device="cuda"))):
         assert not eligible(q, k, v, dout, features, None)
+    assert eligible(q, k, v, dout, Features(0.1, softcap=5.0), None)
+    assert not eligible(q, k, v, dout, Features(0.1, window_right=0, softcap=5.0), None)  # SM90_GLUON_BWD_NO_SOFTCAP
 
     calls = _count_gluon_bwd_calls(monkeypatch)
     q, k, v = make_qkv(1, 1024, 1024, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
@@ -239,7 +286,7 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
 
 def test_gluon_forward_dispatch_rules():
     """One check per rule of hopper_fwd_eligible: 16-bit, an entry of configs.SM90_GLUON_FWD for
-    the head dim and mask (causal only with Sk >= Sq), no window/softcap/ALiBi/dropout, dense,
+    the head dim and mask (causal only with Sk >= Sq), no window/ALiBi/dropout (softcap is fine), dense,
     contiguous, lengths multiples of the tiles, at least the entry's min_seqlen_k keys, Hopper."""
     from flashtile.features import Features
     from flashtile.ops.fwd_hopper import hopper_fwd_eligible
@@ -272,9 +319,10 @@ def test_gluon_forward_dispatch_rules():
     assert not hopper_fwd_eligible(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, plain, None)
     assert not hopper_fwd_eligible(q, k, v, plain, (None, None, 2048, 16384))  # varlen
     for features in (Features(0.1, window_left=100), Features(0.1, window_left=100, window_right=0),
-                     Features(0.1, window_right=5), Features(0.1, softcap=5.0),
+                     Features(0.1, window_right=5),
                      Features(0.1, alibi_slopes=torch.ones(2, device="cuda")), Features(0.1, dropout_p=0.1)):
         assert not hopper_fwd_eligible(q, k, v, features, None)
+    assert hopper_fwd_eligible(q, k, v, Features(0.1, softcap=5.0), None)
     try:
         configs.GLUON_FWD = False
         assert not hopper_fwd_eligible(q, k, v, plain, None)

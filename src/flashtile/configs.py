@@ -158,6 +158,11 @@ SM90_GLUON_BWD = {
     (256, False): 512,  # 1.12 1.25 1.20 1.26 1.31 1.33
     (256, True): 1024,  # 0.94 1.09 1.14 1.18 1.17 1.14
 }
+# Entries of SM90_GLUON_BWD whose softcap calls take the tl kernels: head dim 128 causal spills
+# 516 bytes per thread with the tanh kept for dS (ptxas), and lost to the tl kernels at every
+# length (H100, softcap 30, one process, 2026-11-24 14:33 UTC: 172 / 225 / 259 / 299 TFLOP/s against 184 / 259 / 290 / 347
+# at seqlen 1024 / 2048 / 4096 / 16384). Every other entry won or tied with softcap.
+SM90_GLUON_BWD_NO_SOFTCAP = {(128, True)}
 
 SM90 = {
     **_TUNED_H100,

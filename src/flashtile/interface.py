@@ -248,7 +248,7 @@ _ARGS_DOC = """
         alibi_slopes: float32 tensor of shape (nheads,) or (batch_size, nheads), or None. Adds
             ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query i and key j.
         deterministic: bool. Whether the backward must be bitwise reproducible. On Hopper the
-            fastest backward (head dims 64 and 128, no window/softcap/ALiBi/dropout) sums dq
+            fastest backward (head dims 64, 128 and 256, no window/ALiBi/dropout) sums dq
             by atomic adds, whose order varies from run to run; True takes the atomic-free
             kernels instead (slower there). Everywhere else the backward is reproducible either way.
         return_attn_probs: bool. Also return ``softmax_lse`` and ``S_dmask``. For testing only."""

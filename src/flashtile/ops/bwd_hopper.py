@@ -28,7 +28,7 @@ dtype, half of the heads at a time where that still fills the GPU (peak memory).
 on their order, so this path is not bitwise reproducible: calls with ``deterministic=True`` take
 the ``tl`` kernels. Covers what ``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim,
 causal) entries of ``configs.SM90_GLUON_BWD`` (head dims 64, 128 and 256, each from the key
-length where it beats the ``tl`` kernels), no window/softcap/ALiBi/dropout (causal with
+length where it beats the ``tl`` kernels), softcap or not, no window/ALiBi/dropout (causal with
 ``Sk >= Sq``), dense contiguous batches with ``Sq % 64 == 0`` and ``Sk`` a multiple of the
 kernel's keys per program (128; 64 at head dim 256).
 """
@@ -43,7 +43,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, softcap_scales
+from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
@@ -118,7 +119,8 @@ def _scores(t, total, q_ring, k_w, ready, layout: gl.constexpr):
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
                  dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
-                 seqlen_q, m_begin, n_m, key_pos0, qk_scale, softmax_scale, MASKED: gl.constexpr):
+                 seqlen_q, m_begin, n_m, key_pos0, qk_scale, softcap_in, softmax_scale, MASKED: gl.constexpr,
+                 SOFTCAP: gl.constexpr):
     """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``C D/2 + [0, D/2)``
     of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
     t + 1, whose S product runs while this tile's dQ is added (dP = dO V^T runs during the
@@ -138,6 +140,8 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     m0 = m_begin + (t % n_m) * BLOCK_M
     rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
     dp_tok = warpgroup_mma(do_s, v_w.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
+    if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
+        s = tanh_approx(s * softcap_in)
     p = gl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
         keys = key_pos0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(0, mn_layout))
@@ -147,7 +151,10 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     fence_async_shared()
     dv_tok = warpgroup_mma(p_half.permute((1, 0)), do_s, dv, is_async=True)
     dp = warpgroup_mma_wait(1, deps=[dp_tok])  # dV's product may still run
-    ds = (p * (dp - delta[:, None])).to(q_s.dtype)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - s * s)
+    ds = ds.to(q_s.dtype)
     # dQ = dS K needs both warpgroups' halves of dS: they meet in shared memory (one buffer per
     # parity of t, so a warpgroup a tile ahead never overwrites what the other still reads).
     ds_buf = ds_s.index(t % 2)
@@ -177,7 +184,8 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
              dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m,
-             group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+             group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr,
+             CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
     ``dq_desc``'s columns start at head ``dq_h0`` for this program's group."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
@@ -205,7 +213,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
         dk, dv, s, lse2, delta = _fold_q_tile(
             C, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
             dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
-            seqlen_q, m_begin, n_m, my_key_pos0, qk_scale, softmax_scale, CAUSAL)
+            seqlen_q, m_begin, n_m, my_key_pos0, qk_scale, softcap_in, softmax_scale, CAUSAL, SOFTCAP)
     tma.store_wait(0)  # the last reduction has read dq_s before the program ends
 
     n_kv_heads = n_heads // group_size
@@ -217,24 +225,48 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
 
 
 @gluon.jit
+def _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, row, col):
+    """Initialise the Q/dO ring's barriers (``empty`` released by both consumers) and start the
+    program's K/V tile loading (``kv_bar``); the fence also covers barriers the caller set up."""
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    mbarrier.init(kv_bar, count=1)
+    fence_async_shared()
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [row, col], kv_bar, k_s)
+    tma.async_copy_global_to_shared(v_desc, [row, col], kv_bar, v_s)
+
+
+@gluon.jit
+def _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """This program's ``(b, kv_h, n0, key_pos0, m_begin, n_m)``: batch, KV head, first key, the row
+    on that key's diagonal, and the Q tiles ``m_begin + [0, n_m) * BLOCK_M`` that see its keys
+    (under causal, rows before ``key_pos0`` see none of them). Programs in hopper_order's order."""
+    pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group)
+    n0 = n_rank * BLOCK_N
+    b = pid_bkv // chunk_kv_heads
+    kv_h = kv_head0 + pid_bkv % chunk_kv_heads
+    key_pos0 = n0 - (seqlen_k - seqlen_q)
+    if CAUSAL:
+        m_begin = gl.maximum(key_pos0, 0) // BLOCK_M * BLOCK_M
+    else:
+        m_begin = 0
+    return b, kv_h, n0, key_pos0, m_begin, (seqlen_q - m_begin) // BLOCK_M
+
+
+@gluon.jit
 def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
                        seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks, head_group, qk_scale,
-                       softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+                       softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
     # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads) in
     # hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most rows
     # see) first. q/dO are viewed as 2-D
     # (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_desc float32 (B * Sq, chunk_kv_heads * group_size * D).
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group)
-    n0 = n_rank * (2 * HALF_N)
-    b = pid_bkv // chunk_kv_heads
-    kv_h = kv_head0 + pid_bkv % chunk_kv_heads
-    key_pos0 = n0 - (seqlen_k - seqlen_q)  # the row on key n0's diagonal
-    if CAUSAL:  # rows before key_pos0 see none of this tile
-        m_begin = gl.maximum(key_pos0, 0) // BLOCK_M * BLOCK_M
-    else:
-        m_begin = 0
-    n_m = (seqlen_q - m_begin) // BLOCK_M
+    b, kv_h, n0, key_pos0, m_begin, n_m = _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks,
+                                                    head_group, BLOCK_M, 2 * HALF_N, CAUSAL)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -251,26 +283,19 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(SLOTS):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # released by both consumers
     mbarrier.init(ds_bar.index(0), count=2)  # both consumers' halves of dS^T stored
     mbarrier.init(ds_bar.index(1), count=2)
-    mbarrier.init(kv_bar, count=1)
-    fence_async_shared()
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b * seqlen_k + n0, kv_h * D], kv_bar, k_s)
-    tma.async_copy_global_to_shared(v_desc, [b * seqlen_k + n0, kv_h * D], kv_bar, v_s)
+    _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
 
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
                     dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size,
-                    n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D, CAUSAL)),
+                    n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
         (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
                     dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size,
-                    n_heads, seqlen_q, seqlen_k, qk_scale, softmax_scale, D, CAUSAL)),
+                    n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
@@ -285,6 +310,8 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     _, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     min_seqlen_k = configs.SM90_GLUON_BWD.get((head_dim, features.masked))
+    if features.softcap > 0 and (head_dim, features.masked) in configs.SM90_GLUON_BWD_NO_SOFTCAP:
+        return False
     block_n = _kernel_for(head_dim)[1]
     return (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0
             and seqlen_k >= max(min_seqlen_k, block_n) and seqlen_q * n_heads * head_dim < 2**31)
@@ -341,8 +368,10 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
         dq_desc = TensorDescriptor.from_tensor(dq_acc.view(batch * seqlen_q, -1), dq_block, dq_layout)
         kernel[(num_n_blocks * batch * chunk,)](
             q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk, dv, seqlen_q, seqlen_k, n_heads,
-            group_size, kv_head0, chunk, num_n_blocks, order_group, features.softmax_scale * _LOG2E, features.softmax_scale,
-            head_dim, features.masked, num_warps=NUM_WARPS)
+            group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features), features.softmax_scale,
+            head_dim, features.masked, features.softcap > 0, num_warps=NUM_WARPS)
         dq[:, :, heads] = dq_acc
-        del dq_acc  # before the next chunk's buffer is allocated, or both would be alive at once
+        # Before the next chunk's buffer is allocated, or both would be alive at once (the
+        # descriptor holds a reference to its tensor).
+        del dq_acc, dq_desc
     return dq, dk, dv

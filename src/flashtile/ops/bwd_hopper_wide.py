@@ -26,8 +26,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
-from flashtile.ops.hopper_order import head_and_rank
-from flashtile.ops.bwd_hopper import CONSUMER_REGS, SLOTS, _produce_q_do, _reduce_dq, _row_stats, _scores
+from flashtile.ops.fwd_hopper import tanh_approx
+from flashtile.ops.bwd_hopper import (
+    CONSUMER_REGS, SLOTS, _key_tile, _produce_q_do, _reduce_dq, _row_stats, _scores, _start,
+)
 
 BLOCK_N = 64  # keys per program
 
@@ -35,7 +37,7 @@ BLOCK_N = 64  # keys per program
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, ready, empty, dk, dv,
                  lse_ptr, delta_ptr, dq_desc, dq_h0, b, h0, n_heads, seqlen_q, m_begin, n_m, key_pos0,
-                 qk_scale, softmax_scale, MASKED: gl.constexpr):
+                 qk_scale, softcap_in, softmax_scale, MASKED: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer C's share of Q/dO tile t: columns ``C D/2 + [0, D/2)`` of the keys' ``(dk, dv)``
     and of the tile's dQ. MASKED: key j is seen by row i iff ``key_pos0 + j <= i``."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
@@ -56,6 +58,8 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, read
     dp_tok = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout),
                            use_acc=False, is_async=True)
     s = warpgroup_mma_wait(1, deps=[s_tok])  # dP may still run
+    if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
+        s = tanh_approx(s * softcap_in)
     p = gl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
         rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
@@ -68,7 +72,10 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, read
     fence_async_shared()
     dv_tok = warpgroup_mma(p_s.permute((1, 0)), do_s.slice(C * HALF_D, HALF_D, dim=1), dv, is_async=True)
     dp = warpgroup_mma_wait(1, deps=[dp_tok])  # dV's product may still run
-    ds = (p * (dp - delta[:, None])).to(q_s.dtype)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - s * s)
+    ds = ds.to(q_s.dtype)
     ds_s.store(ds)
     fence_async_shared()
     dk_tok = warpgroup_mma(ds_s.permute((1, 0)), q_s.slice(C * HALF_D, HALF_D, dim=1), dk, is_async=True)
@@ -93,7 +100,7 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, read
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc,
              dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
-             qk_scale, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+             qk_scale, softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: columns ``C D/2 + [0, D/2)`` of dK and dV for keys ``n0 + [0, 64)``;
     ``pds``: its own P, dS and dQ staging memory."""
     HALF_D: gl.constexpr = D // 2
@@ -108,7 +115,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_b
     for t in range(total):
         dk, dv = _fold_q_tile(C, t, total, q_ring, do_ring, k_s, v_s, pds, ready, empty, dk, dv,
                               lse_ptr, delta_ptr, dq_desc, dq_h0, b, h0, n_heads, seqlen_q, m_begin, n_m, key_pos0,
-                              qk_scale, softmax_scale, CAUSAL)
+                              qk_scale, softcap_in, softmax_scale, CAUSAL, SOFTCAP)
     tma.store_wait(0)  # the last reductions have read shared memory before the program ends
 
     n_kv_heads = n_heads // group_size
@@ -122,20 +129,12 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_b
 @gluon.jit
 def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
                      seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks, head_group, qk_scale,
-                     softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+                     softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
     # Grid and views as bwd_hopper._hopper_bwd_kernel's, with 64-key programs.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     N: gl.constexpr = k_desc.block_type.shape[0]
-    pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group)
-    n0 = n_rank * N
-    b = pid_bkv // chunk_kv_heads
-    kv_h = kv_head0 + pid_bkv % chunk_kv_heads
-    key_pos0 = n0 - (seqlen_k - seqlen_q)  # the row on key n0's diagonal
-    if CAUSAL:  # rows before key_pos0 see none of this tile
-        m_begin = gl.maximum(key_pos0, 0) // BLOCK_M * BLOCK_M
-    else:
-        m_begin = 0
-    n_m = (seqlen_q - m_begin) // BLOCK_M
+    b, kv_h, n0, key_pos0, m_begin, n_m = _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks,
+                                                    head_group, BLOCK_M, N, CAUSAL)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -148,24 +147,17 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(SLOTS):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # released by both consumers
-    mbarrier.init(kv_bar, count=1)
-    fence_async_shared()
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b * seqlen_k + n0, kv_h * D], kv_bar, k_s)
-    tma.async_copy_global_to_shared(v_desc, [b * seqlen_k + n0, kv_h * D], kv_bar, v_s)
+    _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
 
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_consume, (0, q_ring, do_ring, k_s, v_s, pds0, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc, dk_ptr,
                     dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
-                    qk_scale, softmax_scale, D, CAUSAL)),
+                    qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
         (_consume, (1, q_ring, do_ring, k_s, v_s, pds1, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc, dk_ptr,
                     dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
-                    qk_scale, softmax_scale, D, CAUSAL)),
+                    qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])

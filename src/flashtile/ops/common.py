@@ -34,7 +34,7 @@ def load_gluon_module(name: str):
 def gluon_applies(q, k, features, varlen, *tensors) -> bool:
     """What both Hopper Gluon kernels require of a call (each launcher adds its table and tile
     rules): CUDA on sm90, 16-bit, dense (not varlen), non-empty, plain or causal attention
-    (causal only with seqlen_k >= seqlen_q: no fully masked rows), no softcap, ALiBi or dropout,
+    (causal only with seqlen_k >= seqlen_q: no fully masked rows), softcap or not, no ALiBi or dropout,
     and ``tensors`` contiguous ``(B, S, H, D)`` and 16-byte aligned for TMA. Pure host checks."""
     from flashtile import configs
 
@@ -42,7 +42,7 @@ def gluon_applies(q, k, features, varlen, *tensors) -> bool:
         return False
     batch, seqlen_q, n_heads, _ = q.shape
     causal = features.window_left < 0 and features.window_right == 0 and k.shape[1] >= seqlen_q
-    return ((causal or not features.masked) and not features.heavy_scores and features.alibi_slopes is None
+    return ((causal or not features.masked) and features.dropout_p == 0 and features.alibi_slopes is None
             and seqlen_q > 0 and batch * n_heads > 0
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
             and configs.arch(q.device) == (9, 0))
@@ -169,6 +169,14 @@ class KernelFeatures(NamedTuple):
     flags: dict
 
 
+def softcap_scales(features) -> tuple[float, float]:
+    """``(qk_scale, softcap_in)``: scores are ``qk * qk_scale`` in base 2, or with softcap
+    ``tanh(qk * softcap_in) * qk_scale`` (ops/score.py's ``scores_base2``)."""
+    if features.softcap > 0:
+        return features.softcap * LOG2E, features.softmax_scale / features.softcap
+    return features.softmax_scale * LOG2E, 0.0
+
+
 def feature_args(features, q) -> KernelFeatures:
     """The kernels' arguments for one call's ``Features``."""
     f = features
@@ -181,10 +189,7 @@ def feature_args(features, q) -> KernelFeatures:
         flags = dict(BOUND_LEFT=f.window_left >= 0, BOUND_RIGHT=f.window_right >= 0, SOFTCAP=0,
                      HAS_ALIBI=False, HAS_DROPOUT=False)
         return KernelFeatures(q, 0, runtime, flags)
-    if f.softcap > 0:
-        qk_scale, softcap_in = f.softcap * LOG2E, f.softmax_scale / f.softcap
-    else:
-        qk_scale, softcap_in = f.softmax_scale * LOG2E, 0.0
+    qk_scale, softcap_in = softcap_scales(f)
     runtime = dict(
         qk_scale=qk_scale, softcap_in=softcap_in,
         window_left=max(f.window_left, 0), window_right=max(f.window_right, 0),

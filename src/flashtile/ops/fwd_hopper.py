@@ -14,7 +14,7 @@ Causal: the tiles the diagonal cuts (the last one or two of each program) apply 
 grid is flat and head-major with each head's longest Q tiles first. Covers what the schedule was
 measured on (docs/performance.md, issue 4 steps 5 and 6): 16-bit inputs, the (head dim, causal)
 entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256; each with its tile and the key
-length from which it beats the ``tl`` kernel), no window, softcap, ALiBi or dropout, causal only
+length from which it beats the ``tl`` kernel), softcap or not, no window, ALiBi or dropout, causal only
 with ``seqlen_k >= seqlen_q``, dense batches with query lengths a multiple of 128 and key lengths
 a multiple of the tile's keys, q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl`` kernel
 of ``fwd.py``; ``hopper_fwd_eligible`` is that decision. Gluon has no interpreter, so this
@@ -29,12 +29,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, softcap_scales
 from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two per program)
 CONSUMER_REGS = gl.constexpr(232)  # setmaxnreg for each consumer warpgroup; the producer gets 24
+
+
+@gluon.jit
+def tanh_approx(x):
+    """tanh by the GPU's ``tanh.approx.f32`` (one MUFU op, relative error < 2**-10.9): what the
+    ``tl`` kernels use for 16-bit inputs (ops/score.py), the only ones these kernels take."""
+    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -51,10 +58,11 @@ def _produce_kv(k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, kv_col0, 
 
 @gluon.jit
 def _fold_tile(j, C: gl.constexpr, q, k_ring, v_ring, ready, empty, turn, acc, p, m_i, l_i, last_key, qk_scale,
-               MASKED: gl.constexpr):
+               softcap_in, MASKED: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer C's iteration j: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} asynchronously (on
     its turn), then fold S_j into the online softmax while the second product still runs.
-    MASKED: apply the causal mask to S_j (``last_key``: the last key the warpgroup's first row sees)."""
+    MASKED: apply the causal mask to S_j (``last_key``: the last key the warpgroup's first row sees).
+    SOFTCAP: scores ``tanh(S * softcap_in)``, and ``qk_scale`` is ``softcap * log2(e)``."""
     SLOTS: gl.constexpr = k_ring.shape[0]
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -67,6 +75,8 @@ def _fold_tile(j, C: gl.constexpr, q, k_ring, v_ring, ready, empty, turn, acc, p
     acc_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
     mbarrier.arrive(turn.index(1 - C), count=1)
     s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_{j-1} V_{j-1} may still run
+    if SOFTCAP:
+        s = tanh_approx(s * softcap_in)
     if MASKED:
         t = _causal_scores(s, j, last_key, qk_scale)
         m_new = gl.maximum(m_i, gl.max(t, axis=1))
@@ -96,7 +106,8 @@ def _causal_scores(s, j, last_key, qk_scale):
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, ready, empty, turn, out_ptr, lse_ptr, q_row0, q_col0,
-             row_stride, lse_row0, q_pos0, n_tiles, n_full, qk_scale, D: gl.constexpr, CAUSAL: gl.constexpr):
+             row_stride, lse_row0, q_pos0, n_tiles, n_full, qk_scale, softcap_in, D: gl.constexpr,
+             CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``; writes its rows of
     the output and the LSE. Tiles ``[n_full, n_tiles)`` take the causal mask (``q_pos0``: the last
     key row 0 of the program sees)."""
@@ -113,6 +124,8 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, ready, empty, turn, out_pt
     mbarrier.wait(ready.index(0), 0)
     s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout),
                       use_acc=False)
+    if SOFTCAP:
+        s = tanh_approx(s * softcap_in)
     if CAUSAL:  # tile 0 may be on the diagonal; key 0 is visible to every row (seqlen_k >= seqlen_q)
         t = _causal_scores(s, 0, last_key, qk_scale)
         m_i = gl.max(t, axis=1)  # running max, base 2
@@ -123,11 +136,11 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, ready, empty, turn, out_pt
     l_i = gl.sum(p, axis=1)
     for j in range(1, n_full):
         acc, p, m_i, l_i = _fold_tile(j, C, q, k_ring, v_ring, ready, empty, turn, acc, p, m_i, l_i, last_key,
-                                      qk_scale, False)
+                                      qk_scale, softcap_in, False, SOFTCAP)
     if CAUSAL:
         for j in range(gl.maximum(n_full, 1), n_tiles):
             acc, p, m_i, l_i = _fold_tile(j, C, q, k_ring, v_ring, ready, empty, turn, acc, p, m_i, l_i, last_key,
-                                          qk_scale, True)
+                                          qk_scale, softcap_in, True, SOFTCAP)
     last = (n_tiles - 1) % k_ring.shape[0]
     acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_ring.index(last), acc)
     mbarrier.arrive(empty.index(last), count=1)
@@ -143,8 +156,8 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, ready, empty, turn, out_pt
 
 @gluon.jit
 def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, group_size,
-                       num_m_blocks, head_group, qk_scale, D: gl.constexpr, SLOTS: gl.constexpr,
-                       CAUSAL: gl.constexpr):
+                       num_m_blocks, head_group, qk_scale, softcap_in, D: gl.constexpr, SLOTS: gl.constexpr,
+                       CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
     # Flat grid (num_m_blocks * batch * n_heads,) in hopper_order's order: head-major so a head's
     # programs share its K/V in L2; causal in groups of heads, their longest Q tiles (the last)
     # first. q/k/v are viewed as 2-D (B * S, H * D).
@@ -191,9 +204,9 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
     row_stride = n_heads * D
     gl.warp_specialize([
         (_consume, (0, q_smem, k_ring, v_ring, ready, empty, turn, out_ptr, lse_ptr, q_row0, q_col0, row_stride,
-                    lse_row0, q_pos0, n_tiles, n_full, qk_scale, D, CAUSAL)),
+                    lse_row0, q_pos0, n_tiles, n_full, qk_scale, softcap_in, D, CAUSAL, SOFTCAP)),
         (_consume, (1, q_smem, k_ring, v_ring, ready, empty, turn, out_ptr, lse_ptr, q_row0, q_col0, row_stride,
-                    lse_row0, q_pos0, n_tiles, n_full, qk_scale, D, CAUSAL)),
+                    lse_row0, q_pos0, n_tiles, n_full, qk_scale, softcap_in, D, CAUSAL, SOFTCAP)),
         (_produce_kv, (k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, kv_col0, n_tiles)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -235,5 +248,5 @@ def hopper_fwd(q, k, v, features):
     heads = head_group(causal, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
     _hopper_fwd_kernel[(num_m_blocks * batch * n_heads,)](
         q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, heads,
-        features.softmax_scale * _LOG2E, head_dim, tile.slots, causal, num_warps=4)
+        *softcap_scales(features), head_dim, tile.slots, causal, features.softcap > 0, num_warps=4)
     return out, lse
