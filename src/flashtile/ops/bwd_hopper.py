@@ -21,6 +21,9 @@ partitions:
                                           warpgroup c takes half of dQ's columns)
       dQ_acc[rows] += scale * dQ         (float32 TMA reductions into L2, from shared memory)
 
+With softcap the scores are ``cap * tanh(S * scale / cap)``: S becomes ``tanh(S * softcap_in)``
+(``qk_scale = cap * log2 e``) and dS picks up the derivative ``1 - tanh^2``.
+
 The dQ sums first went out as ``red.global.add.v4.f32`` instructions from every thread (480-506
 TFLOP/s at head dim 128); a TMA bulk reduction per 32 columns (``_tma_reduce_add``) replaced them
 (docs/performance.md). ``dQ_acc`` is float32 and zero-filled; the launcher casts it to the input

@@ -15,6 +15,9 @@ warpgroups but the Q/dO ring::
     dQ[:, half] = dS K[:, half]                     (two 64-column products, each summed into
                                                     dQ_acc by TMA reductions)
 
+(with softcap, S is ``tanh(S * scale / cap)`` before the exponential and dS carries the factor
+``1 - tanh^2``, as in ``bwd_hopper``).
+
 Shared memory (224 KB of the 227 available): K and V (32 KB each), two Q/dO ring slots (64 KB
 each), and per warpgroup 16 KB that holds P and dS and then, once the tile's products have read
 them, the float32 dQ columns on their way to the TMA reduction. Launched by
