@@ -20,7 +20,7 @@ case "${1:-check}" in
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
     python3 -m flashtile.cli info 2>&1 | tee -a "$OUT/gpu.txt"
     # Many processes compile the kernel variants in parallel; the bigmem tests run alone.
-    python3 -m pytest -n 12 -q -m "not bigmem" -p no:cacheprovider -p no:benchmark tests 2>&1 | tee "$OUT/tests.log" | tail -30
+    python3 -m pytest -n 8 -q -m "not bigmem" -p no:cacheprovider -p no:benchmark tests 2>&1 | tee "$OUT/tests.log" | tail -30
     python3 -m pytest -q -m bigmem -p no:cacheprovider -p no:benchmark tests 2>&1 | tee -a "$OUT/tests.log" | tail -8
     python3 bench/overhead.py 2>&1 | tee "$OUT/overhead.log"
     python3 bench/bench_attention.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
@@ -41,7 +41,7 @@ case "${1:-check}" in
       --seqlens "${SEQLENS:-1024,2048,4096,8192,16384}" 2>&1 | tee "$OUT/bench.log"
     ;;
   gputests)
-    python3 -m pytest -n 12 -q -m "gpu and not bigmem" -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -30
+    python3 -m pytest -n 8 -q -m "gpu and not bigmem" -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -30
     ;;
   tune)
     python3 bench/tune.py --out "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log"
