@@ -160,8 +160,9 @@ SM90_GLUON_BWD = {
 }
 # Entries of SM90_GLUON_BWD whose softcap calls take the tl kernels: head dim 128 causal spills
 # 516 bytes per thread with the tanh kept for dS (ptxas), and lost to the tl kernels at every
-# length (H100, softcap 30, one process, 2026-11-24 14:33 UTC: 172 / 225 / 259 / 299 TFLOP/s against 184 / 259 / 290 / 347
-# at seqlen 1024 / 2048 / 4096 / 16384). Every other entry won or tied with softcap.
+# length (H100, softcap 30, one process, 2026-11-24 14:33 UTC: 172 / 225 / 259 / 299 TFLOP/s
+# against 184 / 259 / 290 / 347 at seqlen 1024 / 2048 / 4096 / 16384). Every other entry won or
+# tied with softcap.
 SM90_GLUON_BWD_NO_SOFTCAP = {(128, True)}
 
 SM90 = {
@@ -220,6 +221,7 @@ def tile_config(device: torch.device, dtype: torch.dtype, block_d: int, mode: st
             return SM90_LONG[key]
         return SM90[key]
     return _generic(mode, block_d)
+
 
 # KV-cache attention (ops/decode.py, decoding and paged prefill): (block_n, num_warps, num_stages)
 # per padded head dim, any CUDA GPU. 128: bench/bench_decode.py --probe on the H100, 2026-11-24

@@ -261,12 +261,13 @@ def _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks, head_g
 
 @gluon.jit
 def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
-                       seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks, head_group, qk_scale,
-                       softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
-    # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads) in
-    # hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most rows
-    # see) first. q/dO are viewed as 2-D
-    # (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_desc float32 (B * Sq, chunk_kv_heads * group_size * D).
+                       seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
+                       head_group, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr,
+                       SOFTCAP: gl.constexpr):
+    # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads)
+    # in hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most
+    # rows see) first. q/dO are viewed as 2-D (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_desc is
+    # float32 (B * Sq, chunk_kv_heads * group_size * D).
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     b, kv_h, n0, key_pos0, m_begin, n_m = _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks,
                                                     head_group, BLOCK_M, 2 * HALF_N, CAUSAL)
@@ -364,8 +365,9 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
     v_desc = TensorDescriptor.from_tensor(v.view(kv_rows), kv_block, kv_layout)
     num_n_blocks = seqlen_k // block_n
     sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    q_do_bytes = 2 * group_size * seqlen_q * head_dim * q.element_size()  # streamed per program's KV head
     for kv_head0, chunk in head_chunks(n_kv_heads, num_n_blocks * batch, sm_count):
-        order_group = head_group(features.masked, batch * chunk, 2 * group_size * seqlen_q * head_dim * q.element_size())
+        order_group = head_group(features.masked, batch * chunk, q_do_bytes)
         heads = slice(kv_head0 * group_size, (kv_head0 + chunk) * group_size)
         dq_acc = torch.zeros((batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
         dq_desc = TensorDescriptor.from_tensor(dq_acc.view(batch * seqlen_q, -1), dq_block, dq_layout)

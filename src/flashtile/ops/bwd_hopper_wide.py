@@ -131,8 +131,9 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_b
 
 @gluon.jit
 def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
-                     seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks, head_group, qk_scale,
-                     softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
+                     seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
+                     head_group, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr,
+                     SOFTCAP: gl.constexpr):
     # Grid and views as bwd_hopper._hopper_bwd_kernel's, with 64-key programs.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     N: gl.constexpr = k_desc.block_type.shape[0]

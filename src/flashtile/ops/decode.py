@@ -111,7 +111,8 @@ def _cache_attention_kernel(
     q = tl.load(q_ptrs, mask=mask_row[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     alibi_slope = 0.0
     if HAS_ALIBI:
-        alibi_slope = tl.load(ALIBI + pid_b * stride_alibi_b + heads, mask=mask_row, other=0.0)[:, None] * 1.4426950408889634
+        alibi_slope = tl.load(ALIBI + pid_b * stride_alibi_b + heads, mask=mask_row, other=0.0)[:, None]
+        alibi_slope = alibi_slope * 1.4426950408889634
 
     k_head = K + pid_kh.to(tl.int64) * stride_kh
     v_head = V + pid_kh.to(tl.int64) * stride_vh

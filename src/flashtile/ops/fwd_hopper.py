@@ -245,8 +245,8 @@ def hopper_fwd(q, k, v, features):
     v_desc = TensorDescriptor.from_tensor(v.view(batch * seqlen_k, n_kv_heads * head_dim), kv_block, kv_layout)
     num_m_blocks = seqlen_q // _ROWS
     group_size = n_heads // n_kv_heads
-    heads = head_group(causal, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
+    order_group = head_group(causal, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
     _hopper_fwd_kernel[(num_m_blocks * batch * n_heads,)](
-        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, heads,
+        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, order_group,
         *softcap_scales(features), head_dim, tile.slots, causal, features.softcap > 0, num_warps=4)
     return out, lse
