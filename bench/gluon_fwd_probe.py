@@ -8,7 +8,8 @@ schedule one technique at a time, non-causal, head dim 128, bf16, against the tl
   asynchronously, the softmax of S_j while the second still runs);
 * ``pingpong``: the library kernel -- two consumer warpgroups taking turns to issue.
 
-``--coverage`` instead times the library kernel against the tl kernel and SDPA on every head dim
+``--tiles`` times each head dim's table tile against other ring depths and without ping-pong
+(``TILE_CANDIDATES``). ``--coverage`` instead times the library kernel against the tl kernel and SDPA on every head dim
 of ``configs.SM90_GLUON_FWD``, causal and not, seqlen 512..16384 (batch x seqlen = 16384, heads
 x head dim = 2048): what decides the head dims and the minimum key length it is dispatched for.
 
@@ -36,7 +37,7 @@ LOG2E = 1.4426950408889634
 
 
 @gluon.jit
-def _attend(q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale,
+def _attend(q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale,
             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr,
             NUM_WARPS: gl.constexpr):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -48,7 +49,8 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale,
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
     for j in range(n_tiles):
         slot = j % SLOTS
-        mbarrier.wait(ready.index(slot), (j // SLOTS) & 1)
+        mbarrier.wait(k_ready.index(slot), (j // SLOTS) & 1)
+        mbarrier.wait(v_ready.index(slot), (j // SLOTS) & 1)
         s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero, use_acc=False)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -56,13 +58,14 @@ def _attend(q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale,
         l_i = l_i * alpha + gl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_ring.index(slot), acc)
-        mbarrier.arrive(empty.index(slot), count=1)
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        mbarrier.arrive(v_empty.index(slot), count=1)
         m_i = m_new
     return acc, l_i
 
 
 @gluon.jit
-def _attend_overlapped(q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale,
+def _attend_overlapped(q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr,
                        NUM_WARPS: gl.constexpr):
     """FlashAttention-3's intra-warpgroup overlap: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued
@@ -73,30 +76,34 @@ def _attend_overlapped(q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=mma)
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-    mbarrier.wait(ready.index(0), 0)
+    mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), zero, use_acc=False)
+    mbarrier.arrive(k_empty.index(0), count=1)
     m_i = gl.max(s, axis=1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, axis=1)
     for j in range(1, n_tiles):
         slot = j % SLOTS
         prev = (j - 1) % SLOTS
-        mbarrier.wait(ready.index(slot), (j // SLOTS) & 1)
+        mbarrier.wait(k_ready.index(slot), (j // SLOTS) & 1)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // SLOTS) & 1)
         s_tok = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
         p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
         acc_tok = warpgroup_mma(p_op, v_ring.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(slot), count=1)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
-        mbarrier.arrive(empty.index(prev), count=1)
+        mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * alpha[:, None]
         m_i = m_new
     last = (n_tiles - 1) % SLOTS
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // SLOTS) & 1)
     acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_ring.index(last), acc)
-    mbarrier.arrive(empty.index(last), count=1)
+    mbarrier.arrive(v_empty.index(last), count=1)
     return acc, l_i
 
 
@@ -108,19 +115,23 @@ def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
     pid_bh = gl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    kv_row0 = b * seqlen
-    q_row0 = kv_row0 + pid_m * BLOCK_M
+    q_row0 = b * seqlen + pid_m * BLOCK_M
     col0 = h * D
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-    k_ring = gl.allocate_shared_memory(k_desc.dtype, [SLOTS] + k_desc.block_type.shape, k_desc.layout)
-    v_ring = gl.allocate_shared_memory(v_desc.dtype, [SLOTS] + v_desc.block_type.shape, v_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], k_desc.dtype)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [SLOTS, BLOCK_N, D], kv_layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [SLOTS, BLOCK_N, D], kv_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for s in gl.static_range(SLOTS):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(v_empty.index(s), count=1)
     mbarrier.init(q_bar, count=1)
     fence_async_shared()
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -130,15 +141,15 @@ def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
     n_tiles = seqlen // BLOCK_N
     if OVERLAP:
         acc, l_i = gl.warp_specialize([
-            (_attend_overlapped, (q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D,
+            (_attend_overlapped, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D,
                                   SLOTS, NUM_WARPS)),
-            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, col0, n_tiles)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, n_tiles)),
         ], [1], [24])
     else:
         acc, l_i = gl.warp_specialize([
-            (_attend, (q_smem, k_ring, v_ring, ready, empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D, SLOTS,
+            (_attend, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D, SLOTS,
                        NUM_WARPS)),
-            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, ready, empty, kv_row0, col0, n_tiles)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, n_tiles)),
         ], [1], [24])
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -151,16 +162,16 @@ def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
 
 def gluon_attention(q, k, v, overlap=False, block_m=128, num_warps=8):
     tile = configs.SM90_GLUON_FWD[(128, False)]  # the library's tile (the producer is the library's)
-    block_n, slots = tile.block_n, tile.slots
+    block_n, slots = tile.block_n, tile.k_slots
     batch, seqlen, heads, d = q.shape
     assert d == 128 and seqlen % block_m == 0 and seqlen % block_n == 0 and q.is_contiguous()
     out = torch.empty_like(q)
-    views = [t.view(batch * seqlen, heads * d) for t in (q, k, v)]
     q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gl.bfloat16)
-    q_desc = TensorDescriptor.from_tensor(views[0], [block_m, d], q_layout)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.bfloat16)
-    k_desc = TensorDescriptor.from_tensor(views[1], [block_n, d], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(views[2], [block_n, d], kv_layout)
+    q_desc = TensorDescriptor.from_tensor(q.view(batch * seqlen, heads * d), [block_m, d], q_layout)
+    kv_box = [1, block_n, d]  # the library producer's 3-D (batch, key, column) boxes
+    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_box, gl.bfloat16)
+    k_desc = TensorDescriptor.from_tensor(k.view(batch, seqlen, heads * d), kv_box, kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v.view(batch, seqlen, heads * d), kv_box, kv_layout)
     grid = (seqlen // block_m, batch * heads)
     gluon_fwd[grid](q_desc, k_desc, v_desc, out, seqlen, heads, d ** -0.5 * LOG2E, d, block_m, block_n, slots,
                     num_warps, overlap, num_warps=num_warps)
@@ -231,16 +242,67 @@ def coverage(out_path):
     return ok
 
 
+# Tile candidates per (head dim, causal) for ``--tiles``: the table's entry is always timed first.
+TILE_CANDIDATES = {
+    64: [dict(k_slots=4, v_slots=4), dict(pingpong=False)],
+    128: [dict(k_slots=4, v_slots=2), dict(pingpong=False)],
+    256: [dict(k_slots=3, v_slots=2), dict(pingpong=False), dict(k_slots=3, v_slots=2, pingpong=False)],
+}
+
+
+def tiles(out_path, seqlens=(1024, 4096, 16384)):
+    """Each head dim's table tile against the candidates above (ring depths, ping-pong or not), in
+    one process with SDPA cuDNN: TFLOP/s and time ratios to the table's tile."""
+    import dataclasses
+
+    from common import attention_flops, environment, median_ms, sdpa, write_json
+
+    rows, ok = [], True
+    for head_dim, candidates in TILE_CANDIDATES.items():
+        heads = 2048 // head_dim
+        for causal in (False, True):
+            table_tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
+            variants = [table_tile] + [dataclasses.replace(table_tile, **c) for c in candidates]
+            for seqlen in seqlens:
+                batch = 16384 // seqlen
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+                           for _ in range(3))
+                ref_out = tl_forward(q, k, v, causal)[0]
+                flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, "fwd")
+                bhsd = [t.transpose(1, 2) for t in (q, k, v)]
+                cudnn_ms = median_ms(lambda: sdpa("sdpa_cudnn")(*bhsd, causal))
+                times = []
+                for tile in variants:
+                    configs.SM90_GLUON_FWD[(head_dim, causal)] = tile
+                    err = (library_kernel(q, k, v, causal)[0].float() - ref_out.float()).abs().max().item()
+                    ok &= err < 2e-2
+                    times.append(median_ms(lambda: library_kernel(q, k, v, causal)))
+                    rows.append(dict(head_dim=head_dim, causal=causal, seqlen=seqlen, tile=dataclasses.asdict(tile),
+                                     ms=times[-1], tflops=flops / times[-1] / 1e9, cudnn_ms=cudnn_ms,
+                                     max_err_vs_tl=err))
+                configs.SM90_GLUON_FWD[(head_dim, causal)] = table_tile
+                print(f"d{head_dim} {'causal' if causal else 'full  '} S{seqlen:<5} cuDNN {flops / cudnn_ms / 1e9:.0f} | "
+                      + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'} "
+                                   f"{flops / ms / 1e9:.0f} ({times[0] / ms:.3f})" for t, ms in zip(variants, times)),
+                      flush=True)
+    write_json(out_path, {"env": environment(), "rows": rows})
+    return ok
+
+
 def main():
     sys.path.insert(0, "bench")
     from common import median_ms, sdpa
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--coverage", action="store_true")
+    parser.add_argument("--tiles", action="store_true", help="the table tiles against TILE_CANDIDATES")
     parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
     args = parser.parse_args()
     if args.coverage:
         sys.exit(0 if coverage(args.out) else 1)
+    if args.tiles:
+        sys.exit(0 if tiles(args.out) else 1)
     torch.manual_seed(0)
     ok = True
     for batch, seqlen in ((4, 4096), (1, 16384)):

@@ -81,16 +81,20 @@ def gluon_report(spec: str) -> str:
     head_dim, causal, softcap = int(head_dim), mask == "causal", extra == ["softcap"]
     rows = torch.empty(4096, 2 * head_dim, dtype=torch.bfloat16)  # a host tensor: only its type matters
 
-    def desc_type(block_rows):
-        block = [block_rows, head_dim]
-        return mangle_type(TensorDescriptor.from_tensor(rows, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
+    def desc_type(block_rows, boxes=False):
+        block, tensor = [block_rows, head_dim], rows
+        if boxes:  # 3-D (batch, row, column) descriptor, one batch entry per box
+            block, tensor = [1] + block, rows.view(2, 2048, 2 * head_dim)
+        return mangle_type(TensorDescriptor.from_tensor(tensor, block,
+                                                        gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
 
     if kind == "gluon":
         tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
         kernel = fwd_hopper._hopper_fwd_kernel
-        types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n),
-                 "v_desc": desc_type(tile.block_n), "out_ptr": "*bf16"}
-        constexprs = {"D": head_dim, "SLOTS": tile.slots, "CAUSAL": causal, "SOFTCAP": softcap}
+        types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n, boxes=True),
+                 "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16"}
+        constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "CAUSAL": causal, "SOFTCAP": softcap,
+                      "KEY_TAIL": 2048 % tile.block_n != 0, "PINGPONG": tile.pingpong}
     else:
         kernel, block_n = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)

@@ -77,7 +77,9 @@ def test_long_loops_with_the_real_tables(shape, causal):
 
 
 GLUON_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 2176, 4096, 8, 2, 128), (3, 256, 2048, 2, 1, 128),
-                (2, 2048, 2048, 4, 2, 64), (1, 384, 2368, 4, 4, 256), (1, 2048, 2048, 2, 1, 256)]
+                (2, 2048, 2048, 4, 2, 64), (1, 384, 2368, 4, 4, 256), (1, 2048, 2048, 2, 1, 256),
+                # key lengths with a partial last tile
+                (2, 256, 1000, 4, 2, 128), (2, 128, 130, 2, 1, 64), (1, 384, 2340, 4, 4, 256)]
 
 
 def _count_launches(monkeypatch, module_name, launcher, table, every_length):
@@ -96,10 +98,10 @@ def _count_launches(monkeypatch, module_name, launcher, table, every_length):
 
 
 def _count_gluon_calls(monkeypatch):
-    """The Gluon forward's launches; its tiles serve every key length from 128 on."""
+    """The Gluon forward's launches; its tiles serve every key length."""
     import dataclasses
 
-    every_length = {key: dataclasses.replace(tile, min_seqlen_k=128) for key, tile in configs.SM90_GLUON_FWD.items()}
+    every_length = {key: dataclasses.replace(tile, min_seqlen_k=1) for key, tile in configs.SM90_GLUON_FWD.items()}
     return _count_launches(monkeypatch, "fwd_hopper", "hopper_fwd", "SM90_GLUON_FWD", every_length)
 
 
@@ -109,11 +111,27 @@ def _count_gluon_calls(monkeypatch):
 def test_gluon_forward_matches_oracle(shape, causal, dtype, monkeypatch):
     """The Hopper Gluon forward (ops/fwd_hopper.py) on calls it covers: head dims 64/128/256,
     causal with Sq < Sk (at Sq = 384, Sk = 2368 the diagonal starts half-way through a 128-row
-    Q tile's span of 64-key tiles), GQA; the backward then runs on its LSE."""
+    Q tile's span of 64-key tiles), GQA, key lengths with a partial last tile; the backward then
+    runs on its LSE."""
     calls = _count_gluon_calls(monkeypatch)
     q, k, v = make_qkv(*shape, dtype=dtype, device="cuda")
     check_against_oracle(attention(causal), q, k, v, causal=causal)
     assert calls, "the Gluon forward did not run"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal, seqlen_k", [(False, 40), (False, 1000), (True, 1000)])
+def test_gluon_forward_key_tail_reads_nothing_of_the_next_batch(causal, seqlen_k, head_dim, monkeypatch):
+    """Key lengths that are not a multiple of the key tile (one partial tile; a partial last
+    tile): the tile runs past the batch entry's last key. Those keys are masked and arrive as
+    zeros (3-D TMA boxes, one entry each), so the next entry's keys and values -- NaN here --
+    never reach this entry's output or LSE."""
+    calls = _count_gluon_calls(monkeypatch)
+    q, k, v = make_qkv(2, 128, seqlen_k, 2, 2, head_dim, dtype=torch.bfloat16, device="cuda", grad=False)
+    k[1], v[1] = float("nan"), float("nan")
+    out, lse = attention(causal)(q, k, v)
+    assert calls, "the Gluon forward did not run"
+    check_against_oracle(lambda *_: (out[:1], lse[:1]), q[:1], k[:1], v[:1], causal=causal, grads=False)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -287,7 +305,7 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
 def test_gluon_forward_dispatch_rules():
     """One check per rule of hopper_fwd_eligible: 16-bit, an entry of configs.SM90_GLUON_FWD for
     the head dim and mask (causal only with Sk >= Sq), no window/ALiBi/dropout (softcap is fine), dense,
-    contiguous, lengths multiples of the tiles, at least the entry's min_seqlen_k keys, Hopper."""
+    contiguous, query lengths multiples of 128, at least the entry's min_seqlen_k keys, Hopper."""
     from flashtile.features import Features
     from flashtile.ops.fwd_hopper import hopper_fwd_eligible
 
@@ -305,13 +323,13 @@ def test_gluon_forward_dispatch_rules():
         assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k, seqlen_q=128, head_dim=head_dim), features, None)
         assert not hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k - tile.block_n, seqlen_q=128,
                                             head_dim=head_dim), features, None)
-        assert not hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k + tile.block_n // 2, seqlen_q=128,
-                                            head_dim=head_dim), features, None)
+        # any key length from there: the last tile's keys past the end are masked
+        assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k + tile.block_n // 2 + 1, seqlen_q=128,
+                                        head_dim=head_dim), features, None)
     assert hopper_fwd_eligible(*qkv(dtype=torch.float16), plain, None)
     assert not hopper_fwd_eligible(*qkv(dtype=torch.float32), plain, None)
     assert not hopper_fwd_eligible(*qkv(head_dim=96), plain, None)
     assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64), plain, None)
-    assert hopper_fwd_eligible(*qkv(seqlen_k=16384 + 64, head_dim=256), plain, None)  # 64-key tiles there
     assert hopper_fwd_eligible(*qkv(seqlen_q=128), causal, None)  # Sq < Sk
     assert not hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), causal, None)  # Sq > Sk
     assert hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), plain, None)

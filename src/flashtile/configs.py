@@ -118,8 +118,12 @@ GLUON_FWD = True
 @dataclass(frozen=True)
 class GluonForwardTile:
     block_n: int  # keys per K/V tile (each program has 128 query rows: two warpgroups of 64)
-    slots: int  # depth of the shared-memory K/V ring the producer fills
+    k_slots: int  # depth of the shared-memory K ring the producer fills
+    v_slots: int  # depth of the V ring
     min_seqlen_k: int  # shorter key loops take the tl kernel
+    # The two consumer warpgroups take turns to issue their MMAs (FlashAttention-3's ping-pong);
+    # False: each issues as soon as its tile is ready.
+    pingpong: bool = True
 
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
@@ -131,14 +135,14 @@ class GluonForwardTile:
 # exponentials (as many per score as at 128, half the MMA work), so ping-pong gains little there.
 SM90_GLUON_FWD = {
     # 2048 and 4096 were ties at 09:38 (1.00, 1.01) and losses at 14:14: noise of ~3% decides them.
-    (64, False): GluonForwardTile(128, 3, 8192),  # 0.70 0.83 0.94 0.98 1.01 1.01
-    (64, True): GluonForwardTile(128, 3, 8192),  # 0.54 0.65 0.83 0.97 1.02 1.09
+    (64, False): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.70 0.83 0.94 0.98 1.01 1.01
+    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.54 0.65 0.83 0.97 1.02 1.09
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384)
-    (128, False): GluonForwardTile(128, 3, 512),  # 1.06 1.15 1.15 1.16 1.11 1.15
-    (128, True): GluonForwardTile(128, 3, 1024),  # 0.85 1.00 1.14 1.13 1.14 1.19
+    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.06 1.15 1.15 1.16 1.11 1.15
+    (128, True): GluonForwardTile(128, 3, 3, 1024),  # 0.85 1.00 1.14 1.13 1.14 1.19
     # 64-key tiles, 2 slots: three 128-key slots would need 224 KB for K/V alone.
-    (256, False): GluonForwardTile(64, 2, 512),  # 1.03 1.05 1.08 1.08 1.06 1.02
-    (256, True): GluonForwardTile(64, 2, 512),  # 1.00 1.05 1.08 1.08 1.06 1.05
+    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.03 1.05 1.08 1.08 1.06 1.02
+    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.00 1.05 1.08 1.08 1.06 1.05
 }
 
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;
