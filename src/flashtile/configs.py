@@ -128,21 +128,27 @@ class GluonForwardTile:
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
 # runs at least as fast as the tl kernel at that length and every longer one (bench/common.py
-# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 14:14 UTC,
+# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 16:32 UTC,
 # bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Shared memory: Q 128 x D
-# plus slots x 2 x block_n x D, 16-bit, within an H100 SM's 227 KB. Head dim 64 is bound by the
-# exponentials (as many per score as at 128, half the MMA work), so ping-pong gains little there.
+# plus (k_slots + v_slots) x block_n x D, 16-bit, within an H100 SM's 227 KB. The ring depths and
+# ping-pong were chosen by bench/gluon_fwd_probe.py --tiles (16:30 UTC,
+# bench/results/h100_gluon_fwd_tiles.json: TFLOP/s at 1024 / 4096 / 16384 keys, in one process).
 SM90_GLUON_FWD = {
-    # 2048 and 4096 were ties at 09:38 (1.00, 1.01) and losses at 14:14: noise of ~3% decides them.
-    (64, False): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.70 0.83 0.94 0.98 1.01 1.01
-    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.54 0.65 0.83 0.97 1.02 1.09
-    # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384)
-    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.06 1.15 1.15 1.16 1.11 1.15
-    (128, True): GluonForwardTile(128, 3, 3, 1024),  # 0.85 1.00 1.14 1.13 1.14 1.19
-    # 64-key tiles, 2 slots: three 128-key slots would need 224 KB for K/V alone.
-    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.03 1.05 1.08 1.08 1.06 1.02
-    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.00 1.05 1.08 1.08 1.06 1.05
+    # Head dim 64 is bound by the exponentials (as many per score as at 128, half the MMA work):
+    # without ping-pong +1.0-3.1% in all six cells of --tiles (4-deep rings: -0.5% to +1.1%).
+    # 8192 was a 0.98 at 16:32 and 1.01 at 14:14: noise of ~3% decides it.
+    (64, False): GluonForwardTile(128, 3, 3, 16384, pingpong=False),  # 0.69 0.80 0.96 0.99 0.98 1.04
+    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.53 0.63 0.84 0.93 1.03 1.04
+    # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
+    # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
+    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.05 1.15 1.15 1.16 1.09 1.15
+    (128, True): GluonForwardTile(128, 3, 3, 1024),  # 0.86 1.01 1.13 1.11 1.14 1.10
+    # 64-key tiles, 2 slots each: 128-key tiles would need 128 KB per K/V pair. Separate K and V
+    # barriers took this entry from 1.02-1.08x the tl kernel (14:14) to 1.29-1.50x; K 3 / V 2 and
+    # no ping-pong were within -13% / +15% of it, no consistent winner (--tiles).
+    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.29 1.44 1.48 1.50 1.47 1.50
+    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.08 1.33 1.47 1.46 1.47 1.46
 }
 
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;

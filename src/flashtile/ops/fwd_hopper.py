@@ -2,22 +2,28 @@
 
 One program computes 128 query rows of one head. Three partitions (warp specialization):
 
-* a 1-warp producer streams K/V tiles (``block_n`` keys) by TMA into a ring of shared-memory
-  slots, guarded by ``ready`` (filled) and ``empty`` (released by both consumers) mbarriers;
+* a 1-warp producer streams K and V tiles (``block_n`` keys) by TMA into two rings of
+  shared-memory slots, each slot guarded by a ``ready`` (filled) and an ``empty`` (released by
+  both consumers) mbarrier. K and V have their own barriers: a K slot is free as soon as both
+  consumers' S = Q K^T has run, half an iteration before the V slot of the same tile (at head
+  dim 256, where two slots are all that fit, this took the kernel from 1.02-1.08x to 1.29-1.50x
+  the ``tl`` kernel);
 * two consumer warpgroups own 64 query rows each. Every iteration a consumer issues
   ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` asynchronously and runs the online softmax of
-  ``S_j`` while the second product is still on the tensor cores (intra-warpgroup overlap); the
-  two consumers take turns issuing (``turn`` mbarriers), so one's softmax runs while the
-  other's products occupy the tensor cores (ping-pong).
+  ``S_j`` while the second product is still on the tensor cores (intra-warpgroup overlap); with
+  ``pingpong`` the two consumers take turns issuing (``turn`` mbarriers), so one's softmax runs
+  while the other's products occupy the tensor cores.
 
-Causal: the tiles the diagonal cuts (the last one or two of each program) apply the mask; the
-grid is flat and head-major with each head's longest Q tiles first. Covers what the schedule was
-measured on (docs/performance.md, issue 4 steps 5 and 6): 16-bit inputs, the (head dim, causal)
-entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256; each with its tile and the key
-length from which it beats the ``tl`` kernel), softcap or not, no window, ALiBi or dropout, causal only
-with ``seqlen_k >= seqlen_q``, dense batches with query lengths a multiple of 128 and key lengths
-a multiple of the tile's keys, q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl`` kernel
-of ``fwd.py``; ``hopper_fwd_eligible`` is that decision. Gluon has no interpreter, so this
+K/V tiles are 3-D TMA boxes (batch entry, key, column): a last tile that runs past the entry's
+keys reads zeros there, never the next entry's keys, and its keys past the end are masked, so
+every key length runs. Causal: the tiles the diagonal cuts (the last one or two of each program)
+apply the mask; the grid is flat and head-major with each head's longest Q tiles first. Covers
+what the schedule was measured on (docs/performance.md, issue 4 steps 5, 6 and 12): 16-bit
+inputs, the (head dim, causal) entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256;
+each with its tile and the key length from which it beats the ``tl`` kernel), softcap or not, no
+window, ALiBi or dropout, causal only with ``seqlen_k >= seqlen_q``, dense batches with query
+lengths a multiple of 128, q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl``
+kernel of ``fwd.py``; ``hopper_fwd_eligible`` is that decision. Gluon has no interpreter, so this
 module is only imported for CUDA tensors.
 """
 
