@@ -97,3 +97,15 @@ def gluon_table_rows(rows, old="tl", new="gluon") -> list[str]:
         entry = f"({head_dim}, {causal}): {shortest},  # {quoted}"
         lines.append(entry if shortest is not None else f"# {entry}  (never wins)")
     return lines
+
+
+def window_min_keys(rows) -> dict:
+    """``{head_dim: W}`` from bench/gluon_fwd_probe.py --windows rows: the smallest keys-per-row W
+    from which the Gluon forward beats the tl kernel at every larger W, taking the worse of the
+    windows measured at each W (configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS)."""
+    worst = {}
+    for r in rows:
+        ratio = r["ms"]["tl"] / r["ms"]["gluon"]
+        per_dim = worst.setdefault(r["head_dim"], {})
+        per_dim[r["keys_per_row"]] = min(ratio, per_dim.get(r["keys_per_row"], ratio))
+    return {head_dim: min_winning_seqlen(ratios) for head_dim, ratios in worst.items()}

@@ -9,7 +9,7 @@ schedule one technique at a time, non-causal, head dim 128, bf16, against the tl
 * ``pingpong``: the library kernel -- two consumer warpgroups taking turns to issue.
 
 ``--tiles`` times each head dim's table tile against other ring depths and without ping-pong
-(``TILE_CANDIDATES``). ``--coverage`` instead times the library kernel against the tl kernel and SDPA on every head dim
+(``TILE_CANDIDATES``); ``--windows`` times sliding windows against the tl kernel. ``--coverage`` instead times the library kernel against the tl kernel and SDPA on every head dim
 of ``configs.SM90_GLUON_FWD``, causal and not, seqlen 512..16384 (batch x seqlen = 16384, heads
 x head dim = 2048): what decides the head dims and the minimum key length it is dispatched for.
 
@@ -143,13 +143,13 @@ def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
         acc, l_i = gl.warp_specialize([
             (_attend_overlapped, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D,
                                   SLOTS, NUM_WARPS)),
-            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, n_tiles)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles)),
         ], [1], [24])
     else:
         acc, l_i = gl.warp_specialize([
             (_attend, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D, SLOTS,
                        NUM_WARPS)),
-            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, n_tiles)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles)),
         ], [1], [24])
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
@@ -290,6 +290,40 @@ def tiles(out_path, seqlens=(1024, 4096, 16384)):
     return ok
 
 
+def windows(out_path, seqlen=8192, keys_per_row=(128, 256, 512, 1024, 2048, 4096)):
+    """The Gluon forward against the tl kernel on sliding windows: a row sees W keys, one-sided
+    (W - 1, 0) and two-sided (W / 2, W / 2 - 1), at 8192 tokens (batch 2, heads x head dim =
+    2048): what decides configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS (the smallest W from which the
+    Gluon kernel wins at every larger W measured, both shapes)."""
+    from common import environment, median_ms, window_min_keys, write_json
+
+    rows, ok = [], True
+    for head_dim in sorted({d for d, _ in configs.SM90_GLUON_FWD}):
+        heads = 2048 // head_dim
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for keys in keys_per_row:
+            for left, right in ((keys - 1, 0), (keys // 2, keys // 2 - 1)):
+                features = Features(head_dim ** -0.5, window_left=left, window_right=right)
+                out = hopper_fwd(q, k, v, features)[0]
+                configs.GLUON_FWD = False
+                try:
+                    ref = flash_fwd(q, k, v, features)[0]
+                    tl_ms = median_ms(lambda: flash_fwd(q, k, v, features))
+                finally:
+                    configs.GLUON_FWD = True
+                err = (out.float() - ref.float()).abs().max().item()
+                ok &= err < 2e-2
+                gluon_ms = median_ms(lambda: hopper_fwd(q, k, v, features))
+                rows.append(dict(head_dim=head_dim, seqlen=seqlen, window=[left, right], keys_per_row=keys,
+                                 ms={"gluon": gluon_ms, "tl": tl_ms}, max_err_vs_tl=err))
+                print(f"d{head_dim} window ({left}, {right}) err {err:.1e} gluon {gluon_ms:.3f} ms tl {tl_ms:.3f} ms "
+                      f"gluon/tl {tl_ms / gluon_ms:.2f}", flush=True)
+    print("configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS:", window_min_keys(rows))
+    write_json(out_path, {"env": environment(), "rows": rows})
+    return ok
+
+
 def main():
     sys.path.insert(0, "bench")
     from common import median_ms, sdpa
@@ -297,12 +331,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--coverage", action="store_true")
     parser.add_argument("--tiles", action="store_true", help="the table tiles against TILE_CANDIDATES")
+    parser.add_argument("--windows", action="store_true", help="sliding windows, against the tl kernel")
     parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
     args = parser.parse_args()
     if args.coverage:
         sys.exit(0 if coverage(args.out) else 1)
     if args.tiles:
         sys.exit(0 if tiles(args.out) else 1)
+    if args.windows:
+        sys.exit(0 if windows(args.out) else 1)
     torch.manual_seed(0)
     ok = True
     for batch, seqlen in ((4, 4096), (1, 16384)):

@@ -66,7 +66,7 @@ def report(spec: str) -> str:
 
 
 def gluon_report(spec: str) -> str:
-    """``gluon,full|causal,head_dim[,softcap]``: the Gluon forward with its configs.SM90_GLUON_FWD
+    """``gluon,full|causal|window,head_dim[,softcap]``: the Gluon forward with its configs.SM90_GLUON_FWD
     tile; ``gluon_bwd,full|causal,head_dim[,softcap]``: the Gluon backward. bf16."""
     import torch
     from triton.experimental.gluon import language as gl
@@ -78,7 +78,8 @@ def gluon_report(spec: str) -> str:
     from flashtile.ops import bwd_hopper, fwd_hopper
 
     kind, mask, head_dim, *extra = spec.split(",")
-    head_dim, causal, softcap = int(head_dim), mask == "causal", extra == ["softcap"]
+    head_dim, causal, softcap = int(head_dim), mask in ("causal", "window"), "softcap" in extra
+    window = mask == "window"  # a sliding window (left and right bounds): the forward only
     rows = torch.empty(4096, 2 * head_dim, dtype=torch.bfloat16)  # a host tensor: only its type matters
 
     def desc_type(block_rows, boxes=False):
@@ -93,8 +94,9 @@ def gluon_report(spec: str) -> str:
         kernel = fwd_hopper._hopper_fwd_kernel
         types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n, boxes=True),
                  "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16"}
-        constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "CAUSAL": causal, "SOFTCAP": softcap,
-                      "KEY_TAIL": 2048 % tile.block_n != 0, "PINGPONG": tile.pingpong}
+        constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "BOUND_LEFT": window,
+                      "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
+                      "SOFTCAP": softcap, "PINGPONG": tile.pingpong}
     else:
         kernel, block_n = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)

@@ -179,9 +179,10 @@ def test_gluon_backward_splits_the_dq_buffer_only_where_the_gpu_stays_full():
 
 
 def test_gluon_tables_are_what_their_probes_measured():
-    """SM90_GLUON_FWD / SM90_GLUON_BWD hold the shortest length from which the committed probe
-    results show the Gluon kernel at least as fast as the tl kernel at every longer length
-    (bench/common.py's rule; the probes print these lines): no entry without its measurement."""
+    """SM90_GLUON_FWD / SM90_GLUON_BWD (and the forward's window threshold) hold the shortest
+    length from which the committed probe results show the Gluon kernel at least as fast as the
+    tl kernel at every longer length (bench/common.py's rule; the probes print these lines): no
+    entry without its measurement."""
     import json
     import os
     import sys
@@ -189,7 +190,7 @@ def test_gluon_tables_are_what_their_probes_measured():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     sys.path.insert(0, bench)
     try:
-        from common import gluon_table_rows, min_winning_seqlen
+        from common import gluon_table_rows, min_winning_seqlen, window_min_keys
     finally:
         sys.path.remove(bench)
     assert min_winning_seqlen({512: 0.9, 1024: 1.1, 2048: 0.99, 4096: 1.2}) == 4096
@@ -202,6 +203,8 @@ def test_gluon_tables_are_what_their_probes_measured():
         measured = {line.split(":")[0]: int(line.split(":")[1].split(",")[0]) for line in lines}
         expected = {str(key): min_of(entry) for key, entry in table.items()}
         assert {key: measured[key] for key in expected} == expected
+    with open(os.path.join(bench, "results", "h100_gluon_fwd_windows.json")) as f:
+        assert window_min_keys(json.load(f)["rows"]) == configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS
 
 
 def test_gluon_applies_rule_by_rule(monkeypatch):
@@ -232,9 +235,13 @@ def test_gluon_applies_rule_by_rule(monkeypatch):
     assert not gluon_applies(Cuda((0, 1024, 4, 128)), k, plain, None, k)  # no batch
     assert not gluon_applies(k, q, causal, None, q, k)  # causal with Sq > Sk
     assert gluon_applies(k, q, plain, None, q, k)
-    for features in (Features(0.1, window_left=8), Features(0.1, window_right=8),
-                     Features(0.1, dropout_p=0.1), Features(0.1, alibi_slopes=torch.ones(4))):
+    for window in (Features(0.1, window_left=8), Features(0.1, window_right=8)):
+        assert not gluon_applies(q, k, window, None, q, k)
+        assert gluon_applies(q, k, window, None, q, k, any_window=True)  # the forward's windows
+    assert gluon_applies(k, q, causal, None, q, k, any_window=True)
+    for features in (Features(0.1, dropout_p=0.1), Features(0.1, alibi_slopes=torch.ones(4))):
         assert not gluon_applies(q, k, features, None, q, k)
+        assert not gluon_applies(q, k, features, None, q, k, any_window=True)
     assert gluon_applies(q, k, Features(0.1, softcap=1.0), None, q, k)
     assert gluon_applies(q, k, Features(0.1, window_right=0, softcap=1.0), None, q, k)
     assert not gluon_applies(q, k, plain, None, q, Cuda((2, 2048, 2, 128), contiguous=False))

@@ -102,6 +102,7 @@ def _count_gluon_calls(monkeypatch):
     import dataclasses
 
     every_length = {key: dataclasses.replace(tile, min_seqlen_k=1) for key, tile in configs.SM90_GLUON_FWD.items()}
+    monkeypatch.setattr(configs, "SM90_GLUON_FWD_WINDOW_MIN_KEYS", {d: 1 for d in (64, 128, 256)})
     return _count_launches(monkeypatch, "fwd_hopper", "hopper_fwd", "SM90_GLUON_FWD", every_length)
 
 
@@ -132,6 +133,32 @@ def test_gluon_forward_key_tail_reads_nothing_of_the_next_batch(causal, seqlen_k
     out, lse = attention(causal)(q, k, v)
     assert calls, "the Gluon forward did not run"
     check_against_oracle(lambda *_: (out[:1], lse[:1]), q[:1], k[:1], v[:1], causal=causal, grads=False)
+
+
+GLUON_WINDOW_CASES = [
+    # (shape, window): left edges mid-tile, both bounds, one key, right bound only, left bound only,
+    # key tails, Sq > Sk with causal (the first rows see no key: out 0, LSE +inf), GQA
+    ((2, 1024, 1024, 4, 2, 128), (100, 0)), ((2, 1024, 1024, 4, 2, 128), (256, 64)),
+    ((1, 512, 700, 2, 2, 128), (0, 0)), ((1, 512, 700, 2, 2, 128), (-1, 50)),
+    ((1, 384, 2340, 4, 4, 256), (1000, -1)), ((2, 256, 1000, 2, 1, 64), (3, 3)),
+    ((1, 512, 300, 2, 2, 128), (-1, 0)), ((1, 640, 200, 2, 1, 64), (40, 10)),
+]
+
+
+@pytest.mark.parametrize("shape, window", GLUON_WINDOW_CASES,
+                         ids=[f"{case_id(*shape)}-w{left}_{right}" for shape, (left, right) in GLUON_WINDOW_CASES])
+def test_gluon_forward_windows(shape, window, monkeypatch):
+    """Sliding windows on the Gluon forward (every length and window forced onto it), by the
+    tolerance rule on out and lse and, through the tl backward on its LSE, dq, dk, dv."""
+    calls = _count_gluon_calls(monkeypatch)
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, window_size=window, return_attn_probs=True)
+        return out, lse
+
+    check_against_oracle(attn, q, k, v, window_size=window)
+    assert calls, "the Gluon forward did not run"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -304,8 +331,8 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
 
 def test_gluon_forward_dispatch_rules():
     """One check per rule of hopper_fwd_eligible: 16-bit, an entry of configs.SM90_GLUON_FWD for
-    the head dim and mask (causal only with Sk >= Sq), no window/ALiBi/dropout (softcap is fine), dense,
-    contiguous, query lengths multiples of 128, at least the entry's min_seqlen_k keys, Hopper."""
+    the head dim and mask, windows from a number of keys per row, no ALiBi/dropout (softcap is fine),
+    dense, contiguous, query lengths multiples of 128, at least the entry's min_seqlen_k keys, Hopper."""
     from flashtile.features import Features
     from flashtile.ops.fwd_hopper import hopper_fwd_eligible
 
@@ -331,14 +358,21 @@ def test_gluon_forward_dispatch_rules():
     assert not hopper_fwd_eligible(*qkv(head_dim=96), plain, None)
     assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64), plain, None)
     assert hopper_fwd_eligible(*qkv(seqlen_q=128), causal, None)  # Sq < Sk
-    assert not hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), causal, None)  # Sq > Sk
     assert hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), plain, None)
+    # Sliding windows, and causal with Sq > Sk (its first rows see no key), take the causal
+    # entry when a row sees at least configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS keys.
+    assert hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), causal, None)
+    for head_dim, min_keys in configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.items():
+        tensors = qkv(head_dim=head_dim)
+        assert hopper_fwd_eligible(*tensors, Features(0.1, window_left=min_keys - 1, window_right=0), None)
+        assert not hopper_fwd_eligible(*tensors, Features(0.1, window_left=min_keys - 2, window_right=0), None)
+        half = min_keys // 2
+        assert hopper_fwd_eligible(*tensors, Features(0.1, window_left=half, window_right=min_keys - half - 1), None)
+        assert hopper_fwd_eligible(*tensors, Features(0.1, window_left=min_keys - 2), None)  # no right bound
     q, k, v = qkv()
     assert not hopper_fwd_eligible(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, plain, None)
     assert not hopper_fwd_eligible(q, k, v, plain, (None, None, 2048, 16384))  # varlen
-    for features in (Features(0.1, window_left=100), Features(0.1, window_left=100, window_right=0),
-                     Features(0.1, window_right=5),
-                     Features(0.1, alibi_slopes=torch.ones(2, device="cuda")), Features(0.1, dropout_p=0.1)):
+    for features in (Features(0.1, alibi_slopes=torch.ones(2, device="cuda")), Features(0.1, dropout_p=0.1)):
         assert not hopper_fwd_eligible(q, k, v, features, None)
     assert hopper_fwd_eligible(q, k, v, Features(0.1, softcap=5.0), None)
     try:

@@ -128,7 +128,7 @@ class GluonForwardTile:
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
 # runs at least as fast as the tl kernel at that length and every longer one (bench/common.py
-# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 16:32 UTC,
+# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 16:42 UTC,
 # bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Shared memory: Q 128 x D
 # plus (k_slots + v_slots) x block_n x D, 16-bit, within an H100 SM's 227 KB. The ring depths and
@@ -137,18 +137,31 @@ class GluonForwardTile:
 SM90_GLUON_FWD = {
     # Head dim 64 is bound by the exponentials (as many per score as at 128, half the MMA work):
     # without ping-pong +1.0-3.1% in all six cells of --tiles (4-deep rings: -0.5% to +1.1%).
-    # 8192 was a 0.98 at 16:32 and 1.01 at 14:14: noise of ~3% decides it.
-    (64, False): GluonForwardTile(128, 3, 3, 16384, pingpong=False),  # 0.69 0.80 0.96 0.99 0.98 1.04
-    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.53 0.63 0.84 0.93 1.03 1.04
+    # 8192 non-causal was a 0.98 at 16:32 and 1.01 at 14:14: noise of ~3% decides it.
+    (64, False): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.68 0.83 0.89 1.00 1.01 1.03
+    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.54 0.65 0.84 0.93 1.01 1.06
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
-    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.05 1.15 1.15 1.16 1.09 1.15
-    (128, True): GluonForwardTile(128, 3, 3, 1024),  # 0.86 1.01 1.13 1.11 1.14 1.10
+    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.06 1.15 1.18 1.16 1.16 1.14
+    (128, True): GluonForwardTile(128, 3, 3, 1024),  # 0.89 1.02 1.14 1.12 1.15 1.19
     # 64-key tiles, 2 slots each: 128-key tiles would need 128 KB per K/V pair. Separate K and V
-    # barriers took this entry from 1.02-1.08x the tl kernel (14:14) to 1.29-1.50x; K 3 / V 2 and
+    # barriers took this entry from 1.02-1.08x the tl kernel (14:14) to 1.29-1.54x; K 3 / V 2 and
     # no ping-pong were within -13% / +15% of it, no consistent winner (--tiles).
-    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.29 1.44 1.48 1.50 1.47 1.50
-    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.08 1.33 1.47 1.46 1.47 1.46
+    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.31 1.48 1.52 1.54 1.46 1.47
+    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.21 1.36 1.45 1.47 1.51 1.47
+}
+
+# Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile
+# when a row sees at least this many keys (ops/fwd_hopper._window_keys): the smallest W from
+# which the Gluon kernel beat the tl kernel at every larger W measured, windows (W - 1, 0) and
+# (W / 2, W / 2 - 1) at 8192 tokens (bench/gluon_fwd_probe.py --windows, H100, 2026-11-24 16:49
+# UTC, bench/results/h100_gluon_fwd_windows.json; the worse of the two windows' Gluon / tl time
+# ratios at W = 128 / 256 / 512 / 1024 / 2048 / 4096). Head dims 128 and 256 lost one cell at
+# 256 amid wins (0.75, 0.94), which the rule follows.
+SM90_GLUON_FWD_WINDOW_MIN_KEYS = {
+    64: 4096,  # 0.44 0.58 0.67 0.79 0.91 1.07
+    128: 512,  # 1.06 0.75 1.12 1.12 1.09 1.10
+    256: 512,  # 1.18 0.94 1.28 1.29 1.27 1.25
 }
 
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;

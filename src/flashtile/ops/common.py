@@ -31,18 +31,19 @@ def load_gluon_module(name: str):
         return None
 
 
-def gluon_applies(q, k, features, varlen, *tensors) -> bool:
+def gluon_applies(q, k, features, varlen, *tensors, any_window=False) -> bool:
     """What both Hopper Gluon kernels require of a call (each launcher adds its table and tile
     rules): CUDA on sm90, 16-bit, dense (not varlen), non-empty, plain or causal attention
-    (causal only with seqlen_k >= seqlen_q: no fully masked rows), softcap or not, no ALiBi or dropout,
-    and ``tensors`` contiguous ``(B, S, H, D)`` and 16-byte aligned for TMA. Pure host checks."""
+    (causal only with seqlen_k >= seqlen_q: no fully masked rows) or, with ``any_window``, any
+    sliding window, softcap or not, no ALiBi or dropout, and ``tensors`` contiguous
+    ``(B, S, H, D)`` and 16-byte aligned for TMA. Pure host checks."""
     from flashtile import configs
 
     if not (q.is_cuda and varlen is None and q.dtype in (torch.bfloat16, torch.float16)):
         return False
     batch, seqlen_q, n_heads, _ = q.shape
     causal = features.window_left < 0 and features.window_right == 0 and k.shape[1] >= seqlen_q
-    return ((causal or not features.masked) and features.dropout_p == 0 and features.alibi_slopes is None
+    return ((any_window or causal or not features.masked) and features.dropout_p == 0 and features.alibi_slopes is None
             and seqlen_q > 0 and batch * n_heads > 0
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
             and configs.arch(q.device) == (9, 0))

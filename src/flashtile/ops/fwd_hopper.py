@@ -40,6 +40,7 @@ from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two per program)
+PLAIN, MASKED, EDGES = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)  # how a loop's tiles take the mask
 CONSUMER_REGS = gl.constexpr(232)  # setmaxnreg for each consumer warpgroup; the producer gets 24
 
 
@@ -51,64 +52,129 @@ def tanh_approx(x):
 
 
 @gluon.jit
-def _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, batch, kv_col0, n_tiles):
-    """K/V tiles 0 .. n_tiles-1 of one batch entry into their rings (K and V each with its own
-    depth and mbarriers: a K slot is free once both consumers' S = Q K^T has run, a V slot only
-    after their P V). The descriptors are 3-D (batch, key, column) with one batch entry per box,
-    so the keys of a tile that runs past the entry's last key arrive as zeros (TMA's
-    out-of-bounds fill), never as the next entry's keys."""
+def _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, batch, kv_col0, first_tile,
+                n_tiles):
+    """K/V tiles ``first_tile + i`` (i < n_tiles) of one batch entry into their rings (K and V
+    each with its own depth and mbarriers: a K slot is free once both consumers' S = Q K^T has
+    run, a V slot only after their P V). The descriptors are 3-D (batch, key, column) with one
+    batch entry per box, so the keys of a tile that runs past the entry's last key arrive as
+    zeros (TMA's out-of-bounds fill), never as the next entry's keys."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     box: gl.constexpr = k_desc.block_type.shape
-    for j in range(n_tiles):
-        k_slot = j % K_SLOTS
-        mbarrier.wait(k_empty.index(k_slot), ((j // K_SLOTS) & 1) ^ 1, pred=j >= K_SLOTS)
+    for i in range(n_tiles):
+        key0 = (first_tile + i) * BLOCK_N
+        k_slot = i % K_SLOTS
+        mbarrier.wait(k_empty.index(k_slot), ((i // K_SLOTS) & 1) ^ 1, pred=i >= K_SLOTS)
         mbarrier.expect(k_ready.index(k_slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [batch, j * BLOCK_N, kv_col0], k_ready.index(k_slot),
+        tma.async_copy_global_to_shared(k_desc, [batch, key0, kv_col0], k_ready.index(k_slot),
                                         k_ring.index(k_slot)._reinterpret(k_ring.dtype, box, k_desc.layout))
-        v_slot = j % V_SLOTS
-        mbarrier.wait(v_empty.index(v_slot), ((j // V_SLOTS) & 1) ^ 1, pred=j >= V_SLOTS)
+        v_slot = i % V_SLOTS
+        mbarrier.wait(v_empty.index(v_slot), ((i // V_SLOTS) & 1) ^ 1, pred=i >= V_SLOTS)
         mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [batch, j * BLOCK_N, kv_col0], v_ready.index(v_slot),
+        tma.async_copy_global_to_shared(v_desc, [batch, key0, kv_col0], v_ready.index(v_slot),
                                         v_ring.index(v_slot)._reinterpret(v_ring.dtype, box, v_desc.layout))
 
 
 @gluon.jit
-def _fold_tile(j, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i,
-               last_key, qk_scale, softcap_in, MASKED: gl.constexpr, CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr,
-               PINGPONG: gl.constexpr):
-    """Consumer C's iteration j: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} asynchronously (on
-    its turn when PINGPONG), then fold S_j into the online softmax while the second product
-    still runs. MASKED: hide the keys past ``last_key`` in S_j (``_masked_scores``).
-    SOFTCAP: scores ``tanh(S * softcap_in)``, and ``qk_scale`` is ``softcap * log2(e)``."""
+def _masked_scores(s, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, BOUND_LEFT: gl.constexpr,
+                   BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr):
+    """Base-2 scores of the tile whose first key is ``key0`` (rows from ``row0``), with the keys a
+    row does not see set to -inf after scaling (a scale of 0 gives 0 and -inf, never NaN): row r
+    sees keys ``r + lo_off <= key <= r + hi_off`` (each bound only where set) and
+    ``key < seqlen_k`` (checked only with KEY_TAIL: a tile running past the last key)."""
+    HALF_M: gl.constexpr = s.shape[0]
+    BLOCK_N: gl.constexpr = s.shape[1]
+    # The bounds compare key - row with an offset: scalars folded into the column vector first,
+    # so the rows stay the constant 0 .. HALF_M - 1 (fewer live registers).
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))[None, :]
+    rows = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s.type.layout))[:, None]
+    t = s * qk_scale
+    if BOUND_RIGHT:
+        t = gl.where(cols + (key0 - row0 - hi_off) <= rows, t, float("-inf"))
+    if BOUND_LEFT:
+        t = gl.where(cols + (key0 - row0 - lo_off) >= rows, t, float("-inf"))
+    if KEY_TAIL:
+        t = gl.where(cols < seqlen_k - key0, t, float("-inf"))
+    return t
+
+
+@gluon.jit
+def _softmax_masked(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, BOUND_LEFT: gl.constexpr,
+                    BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr):
+    """``(p, m_new, m_sub)`` of one tile's scores ``s`` under the mask, against the running max
+    ``m_i`` (base 2); ``m_sub`` is what was subtracted. GUARD: a row may have seen no key yet (a
+    window); its max stays -inf and 0 is subtracted instead, so its p and rescale factor are 0,
+    never NaN."""
+    t = _masked_scores(s, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL)
+    m_new = gl.maximum(m_i, gl.max(t, axis=1))
+    if GUARD:
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    return gl.exp2(t - m_sub[:, None]), m_new, m_sub
+
+
+@gluon.jit
+def _softmax_plain(s, m_i, qk_scale):
+    """``_softmax_masked`` for a tile every row sees whole: the scale folded into exp2's argument
+    (one FMA per score)."""
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    return gl.exp2(s * qk_scale - m_new[:, None]), m_new, m_new
+
+
+@gluon.jit
+def _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_masked, MASK: gl.constexpr,
+                  BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr):
+    """One tile's softmax step: MASK is PLAIN, MASKED, or EDGES (masked when ``tile_masked``, a
+    per-tile decision at run time: a window's edge tiles are masked, its middle is not)."""
+    if MASK == EDGES:
+        if tile_masked:
+            p, m_new, m_sub = _softmax_masked(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, BOUND_LEFT,
+                                              BOUND_RIGHT, KEY_TAIL, GUARD)
+        else:
+            p, m_new, m_sub = _softmax_plain(s, m_i, qk_scale)
+    elif MASK == MASKED:
+        p, m_new, m_sub = _softmax_masked(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, BOUND_LEFT,
+                                          BOUND_RIGHT, KEY_TAIL, GUARD)
+    else:
+        p, m_new, m_sub = _softmax_plain(s, m_i, qk_scale)
+    return p, m_new, m_sub
+
+
+@gluon.jit
+def _fold_tile(i, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i,
+               l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, MASK: gl.constexpr,
+               BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
+               SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer C's iteration i (the tile whose first key is ``key0``): issue S_i = Q K_i^T and
+    O += P_{i-1} V_{i-1} asynchronously (on its turn when PINGPONG), then fold S_i into the online
+    softmax while the second product still runs. MASK: whether to hide the keys the rows do not
+    see (``_softmax_step``). SOFTCAP: scores ``tanh(S * softcap_in)``, and ``qk_scale`` is
+    ``softcap * log2(e)``."""
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    k_slot = j % K_SLOTS
-    v_slot = (j - 1) % V_SLOTS
-    mbarrier.wait(k_ready.index(k_slot), (j // K_SLOTS) & 1)
-    mbarrier.wait(v_ready.index(v_slot), ((j - 1) // V_SLOTS) & 1)
+    k_slot = i % K_SLOTS
+    v_slot = (i - 1) % V_SLOTS
+    mbarrier.wait(k_ready.index(k_slot), (i // K_SLOTS) & 1)
+    mbarrier.wait(v_ready.index(v_slot), ((i - 1) // V_SLOTS) & 1)
     if PINGPONG:
-        mbarrier.wait(turn.index(C), (j - 1) & 1)  # this warpgroup's turn to issue
+        mbarrier.wait(turn.index(C), (i - 1) & 1)  # this warpgroup's turn to issue
     s_tok = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)), gl.zeros_like(p), use_acc=False, is_async=True)
     p_op = gl.convert_layout(p.to(q.dtype), p_layout)
     acc_tok = warpgroup_mma(p_op, v_ring.index(v_slot), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - C), count=1)
-    s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_{j-1} V_{j-1} may still run
+    s = warpgroup_mma_wait(1, deps=[s_tok])  # S_i done; P_{i-1} V_{i-1} may still run
     mbarrier.arrive(k_empty.index(k_slot), count=1)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
-    if MASKED:
-        t = _masked_scores(s, j, last_key, qk_scale, CAUSAL)
-        m_new = gl.maximum(m_i, gl.max(t, axis=1))
-        p = gl.exp2(t - m_new[:, None])
-    else:  # scale folded into exp2's argument (one FMA per score)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+    p, m_new, m_sub = _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_masked, MASK,
+                                    BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD)
+    alpha = gl.exp2(m_i - m_sub)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
     mbarrier.arrive(v_empty.index(v_slot), count=1)
@@ -117,32 +183,17 @@ def _fold_tile(j, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready,
 
 
 @gluon.jit
-def _masked_scores(s, j, last_key, qk_scale, CAUSAL: gl.constexpr):
-    """Base-2 scores of tile j with the keys past each row's last visible one set to -inf, after
-    scaling, so a scale of 0 gives 0 and -inf, never NaN. Row r of the warpgroup sees keys up to
-    ``last_key + r`` when CAUSAL, else up to ``last_key`` (the batch entry's last key: a tile
-    running past it)."""
-    HALF_M: gl.constexpr = s.shape[0]
-    BLOCK_N: gl.constexpr = s.shape[1]
-    keys = j * BLOCK_N - last_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
-    if CAUSAL:
-        rows = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s.type.layout))
-        visible = keys[None, :] <= rows[:, None]
-    else:
-        visible = keys[None, :] <= 0
-    return gl.where(visible, s * qk_scale, float("-inf"))
-
-
-@gluon.jit
 def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
-             q_row0, q_col0, row_stride, lse_row0, last_key0, n_tiles, n_full, qk_scale, softcap_in, D: gl.constexpr,
-             CAUSAL: gl.constexpr, KEY_TAIL: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer warpgroup C: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``; writes its rows of
-    the output and the LSE. Tiles ``[n_full, n_tiles)`` take the mask: causal (``last_key0``: the
-    last key row 0 of the program sees) or, with KEY_TAIL, the keys past the last one
-    (``last_key0``) in a last tile that runs past it."""
+             q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile, full_start,
+             full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
+             BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr,
+             PINGPONG: gl.constexpr):
+    """Consumer warpgroup C: query rows ``q_row0 + C * HALF_M + [0, HALF_M)`` (``first_row``: the
+    program's first row's position); writes their output and LSE. Key tiles ``[first_tile,
+    end_tile)``: those in ``[full_start, full_end)`` every row sees whole, the others (and the
+    first, always) take the mask. GUARD: rows may see no key at all (out 0, LSE +inf)."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
-    MASKED: gl.constexpr = CAUSAL or KEY_TAIL
+    MASK: gl.constexpr = MASKED if BOUND_LEFT or BOUND_RIGHT or KEY_TAIL else PLAIN
     # Accumulator layouts of the two products: S = Q K^T is [HALF_M, BLOCK_N], O is [HALF_M, D];
     # each takes one wgmma as wide as its tile (their rows sit on the same threads).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -150,7 +201,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready,
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     q = q_smem.index(C)
-    last_key = last_key0 + C * HALF_M if CAUSAL else last_key0
+    row0 = first_row + C * HALF_M
     acc = gl.zeros([HALF_M, D], gl.float32, layout=o_layout)
     mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout),
@@ -158,66 +209,106 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready,
     mbarrier.arrive(k_empty.index(0), count=1)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
-    if MASKED:  # tile 0 may be on the diagonal or the last; key 0 is visible to every row (seqlen_k >= seqlen_q)
-        t = _masked_scores(s, 0, last_key, qk_scale, CAUSAL)
-        m_i = gl.max(t, axis=1)  # running max, base 2
-        p = gl.exp2(t - m_i[:, None])
-    else:
-        m_i = gl.max(s, axis=1) * qk_scale
-        p = gl.exp2(s * qk_scale - m_i[:, None])
+    # The first tile may be cut by any bound; without GUARD every row sees one of its keys.
+    p, m_i, _ = _softmax_step(s, gl.full([HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout)),
+                              first_tile * BLOCK_N, row0, lo_off, hi_off, seqlen_k, qk_scale, True, MASK, BOUND_LEFT,
+                              BOUND_RIGHT, KEY_TAIL, GUARD)
     l_i = gl.sum(p, axis=1)
-    for j in range(1, n_full):
-        acc, p, m_i, l_i = _fold_tile(j, C, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, acc, p,
-                                      m_i, l_i, last_key, qk_scale, softcap_in, False, CAUSAL, SOFTCAP, PINGPONG)
-    if MASKED:
-        for j in range(gl.maximum(n_full, 1), n_tiles):
-            acc, p, m_i, l_i = _fold_tile(j, C, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, acc,
-                                          p, m_i, l_i, last_key, qk_scale, softcap_in, True, CAUSAL, SOFTCAP,
-                                          PINGPONG)
-    last = (n_tiles - 1) % v_ring.shape[0]
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // v_ring.shape[0]) & 1)
+    if BOUND_LEFT:
+        # Masked tiles at both ends: one loop that decides per tile (a loop per kind spilled).
+        for j in range(first_tile + 1, end_tile):
+            acc, p, m_i, l_i = _fold_tile(j - first_tile, j * BLOCK_N, C, q, k_ring, v_ring, k_ready, k_empty,
+                                          v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k,
+                                          qk_scale, softcap_in, (j < full_start) | (j >= full_end), EDGES,
+                                          BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+    else:
+        for j in range(gl.maximum(full_start, first_tile + 1), full_end):  # tiles every row sees whole
+            acc, p, m_i, l_i = _fold_tile(j - first_tile, j * BLOCK_N, C, q, k_ring, v_ring, k_ready, k_empty,
+                                          v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k,
+                                          qk_scale, softcap_in, False, PLAIN, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
+                                          GUARD, SOFTCAP, PINGPONG)
+        if MASK == MASKED:  # the diagonal / right edge, and a last tile past the last key
+            for j in range(gl.maximum(full_end, first_tile + 1), end_tile):
+                acc, p, m_i, l_i = _fold_tile(j - first_tile, j * BLOCK_N, C, q, k_ring, v_ring, k_ready, k_empty,
+                                              v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
+                                              seqlen_k, qk_scale, softcap_in, True, MASKED, BOUND_LEFT, BOUND_RIGHT,
+                                              KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+    last = (end_tile - first_tile - 1) % v_ring.shape[0]
+    mbarrier.wait(v_ready.index(last), ((end_tile - first_tile - 1) // v_ring.shape[0]) & 1)
     acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_ring.index(last), acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
+    if GUARD:  # rows that saw no key: out 0, LSE +inf (FlashAttention-2's convention)
+        has_keys = l_i > 0.0
+        inv_l = gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0)
+        lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_i, 1.0))) / LOG2E, float("inf"))
+    else:
+        inv_l = 1.0 / l_i
+        lse = (m_i + gl.log2(l_i)) / LOG2E
     rows = C * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, o_layout))
     cols = q_col0 + gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    out = acc * gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))[:, None]
     out_rows = (q_row0 + rows).to(gl.int64)
     gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
     lse_rows = C * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
-    gl.store(lse_ptr + lse_row0 + lse_rows, (m_i + gl.log2(l_i)) / LOG2E)
+    gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+
+
+@gluon.jit
+def _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
+               BLOCK_N: gl.constexpr):
+    """The key tiles rows ``first_row .. first_row + 127`` need (row r sees keys ``r + lo_off ..
+    r + hi_off``, each bound only where set, and ``0 .. seqlen_k - 1``): ``(first_tile, full_start,
+    full_end, end_tile)``, tiles in ``[full_start, full_end)`` seen whole by every row. At least one
+    tile: rows that see no key run one masked tile (and get out 0, LSE +inf)."""
+    last_row = first_row + 2 * HALF_M - 1
+    lo = 0
+    full_lo = 0
+    hi = seqlen_k
+    full_hi = seqlen_k
+    if BOUND_LEFT:
+        lo = gl.minimum(gl.maximum(first_row + lo_off, 0), seqlen_k)
+        full_lo = gl.maximum(last_row + lo_off, 0)
+    if BOUND_RIGHT:
+        hi = gl.maximum(gl.minimum(last_row + hi_off + 1, seqlen_k), 0)
+        full_hi = gl.maximum(gl.minimum(first_row + hi_off + 1, seqlen_k), 0)
+    first_tile = lo // BLOCK_N
+    end_tile = gl.maximum((hi + BLOCK_N - 1) // BLOCK_N, first_tile + 1)
+    full_start = gl.minimum(gl.maximum(first_tile, (full_lo + BLOCK_N - 1) // BLOCK_N), end_tile)
+    full_end = gl.minimum(gl.maximum(full_start, full_hi // BLOCK_N), end_tile)
+    return first_tile, full_start, full_end, end_tile
 
 
 @gluon.jit
 def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, group_size,
-                       num_m_blocks, head_group, qk_scale, softcap_in, D: gl.constexpr, K_SLOTS: gl.constexpr,
-                       V_SLOTS: gl.constexpr, CAUSAL: gl.constexpr, KEY_TAIL: gl.constexpr, SOFTCAP: gl.constexpr,
-                       PINGPONG: gl.constexpr):
+                       num_m_blocks, head_group, qk_scale, softcap_in, window_left, window_right, D: gl.constexpr,
+                       K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
+                       BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
+                       SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
     # Flat grid (num_m_blocks * batch * n_heads,) in hopper_order's order: head-major so a head's
-    # programs share its K/V in L2; causal in groups of heads, their longest Q tiles (the last)
-    # first. q is viewed as 2-D (B * S, H * D), k and v as 3-D (B, S, H * D).
-    # KEY_TAIL: seqlen_k is not a multiple of the key tile (the last tile is partly masked).
+    # programs share its K/V in L2; with a right bound (causal) in groups of heads, their longest
+    # Q tiles (the last) first. q is viewed as 2-D (B * S, H * D), k and v as 3-D (B, S, H * D).
+    # Row i sees keys i + diag - window_left .. i + diag + window_right (bottom-right aligned,
+    # diag = seqlen_k - seqlen_q; BOUND_LEFT / BOUND_RIGHT: the bound is set). KEY_TAIL: seqlen_k
+    # is not a multiple of the key tile. GUARD: some row may see no key (not plain causal).
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     pid_bh, pid_m = head_and_rank(gl.program_id(0), num_m_blocks, gl.num_programs(0) // num_m_blocks, head_group)
-    if CAUSAL:
+    if BOUND_RIGHT:
         pid_m = num_m_blocks - 1 - pid_m
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    q_row0 = b * seqlen_q + pid_m * (2 * HALF_M)
+    first_row = pid_m * (2 * HALF_M)
+    q_row0 = b * seqlen_q + first_row
     q_col0 = h * D
     kv_col0 = (h // group_size) * D
-    lse_row0 = pid_bh.to(gl.int64) * seqlen_q + pid_m * (2 * HALF_M)
-    if CAUSAL:  # bottom-right aligned: row i sees keys <= i + seqlen_k - seqlen_q (never past the last key)
-        last_key0 = pid_m * (2 * HALF_M) + seqlen_k - seqlen_q
-        n_tiles = (last_key0 + 2 * HALF_M + BLOCK_N - 1) // BLOCK_N
-        n_full = (last_key0 + 1) // BLOCK_N  # tiles every row sees whole
-    else:
-        last_key0 = seqlen_k - 1
-        n_tiles = (seqlen_k + BLOCK_N - 1) // BLOCK_N
-        n_full = seqlen_k // BLOCK_N
+    lse_row0 = pid_bh.to(gl.int64) * seqlen_q + first_row
+    lo_off = seqlen_k - seqlen_q - window_left
+    hi_off = seqlen_k - seqlen_q + window_right
+    first_tile, full_start, full_end, end_tile = _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT,
+                                                            BOUND_RIGHT, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    # The ring holds 2-D tiles (what the MMAs read); the producer views each slot as its 3-D box.
+    # The rings hold 2-D tiles (what the MMAs read); the producer views each slot as its 3-D box.
     kv_tile: gl.constexpr = [BLOCK_N, D]
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(kv_tile, k_desc.dtype)
     k_ring = gl.allocate_shared_memory(k_desc.dtype, [K_SLOTS] + kv_tile, kv_layout)
@@ -247,12 +338,15 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
     row_stride = n_heads * D
     gl.warp_specialize([
         (_consume, (0, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr, q_row0,
-                    q_col0, row_stride, lse_row0, last_key0, n_tiles, n_full, qk_scale, softcap_in, D, CAUSAL, KEY_TAIL, SOFTCAP,
+                    q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile, full_start,
+                    full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
                     PINGPONG)),
         (_consume, (1, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr, q_row0,
-                    q_col0, row_stride, lse_row0, last_key0, n_tiles, n_full, qk_scale, softcap_in, D, CAUSAL, KEY_TAIL, SOFTCAP,
+                    q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile, full_start,
+                    full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
                     PINGPONG)),
-        (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, kv_col0, n_tiles)),
+        (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, kv_col0, first_tile,
+                       end_tile - first_tile)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -263,11 +357,28 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     """Whether a forward takes this kernel: see the module docstring. Pure host checks."""
     from flashtile import configs
 
-    if not (configs.GLUON_FWD and gluon_applies(q, k, features, varlen, q, k, v)):
+    if not (configs.GLUON_FWD and gluon_applies(q, k, features, varlen, q, k, v, any_window=True)):
         return False
     seqlen_q, head_dim, seqlen_k = q.shape[1], q.shape[3], k.shape[1]
     tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
-    return tile is not None and seqlen_q % _ROWS == 0 and seqlen_k >= tile.min_seqlen_k
+    if tile is None or seqlen_q % _ROWS or seqlen_k < tile.min_seqlen_k:
+        return False
+    if _plain_or_causal(features, seqlen_q, seqlen_k):
+        return True
+    min_keys = configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim)
+    return min_keys is not None and _window_keys(features, seqlen_k) >= min_keys
+
+
+def _plain_or_causal(features, seqlen_q, seqlen_k) -> bool:
+    """No mask, or causal with every row seeing key 0 (Sk >= Sq)."""
+    left, right = features.window_left, features.window_right
+    return not features.masked or (left < 0 and right == 0 and seqlen_k >= seqlen_q)
+
+
+def _window_keys(features, seqlen_k) -> int:
+    """Keys a row sees under a sliding window, at most (each unbounded side counts seqlen_k)."""
+    left, right = features.window_left, features.window_right
+    return min((left if left >= 0 else seqlen_k) + (right if right >= 0 else seqlen_k) + 1, seqlen_k)
 
 
 def hopper_fwd(q, k, v, features):
@@ -276,8 +387,8 @@ def hopper_fwd(q, k, v, features):
 
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
-    causal = features.masked  # eligibility leaves causal as the only mask
-    tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
+    left, right = features.window_left, features.window_right
+    tile = configs.SM90_GLUON_FWD[(head_dim, features.masked)]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -289,9 +400,13 @@ def hopper_fwd(q, k, v, features):
     v_desc = TensorDescriptor.from_tensor(v.view(batch, seqlen_k, n_kv_heads * head_dim), kv_box, kv_layout)
     num_m_blocks = seqlen_q // _ROWS
     group_size = n_heads // n_kv_heads
-    order_group = head_group(causal, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
+    bound_left, bound_right = left >= 0, right >= 0
+    # Rows may see no key (or none in their first tile): any left bound, or a right bound that
+    # hides every key from the first rows.
+    guard = bound_left or (bound_right and seqlen_k - seqlen_q + right < 0)
+    order_group = head_group(bound_right, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
     _hopper_fwd_kernel[(num_m_blocks * batch * n_heads,)](
         q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, order_group,
-        *softcap_scales(features), head_dim, tile.k_slots, tile.v_slots, causal, seqlen_k % tile.block_n != 0, features.softcap > 0,
-        tile.pingpong, num_warps=4)
+        *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left, bound_right,
+        seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, num_warps=4)
     return out, lse
