@@ -8,12 +8,13 @@ schedule one technique at a time, non-causal, head dim 128, bf16, against the tl
   asynchronously, the softmax of S_j while the second still runs);
 * ``pingpong``: the library kernel -- two consumer warpgroups taking turns to issue.
 
-``--tiles`` times each head dim's table tile against other ring depths and without ping-pong
-(``TILE_CANDIDATES``); ``--windows`` times sliding windows against the tl kernel. ``--coverage`` instead times the library kernel against the tl kernel and SDPA on every head dim
+``--coverage`` instead times the library kernel against the tl kernel and SDPA on every head dim
 of ``configs.SM90_GLUON_FWD``, causal and not, seqlen 512..16384 (batch x seqlen = 16384, heads
 x head dim = 2048): what decides the head dims and the minimum key length it is dispatched for.
+``--tiles`` times each head dim's table tile against other ring depths and without ping-pong
+(``TILE_CANDIDATES``); ``--windows`` times sliding windows against the tl kernel.
 
-    PYTHONPATH=src python3 bench/gluon_fwd_probe.py [--coverage] [--out results.json]
+    PYTHONPATH=src python3 bench/gluon_fwd_probe.py [--coverage | --tiles | --windows] [--out results.json]
 """
 
 import argparse
@@ -141,14 +142,14 @@ def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
     n_tiles = seqlen // BLOCK_N
     if OVERLAP:
         acc, l_i = gl.warp_specialize([
-            (_attend_overlapped, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D,
-                                  SLOTS, NUM_WARPS)),
+            (_attend_overlapped, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale,
+                                  BLOCK_M, BLOCK_N, D, SLOTS, NUM_WARPS)),
             (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles)),
         ], [1], [24])
     else:
         acc, l_i = gl.warp_specialize([
-            (_attend, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N, D, SLOTS,
-                       NUM_WARPS)),
+            (_attend, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N,
+                       D, SLOTS, NUM_WARPS)),
             (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles)),
         ], [1], [24])
 
@@ -282,7 +283,8 @@ def tiles(out_path, seqlens=(1024, 4096, 16384)):
                                      ms=times[-1], tflops=flops / times[-1] / 1e9, cudnn_ms=cudnn_ms,
                                      max_err_vs_tl=err))
                 configs.SM90_GLUON_FWD[(head_dim, causal)] = table_tile
-                print(f"d{head_dim} {'causal' if causal else 'full  '} S{seqlen:<5} cuDNN {flops / cudnn_ms / 1e9:.0f} | "
+                mask = "causal" if causal else "full  "
+                print(f"d{head_dim} {mask} S{seqlen:<5} cuDNN {flops / cudnn_ms / 1e9:.0f} | "
                       + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'} "
                                    f"{flops / ms / 1e9:.0f} ({times[0] / ms:.3f})" for t, ms in zip(variants, times)),
                       flush=True)
