@@ -8,7 +8,8 @@
 #   bash bench/gpu_session.sh gputests   # only the GPU tests
 #   bash bench/gpu_session.sh probe      # the probes behind non-tuned tile choices (bench/probe.py)
 #   bash bench/gpu_session.sh gluon      # the Gluon kernels against the tl kernels and SDPA: the ratios
-#                                        # behind configs.SM90_GLUON_FWD / SM90_GLUON_BWD
+#                                        # behind configs.SM90_GLUON_FWD / SM90_GLUON_BWD and the
+#                                        # forward's window threshold
 #   bash bench/gpu_session.sh decode     # KV-cache tests, decode benchmark (PROBE=1: tile/split probe
 #                                        # first) and the example generation loop
 set -uo pipefail
@@ -51,6 +52,7 @@ case "${1:-check}" in
     ;;
   gluon)
     python3 bench/gluon_fwd_probe.py --coverage --out "$OUT/gluon_fwd.json" 2>&1 | tee "$OUT/gluon_fwd.log"
+    python3 bench/gluon_fwd_probe.py --windows --out "$OUT/gluon_fwd_windows.json" 2>&1 | tee "$OUT/gluon_fwd_windows.log"
     python3 bench/gluon_bwd_probe.py --seqlens 512,1024,2048,4096,8192,16384 --out "$OUT/gluon_bwd.json" 2>&1 \
       | tee "$OUT/gluon_bwd.log"
     ;;
