@@ -120,6 +120,21 @@ def _scores(t, total, q_ring, k_w, ready, layout: gl.constexpr):
 
 
 @gluon.jit
+def _mask_diagonal(p, m0, key_pos0):
+    """``p`` (rows from ``m0``, keys from ``key_pos0``) with the keys past each row's diagonal set
+    to 0: key j is seen by row i iff ``key_pos0 + j <= m0 + i``. Only a tile the diagonal cuts
+    pays for the mask: the test is per tile, uniform across the warpgroup (every row sees every
+    key when ``key_pos0 + N - 1 <= m0``)."""
+    M: gl.constexpr = p.shape[0]
+    N: gl.constexpr = p.shape[1]
+    if key_pos0 + N - 1 > m0:
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, p.type.layout))[None, :]
+        rows = gl.arange(0, M, layout=gl.SliceLayout(1, p.type.layout))[:, None]
+        p = gl.where(cols + (key_pos0 - m0) <= rows, p, 0.0)
+    return p
+
+
+@gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
                  dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
                  seqlen_q, m_begin, n_m, key_pos0, qk_scale, softcap_in, softmax_scale, MASKED: gl.constexpr,
@@ -141,14 +156,12 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     q_s = q_ring.index(slot)
     do_s = do_ring.index(slot)
     m0 = m_begin + (t % n_m) * BLOCK_M
-    rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
     dp_tok = warpgroup_mma(do_s, v_w.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
     if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
         s = tanh_approx(s * softcap_in)
     p = gl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
-        keys = key_pos0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(0, mn_layout))
-        p = gl.where(keys[None, :] <= rows[:, None], p, 0.0)
+        p = _mask_diagonal(p, m0, key_pos0)
     p_half = p_s.slice(C * HALF_N, HALF_N, dim=1)
     p_half.store(p.to(q_s.dtype))
     fence_async_shared()

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.bwd_hopper import (
-    CONSUMER_REGS, SLOTS, _key_tile, _produce_q_do, _reduce_dq, _row_stats, _scores, _start,
+    CONSUMER_REGS, SLOTS, _key_tile, _mask_diagonal, _produce_q_do, _reduce_dq, _row_stats, _scores, _start,
 )
 
 BLOCK_N = 64  # keys per program
@@ -65,9 +65,7 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, read
         s = tanh_approx(s * softcap_in)
     p = gl.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
-        rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
-        keys = key_pos0 + gl.arange(0, N, layout=gl.SliceLayout(0, mn_layout))
-        p = gl.where(keys[None, :] <= rows[:, None], p, 0.0)
+        p = _mask_diagonal(p, m0, key_pos0)
     p_s = pds.index(0)
     ds_s = pds.index(1)
     tma.store_wait(0)  # the last tile's dQ reductions have read this memory (it held their columns)
