@@ -9,7 +9,7 @@
 #   bash bench/gpu_session.sh probe      # the probes behind non-tuned tile choices (bench/probe.py)
 #   bash bench/gpu_session.sh gluon      # the Gluon kernels against the tl kernels and SDPA: the ratios
 #                                        # behind configs.SM90_GLUON_FWD / SM90_GLUON_BWD and the
-#                                        # forward's window threshold
+#                                        # window thresholds
 #   bash bench/gpu_session.sh decode     # KV-cache tests, decode benchmark (PROBE=1: tile/split probe
 #                                        # first) and the example generation loop
 set -uo pipefail
@@ -55,6 +55,7 @@ case "${1:-check}" in
     python3 bench/gluon_fwd_probe.py --windows --out "$OUT/gluon_fwd_windows.json" 2>&1 | tee "$OUT/gluon_fwd_windows.log"
     python3 bench/gluon_bwd_probe.py --seqlens 512,1024,2048,4096,8192,16384 --out "$OUT/gluon_bwd.json" 2>&1 \
       | tee "$OUT/gluon_bwd.log"
+    python3 bench/gluon_bwd_probe.py --windows --out "$OUT/gluon_bwd_windows.json" 2>&1 | tee "$OUT/gluon_bwd_windows.log"
     ;;
   decode)
     timeout 300 python3 -m pytest -n 8 -q -m gpu -p no:cacheprovider tests/test_kvcache.py 2>&1 \

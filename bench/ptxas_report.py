@@ -79,7 +79,7 @@ def gluon_report(spec: str) -> str:
 
     kind, mask, head_dim, *extra = spec.split(",")
     head_dim, causal, softcap = int(head_dim), mask in ("causal", "window"), "softcap" in extra
-    window = mask == "window"  # a sliding window (left and right bounds): the forward only
+    window = mask == "window"  # a sliding window (left and right bounds)
     rows = torch.empty(4096, 2 * head_dim, dtype=torch.bfloat16)  # a host tensor: only its type matters
 
     def desc_type(block_rows, boxes=False):
@@ -105,7 +105,7 @@ def gluon_report(spec: str) -> str:
             torch.empty(4096, 2 * head_dim), dq_block, gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)))
         types = {"q_desc": q_type, "do_desc": q_type, "k_desc": kv_type, "v_desc": kv_type, "delta_ptr": "*fp32",
                  "dq_desc": dq_type, "dk_ptr": "*bf16", "dv_ptr": "*bf16", "softmax_scale": "fp32"}
-        constexprs = {"D": head_dim, "CAUSAL": causal, "SOFTCAP": softcap}
+        constexprs = {"D": head_dim, "BOUND_LEFT": window, "BOUND_RIGHT": causal, "SOFTCAP": softcap}
     types |= {"lse_ptr": "*fp32", "qk_scale": "fp32", "softcap_in": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),

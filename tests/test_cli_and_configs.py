@@ -179,7 +179,7 @@ def test_gluon_backward_splits_the_dq_buffer_only_where_the_gpu_stays_full():
 
 
 def test_gluon_tables_are_what_their_probes_measured():
-    """SM90_GLUON_FWD / SM90_GLUON_BWD (and the forward's window threshold) hold the shortest
+    """SM90_GLUON_FWD / SM90_GLUON_BWD (and their window thresholds) hold the shortest
     length from which the committed probe results show the Gluon kernel at least as fast as the
     tl kernel at every longer length (bench/common.py's rule; the probes print these lines): no
     entry without its measurement."""
@@ -203,8 +203,10 @@ def test_gluon_tables_are_what_their_probes_measured():
         measured = {line.split(":")[0]: int(line.split(":")[1].split(",")[0]) for line in lines}
         expected = {str(key): min_of(entry) for key, entry in table.items()}
         assert {key: measured[key] for key in expected} == expected
-    with open(os.path.join(bench, "results", "h100_gluon_fwd_windows.json")) as f:
-        assert window_min_keys(json.load(f)["rows"]) == configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS
+    for name, table in (("fwd", configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS),
+                        ("bwd", configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS)):
+        with open(os.path.join(bench, "results", f"h100_gluon_{name}_windows.json")) as f:
+            assert window_min_keys(json.load(f)["rows"]) == table
 
 
 def test_gluon_applies_rule_by_rule(monkeypatch):

@@ -161,6 +161,32 @@ def test_gluon_forward_windows(shape, window, monkeypatch):
     assert calls, "the Gluon forward did not run"
 
 
+GLUON_BWD_WINDOW_CASES = [
+    # lengths multiples of the backward's tiles: both bounds, one key, right bound only, left bound
+    # only, Sq > Sk (the first rows see no key), GQA, head dims 64 / 128 / 256
+    ((2, 1024, 1024, 4, 2, 128), (256, 64)), ((1, 512, 768, 2, 2, 128), (0, 0)),
+    ((1, 512, 768, 2, 2, 128), (-1, 50)), ((1, 384, 2368, 4, 4, 256), (1000, -1)),
+    ((2, 256, 1024, 2, 1, 64), (3, 3)), ((1, 512, 256, 2, 2, 128), (-1, 0)), ((2, 640, 256, 2, 1, 64), (40, 10)),
+    ((1, 256, 512, 2, 1, 256), (100, 30)),
+]
+
+
+@pytest.mark.parametrize("shape, window", GLUON_BWD_WINDOW_CASES,
+                         ids=[f"{case_id(*shape)}-w{left}_{right}" for shape, (left, right) in GLUON_BWD_WINDOW_CASES])
+def test_gluon_backward_windows(shape, window, monkeypatch):
+    """Sliding windows on the Gluon backward (and forward; every length and window forced onto
+    them), by the tolerance rule on out, lse, dq, dk, dv."""
+    fwd_calls, bwd_calls = _count_gluon_calls(monkeypatch), _count_gluon_bwd_calls(monkeypatch)
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, window_size=window, return_attn_probs=True)
+        return out, lse
+
+    check_against_oracle(attn, q, k, v, window_size=window)
+    assert fwd_calls and bwd_calls, "the Gluon kernels did not run"
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gluon_forward_zero_scale(causal, monkeypatch):
     """softmax_scale = 0: uniform attention over the visible keys; the causal mask is applied after
@@ -187,6 +213,7 @@ GLUON_BWD_SHAPES = [(2, 2048, 2048, 4, 4, 128), (1, 1024, 3072, 4, 2, 128), (2, 
 
 def _count_gluon_bwd_calls(monkeypatch):
     """The Gluon backward's launches, with its thresholds at 0."""
+    monkeypatch.setattr(configs, "SM90_GLUON_BWD_WINDOW_MIN_KEYS", {d: 1 for d in (64, 128, 256)})
     return _count_launches(monkeypatch, "bwd_hopper", "hopper_bwd", "SM90_GLUON_BWD",
                            dict.fromkeys(configs.SM90_GLUON_BWD, 0))
 
@@ -282,8 +309,8 @@ def test_gluon_backward_frees_each_dq_chunk_before_the_next(monkeypatch):
 
 def test_gluon_backward_dispatch_rules(monkeypatch):
     """One check per rule of hopper_bwd_eligible (the forward's, plus Sq % 64, Sk a multiple of
-    the kernel's keys per program, the entry's key length and deterministic=False), and
-    deterministic=True through the API."""
+    the kernel's keys per program, the entry's key length, windows from their number of keys per
+    row, and deterministic=False), and deterministic=True through the API."""
     from flashtile.features import Features
     from flashtile.ops import bwd_hopper
 
@@ -310,12 +337,18 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
                                                                          deterministic=True), None)
     assert not eligible(*tensors(head_dim=96), plain, None)
     assert not eligible(*tensors(dtype=torch.float32), plain, None)
-    assert not eligible(*tensors(seqlen_q=16384 + 64), causal, None)  # Sq > Sk
+    # Sliding windows, and causal with Sq > Sk, from configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS keys per row
+    assert eligible(*tensors(seqlen_q=16384 + 64), causal, None)
+    for head_dim, min_keys in configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS.items():
+        window = tensors(head_dim=head_dim)
+        assert eligible(*window, Features(0.1, window_left=min_keys - 1, window_right=0), None)
+        assert not eligible(*window, Features(0.1, window_left=min_keys - 2, window_right=0), None)
+        assert eligible(*window, Features(0.1, window_left=min_keys // 2, window_right=min_keys - min_keys // 2 - 1),
+                        None)
     q, k, v, dout = tensors()
     assert not eligible(q, k, v, dout.transpose(1, 2).contiguous().transpose(1, 2), plain, None)
     assert not eligible(q, k, v, dout, plain, (None, None, 2048, 16384))  # varlen
-    for features in (Features(0.1, window_left=100), Features(0.1, dropout_p=0.1),
-                     Features(0.1, alibi_slopes=torch.ones(2, device="cuda"))):
+    for features in (Features(0.1, dropout_p=0.1), Features(0.1, alibi_slopes=torch.ones(2, device="cuda"))):
         assert not eligible(q, k, v, dout, features, None)
     assert eligible(q, k, v, dout, Features(0.1, softcap=5.0), None)
     assert not eligible(q, k, v, dout, Features(0.1, window_right=0, softcap=5.0), None)  # SM90_GLUON_BWD_NO_SOFTCAP

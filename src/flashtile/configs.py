@@ -152,7 +152,7 @@ SM90_GLUON_FWD = {
 }
 
 # Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile
-# when a row sees at least this many keys (ops/fwd_hopper._window_keys): the smallest W from
+# when a row sees at least this many keys (ops/common.window_keys): the smallest W from
 # which the Gluon kernel beat the tl kernel at every larger W measured, windows (W - 1, 0) and
 # (W / 2, W / 2 - 1) at 8192 tokens (bench/gluon_fwd_probe.py --windows, H100, 2026-11-24 16:49
 # UTC, bench/results/h100_gluon_fwd_windows.json; the worse of the two windows' Gluon / tl time
@@ -162,6 +162,15 @@ SM90_GLUON_FWD_WINDOW_MIN_KEYS = {
     64: 4096,  # 0.44 0.58 0.67 0.79 0.91 1.07
     128: 512,  # 1.06 0.75 1.12 1.12 1.09 1.10
     256: 512,  # 1.18 0.94 1.28 1.29 1.27 1.25
+}
+
+# The same rule for the Gluon backward's windows (bench/gluon_bwd_probe.py --windows, H100,
+# 2026-11-24 17:31 UTC, bench/results/h100_gluon_bwd_windows.json; Gluon / tl time ratios at
+# W = 128 / 256 / 512 / 1024 / 2048 / 4096, the worse of the two windows).
+SM90_GLUON_BWD_WINDOW_MIN_KEYS = {
+    64: 1024,  # 0.76 0.80 0.91 1.02 1.20 1.24
+    128: 512,  # 0.75 0.96 1.07 1.16 1.23 1.26
+    256: 128,  # 1.03 1.08 1.15 1.21 1.25 1.24
 }
 
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;

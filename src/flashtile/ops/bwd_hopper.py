@@ -13,7 +13,7 @@ partitions:
 
       S = Q K^T, dP = dO V^T             (asynchronous warpgroup MMAs; the next tile's S is
                                           issued before this tile's dQ is added)
-      P = exp2(S * scale2 - LSE2)        (masked on the causal diagonal)
+      P = exp2(S * scale2 - LSE2)        (masked on tiles the causal diagonal / a window edge cuts)
       dV += P^T dO, dK += dS^T Q         (P and dS through shared memory, read transposed)
       dS = P * (dP - delta)
       dQ[:, c D/2:(c+1) D/2] = dS K[:, c D/2:(c+1) D/2]
@@ -31,9 +31,11 @@ dtype, half of the heads at a time where that still fills the GPU (peak memory).
 on their order, so this path is not bitwise reproducible: calls with ``deterministic=True`` take
 the ``tl`` kernels. Covers what ``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim,
 causal) entries of ``configs.SM90_GLUON_BWD`` (head dims 64, 128 and 256, each from the key
-length where it beats the ``tl`` kernels), softcap or not, no window/ALiBi/dropout (causal with
-``Sk >= Sq``), dense contiguous batches with ``Sq % 64 == 0`` and ``Sk`` a multiple of the
-kernel's keys per program (128; 64 at head dim 256).
+length where it beats the ``tl`` kernels), softcap or not, plain, causal or sliding-window
+attention (windows, and causal with ``Sq > Sk``, from ``configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS``
+keys per row; a program runs only the Q tiles that see its keys, and masks only the tiles an
+edge cuts: ``_mask_window``), no ALiBi/dropout, dense contiguous batches with ``Sq % 64 == 0``
+and ``Sk`` a multiple of the kernel's keys per program (128; 64 at head dim 256).
 """
 
 import torch
@@ -46,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, softcap_scales
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, plain_or_causal, softcap_scales, window_keys
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.hopper_order import head_and_rank, head_group
 
@@ -120,30 +122,39 @@ def _scores(t, total, q_ring, k_w, ready, layout: gl.constexpr):
 
 
 @gluon.jit
-def _mask_diagonal(p, m0, key_pos0):
-    """``p`` (rows from ``m0``, keys from ``key_pos0``) with the keys past each row's diagonal set
-    to 0: key j is seen by row i iff ``key_pos0 + j <= m0 + i``. Only a tile the diagonal cuts
-    pays for the mask: the test is per tile, uniform across the warpgroup (every row sees every
-    key when ``key_pos0 + N - 1 <= m0``)."""
+def _mask_window(p, m0, key_pos0, left_pos0, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr):
+    """``p`` (rows from ``m0``) with the keys row i does not see set to 0: key j of the tile is
+    seen iff ``key_pos0 + j <= m0 + i`` (BOUND_RIGHT: causal, a window's right edge) and
+    ``left_pos0 + j >= m0 + i`` (BOUND_LEFT: a window's left edge). Only a tile an edge cuts pays
+    for the mask: the test is per tile, uniform across the warpgroup."""
     M: gl.constexpr = p.shape[0]
     N: gl.constexpr = p.shape[1]
-    if key_pos0 + N - 1 > m0:
+    if BOUND_RIGHT and BOUND_LEFT:
+        cut = (key_pos0 + N - 1 > m0) | (left_pos0 < m0 + M - 1)
+    elif BOUND_RIGHT:
+        cut = key_pos0 + N - 1 > m0
+    else:
+        cut = left_pos0 < m0 + M - 1
+    if cut:
         cols = gl.arange(0, N, layout=gl.SliceLayout(0, p.type.layout))[None, :]
         rows = gl.arange(0, M, layout=gl.SliceLayout(1, p.type.layout))[:, None]
-        p = gl.where(cols + (key_pos0 - m0) <= rows, p, 0.0)
+        if BOUND_RIGHT:
+            p = gl.where(cols + (key_pos0 - m0) <= rows, p, 0.0)
+        if BOUND_LEFT:
+            p = gl.where(cols + (left_pos0 - m0) >= rows, p, 0.0)
     return p
 
 
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
                  dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
-                 seqlen_q, m_begin, n_m, key_pos0, qk_scale, softcap_in, softmax_scale, MASKED: gl.constexpr,
-                 SOFTCAP: gl.constexpr):
+                 seqlen_q, m_begin, n_m, key_pos0, left_pos0, qk_scale, softcap_in, softmax_scale,
+                 BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``C D/2 + [0, D/2)``
     of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
     t + 1, whose S product runs while this tile's dQ is added (dP = dO V^T runs during the
-    exponentials). ``key_pos0``: the diagonal row of the warpgroup's first key (MASKED: key j is
-    seen by row i iff ``key_pos0 + j <= i``).
+    exponentials). ``key_pos0`` / ``left_pos0``: the first / last row that sees the warpgroup's
+    first key under the bounds that are set (``_mask_window``).
 
     Rows sit on the MMA's M side (S = Q K^T, not K Q^T), so each thread holds the LSE and delta
     of two rows, not sixteen; P and dS reach the dV and dK products transposed, through shared
@@ -160,8 +171,8 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
         s = tanh_approx(s * softcap_in)
     p = gl.exp2(s * qk_scale - lse2[:, None])
-    if MASKED:
-        p = _mask_diagonal(p, m0, key_pos0)
+    if BOUND_LEFT or BOUND_RIGHT:
+        p = _mask_window(p, m0, key_pos0, left_pos0, BOUND_LEFT, BOUND_RIGHT)
     p_half = p_s.slice(C * HALF_N, HALF_N, dim=1)
     p_half.store(p.to(q_s.dtype))
     fence_async_shared()
@@ -199,9 +210,9 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-             dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m,
+             dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
              group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr,
-             CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
+             BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
     ``dq_desc``'s columns start at head ``dq_h0`` for this program's group."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
@@ -215,6 +226,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     dk = gl.zeros([HALF_N, D], gl.float32, layout=kd_layout)
     dv = gl.zeros([HALF_N, D], gl.float32, layout=kd_layout)
     my_key_pos0 = key_pos0 + C * HALF_N
+    my_left_pos0 = left_pos0 + C * HALF_N
     h0 = kv_h * group_size
     total = group_size * n_m
     mbarrier.wait(kv_bar, 0)
@@ -229,7 +241,8 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
         dk, dv, s, lse2, delta = _fold_q_tile(
             C, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
             dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
-            seqlen_q, m_begin, n_m, my_key_pos0, qk_scale, softcap_in, softmax_scale, CAUSAL, SOFTCAP)
+            seqlen_q, m_begin, n_m, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
+            BOUND_RIGHT, SOFTCAP)
     tma.store_wait(0)  # the last reduction has read dq_s before the program ends
 
     n_kv_heads = n_heads // group_size
@@ -255,35 +268,42 @@ def _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, row, col):
 
 
 @gluon.jit
-def _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """This program's ``(b, kv_h, n0, key_pos0, m_begin, n_m)``: batch, KV head, first key, the row
-    on that key's diagonal, and the Q tiles ``m_begin + [0, n_m) * BLOCK_M`` that see its keys
-    (under causal, rows before ``key_pos0`` see none of them). Programs in hopper_order's order."""
+def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr):
+    """This program's ``(b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m)``: batch, KV head, first
+    key, the first row that sees that key under the right bound (causal: its diagonal row) and
+    the last under the left bound, and the Q tiles ``m_begin + [0, n_m) * BLOCK_M`` that see any
+    of the program's keys (row i sees key k iff ``i + diag - window_left <= k <= i + diag +
+    window_right``, each bound only where set; diag = seqlen_k - seqlen_q). Programs in
+    hopper_order's order."""
     pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group)
     n0 = n_rank * BLOCK_N
     b = pid_bkv // chunk_kv_heads
     kv_h = kv_head0 + pid_bkv % chunk_kv_heads
-    key_pos0 = n0 - (seqlen_k - seqlen_q)
-    if CAUSAL:
-        m_begin = gl.maximum(key_pos0, 0) // BLOCK_M * BLOCK_M
-    else:
-        m_begin = 0
-    return b, kv_h, n0, key_pos0, m_begin, (seqlen_q - m_begin) // BLOCK_M
+    key_pos0 = n0 - (seqlen_k - seqlen_q) - window_right
+    left_pos0 = n0 - (seqlen_k - seqlen_q) + window_left
+    m_begin = 0
+    m_end = seqlen_q
+    if BOUND_RIGHT:
+        m_begin = gl.minimum(gl.maximum(key_pos0, 0), seqlen_q) // BLOCK_M * BLOCK_M
+    if BOUND_LEFT:
+        m_end = gl.maximum(gl.minimum(left_pos0 + BLOCK_N, seqlen_q), m_begin)
+    return b, kv_h, n0, key_pos0, left_pos0, m_begin, (m_end - m_begin + BLOCK_M - 1) // BLOCK_M
 
 
 @gluon.jit
 def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
                        seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
-                       head_group, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr,
-                       SOFTCAP: gl.constexpr):
+                       head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
+                       BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads)
     # in hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most
     # rows see) first. q/dO are viewed as 2-D (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_desc is
     # float32 (B * Sq, chunk_kv_heads * group_size * D).
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    b, kv_h, n0, key_pos0, m_begin, n_m = _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks,
-                                                    head_group, BLOCK_M, 2 * HALF_N, CAUSAL)
+    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m = _key_tile(
+        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M,
+        2 * HALF_N, BOUND_LEFT, BOUND_RIGHT)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -308,11 +328,13 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size,
-                    n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
+                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                    group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
+                    BOUND_RIGHT, SOFTCAP)),
         (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size,
-                    n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
+                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                    group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
+                    BOUND_RIGHT, SOFTCAP)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
@@ -322,7 +344,8 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     """Whether a backward takes this kernel: see the module docstring. Pure host checks."""
     from flashtile import configs
 
-    if not (configs.GLUON_BWD and not features.deterministic and gluon_applies(q, k, features, varlen, q, k, v, dout)):
+    if not (configs.GLUON_BWD and not features.deterministic
+            and gluon_applies(q, k, features, varlen, q, k, v, dout, any_window=True)):
         return False
     _, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
@@ -330,8 +353,13 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     if features.softcap > 0 and (head_dim, features.masked) in configs.SM90_GLUON_BWD_NO_SOFTCAP:
         return False
     block_n = _kernel_for(head_dim)[1]
-    return (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0
-            and seqlen_k >= max(min_seqlen_k, block_n) and seqlen_q * n_heads * head_dim < 2**31)
+    if not (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0
+            and seqlen_k >= max(min_seqlen_k, block_n) and seqlen_q * n_heads * head_dim < 2**31):
+        return False
+    if plain_or_causal(features, seqlen_q, seqlen_k):
+        return True
+    min_keys = configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS.get(head_dim)
+    return min_keys is not None and window_keys(features, seqlen_k) >= min_keys
 
 
 def _kernel_for(head_dim: int):
@@ -387,7 +415,8 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
         kernel[(num_n_blocks * batch * chunk,)](
             q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk, dv, seqlen_q, seqlen_k, n_heads,
             group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features), features.softmax_scale,
-            head_dim, features.masked, features.softcap > 0, num_warps=NUM_WARPS)
+            features.window_left, features.window_right, head_dim, features.window_left >= 0,
+            features.window_right >= 0, features.softcap > 0, num_warps=NUM_WARPS)
         dq[:, :, heads] = dq_acc
         # Before the next chunk's buffer is allocated, or both would be alive at once (the
         # descriptor holds a reference to its tensor).

@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.bwd_hopper import (
-    CONSUMER_REGS, SLOTS, _key_tile, _mask_diagonal, _produce_q_do, _reduce_dq, _row_stats, _scores, _start,
+    CONSUMER_REGS, SLOTS, _key_tile, _mask_window, _produce_q_do, _reduce_dq, _row_stats, _scores, _start,
 )
 
 BLOCK_N = 64  # keys per program
@@ -39,10 +39,11 @@ BLOCK_N = 64  # keys per program
 
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, ready, empty, dk, dv,
-                 lse_ptr, delta_ptr, dq_desc, dq_h0, b, h0, n_heads, seqlen_q, m_begin, n_m, key_pos0,
-                 qk_scale, softcap_in, softmax_scale, MASKED: gl.constexpr, SOFTCAP: gl.constexpr):
+                 lse_ptr, delta_ptr, dq_desc, dq_h0, b, h0, n_heads, seqlen_q, m_begin, n_m, key_pos0, left_pos0,
+                 qk_scale, softcap_in, softmax_scale, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
+                 SOFTCAP: gl.constexpr):
     """Consumer C's share of Q/dO tile t: columns ``C D/2 + [0, D/2)`` of the keys' ``(dk, dv)``
-    and of the tile's dQ. MASKED: key j is seen by row i iff ``key_pos0 + j <= i``."""
+    and of the tile's dQ. The bounds as in ``bwd_hopper._mask_window``."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
     HALF_D: gl.constexpr = D // 2
@@ -64,8 +65,8 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, read
     if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
         s = tanh_approx(s * softcap_in)
     p = gl.exp2(s * qk_scale - lse2[:, None])
-    if MASKED:
-        p = _mask_diagonal(p, m0, key_pos0)
+    if BOUND_LEFT or BOUND_RIGHT:
+        p = _mask_window(p, m0, key_pos0, left_pos0, BOUND_LEFT, BOUND_RIGHT)
     p_s = pds.index(0)
     ds_s = pds.index(1)
     tma.store_wait(0)  # the last tile's dQ reductions have read this memory (it held their columns)
@@ -100,8 +101,9 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, read
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc,
-             dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
-             qk_scale, softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr):
+             dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads, seqlen_q,
+             seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
+             BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: columns ``C D/2 + [0, D/2)`` of dK and dV for keys ``n0 + [0, 64)``;
     ``pds``: its own P, dS and dQ staging memory."""
     HALF_D: gl.constexpr = D // 2
@@ -116,7 +118,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_b
     for t in range(total):
         dk, dv = _fold_q_tile(C, t, total, q_ring, do_ring, k_s, v_s, pds, ready, empty, dk, dv,
                               lse_ptr, delta_ptr, dq_desc, dq_h0, b, h0, n_heads, seqlen_q, m_begin, n_m, key_pos0,
-                              qk_scale, softcap_in, softmax_scale, CAUSAL, SOFTCAP)
+                              left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT, BOUND_RIGHT, SOFTCAP)
     tma.store_wait(0)  # the last reductions have read shared memory before the program ends
 
     n_kv_heads = n_heads // group_size
@@ -130,13 +132,14 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_b
 @gluon.jit
 def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
                      seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
-                     head_group, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, CAUSAL: gl.constexpr,
-                     SOFTCAP: gl.constexpr):
+                     head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
+                     BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     # Grid and views as bwd_hopper._hopper_bwd_kernel's, with 64-key programs.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     N: gl.constexpr = k_desc.block_type.shape[0]
-    b, kv_h, n0, key_pos0, m_begin, n_m = _key_tile(seqlen_q, seqlen_k, kv_head0, chunk_kv_heads, num_n_blocks,
-                                                    head_group, BLOCK_M, N, CAUSAL)
+    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m = _key_tile(
+        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M, N,
+        BOUND_LEFT, BOUND_RIGHT)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -155,11 +158,11 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_consume, (0, q_ring, do_ring, k_s, v_s, pds0, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc, dk_ptr,
-                    dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
-                    qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
+                    dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads, seqlen_q,
+                    seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT, BOUND_RIGHT, SOFTCAP)),
         (_consume, (1, q_ring, do_ring, k_s, v_s, pds1, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc, dk_ptr,
-                    dv_ptr, b, kv_h, dq_h0, n0, key_pos0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
-                    qk_scale, softcap_in, softmax_scale, D, CAUSAL, SOFTCAP)),
+                    dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads, seqlen_q,
+                    seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT, BOUND_RIGHT, SOFTCAP)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])

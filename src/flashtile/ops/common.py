@@ -49,6 +49,18 @@ def gluon_applies(q, k, features, varlen, *tensors, any_window=False) -> bool:
             and configs.arch(q.device) == (9, 0))
 
 
+def plain_or_causal(features, seqlen_q, seqlen_k) -> bool:
+    """No mask, or causal with every row seeing key 0 (Sk >= Sq)."""
+    left, right = features.window_left, features.window_right
+    return not features.masked or (left < 0 and right == 0 and seqlen_k >= seqlen_q)
+
+
+def window_keys(features, seqlen_k) -> int:
+    """Keys a row sees under a sliding window, at most (each unbounded side counts seqlen_k)."""
+    left, right = features.window_left, features.window_right
+    return min((left if left >= 0 else seqlen_k) + (right if right >= 0 else seqlen_k) + 1, seqlen_k)
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Tile width for a head dim: the next power of two, at least 16 (the MMA minimum).
 

@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, softcap_scales
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, plain_or_causal, softcap_scales, window_keys
 from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
@@ -363,22 +363,10 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
     if tile is None or seqlen_q % _ROWS or seqlen_k < tile.min_seqlen_k:
         return False
-    if _plain_or_causal(features, seqlen_q, seqlen_k):
+    if plain_or_causal(features, seqlen_q, seqlen_k):
         return True
     min_keys = configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim)
-    return min_keys is not None and _window_keys(features, seqlen_k) >= min_keys
-
-
-def _plain_or_causal(features, seqlen_q, seqlen_k) -> bool:
-    """No mask, or causal with every row seeing key 0 (Sk >= Sq)."""
-    left, right = features.window_left, features.window_right
-    return not features.masked or (left < 0 and right == 0 and seqlen_k >= seqlen_q)
-
-
-def _window_keys(features, seqlen_k) -> int:
-    """Keys a row sees under a sliding window, at most (each unbounded side counts seqlen_k)."""
-    left, right = features.window_left, features.window_right
-    return min((left if left >= 0 else seqlen_k) + (right if right >= 0 else seqlen_k) + 1, seqlen_k)
+    return min_keys is not None and window_keys(features, seqlen_k) >= min_keys
 
 
 def hopper_fwd(q, k, v, features):
