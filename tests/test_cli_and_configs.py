@@ -252,6 +252,24 @@ def test_gluon_applies_rule_by_rule(monkeypatch):
     assert not gluon_applies(q, k, plain, None, q, k)
 
 
+def test_gluon_mask_rule():
+    """ops/common.mask_admitted, the mask rule both Gluon launchers apply after gluon_applies:
+    plain and causal (Sk >= Sq) always; other windows, and causal with Sk < Sq, from a number of
+    keys per row (an unbounded side counts seqlen_k); a head dim without a window entry never."""
+    from flashtile.features import Features
+    from flashtile.ops.common import mask_admitted
+
+    causal = Features(0.1, window_right=0)
+    assert mask_admitted(Features(0.1), 4096, 4096, None) and mask_admitted(causal, 4096, 4096, None)
+    assert not mask_admitted(causal, 4096, 2048, None)  # Sq > Sk: a window rule
+    assert mask_admitted(causal, 4096, 2048, 2048) and not mask_admitted(causal, 4096, 2048, 2049)
+    assert mask_admitted(Features(0.1, window_left=511, window_right=0), 4096, 4096, 512)
+    assert not mask_admitted(Features(0.1, window_left=510, window_right=0), 4096, 4096, 512)
+    assert mask_admitted(Features(0.1, window_left=256, window_right=255), 4096, 4096, 512)
+    assert mask_admitted(Features(0.1, window_left=0), 4096, 4096, 4096)  # right side unbounded: Sk keys
+    assert not mask_admitted(Features(0.1, window_left=0, window_right=0), 4096, 4096, None)
+
+
 def test_other_gpus_fall_back_to_the_generic_table(monkeypatch):
     monkeypatch.setattr(configs, "_arch", lambda index: (8, 0))
     assert tile_config(torch.device("cuda", 0), torch.float16, 128, "fwd", True) == configs.GENERIC["fwd"][128]

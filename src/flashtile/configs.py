@@ -152,7 +152,7 @@ SM90_GLUON_FWD = {
 }
 
 # Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile
-# when a row sees at least this many keys (ops/common.window_keys): the smallest W from
+# when a row sees at least this many keys (ops/common.mask_admitted): the smallest W from
 # which the Gluon kernel beat the tl kernel at every larger W measured, windows (W - 1, 0) and
 # (W / 2, W / 2 - 1) at 8192 tokens (bench/gluon_fwd_probe.py --windows, H100, 2026-11-24 16:49
 # UTC, bench/results/h100_gluon_fwd_windows.json; the worse of the two windows' Gluon / tl time

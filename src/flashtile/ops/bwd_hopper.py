@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, plain_or_causal, softcap_scales, window_keys
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.hopper_order import head_and_rank, head_group
 
@@ -356,10 +356,7 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     if not (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0
             and seqlen_k >= max(min_seqlen_k, block_n) and seqlen_q * n_heads * head_dim < 2**31):
         return False
-    if plain_or_causal(features, seqlen_q, seqlen_k):
-        return True
-    min_keys = configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS.get(head_dim)
-    return min_keys is not None and window_keys(features, seqlen_k) >= min_keys
+    return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS.get(head_dim))
 
 
 def _kernel_for(head_dim: int):

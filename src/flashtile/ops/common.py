@@ -49,16 +49,15 @@ def gluon_applies(q, k, features, varlen, *tensors, any_window=False) -> bool:
             and configs.arch(q.device) == (9, 0))
 
 
-def plain_or_causal(features, seqlen_q, seqlen_k) -> bool:
-    """No mask, or causal with every row seeing key 0 (Sk >= Sq)."""
+def mask_admitted(features, seqlen_q, seqlen_k, window_min_keys) -> bool:
+    """A Gluon kernel's mask rule: no mask, or causal with every row seeing key 0 (Sk >= Sq),
+    always; any other window (causal with Sk < Sq included) when a row sees at least
+    ``window_min_keys`` keys (each unbounded side counting seqlen_k; None: never)."""
     left, right = features.window_left, features.window_right
-    return not features.masked or (left < 0 and right == 0 and seqlen_k >= seqlen_q)
-
-
-def window_keys(features, seqlen_k) -> int:
-    """Keys a row sees under a sliding window, at most (each unbounded side counts seqlen_k)."""
-    left, right = features.window_left, features.window_right
-    return min((left if left >= 0 else seqlen_k) + (right if right >= 0 else seqlen_k) + 1, seqlen_k)
+    if not features.masked or (left < 0 and right == 0 and seqlen_k >= seqlen_q):
+        return True
+    keys = min((left if left >= 0 else seqlen_k) + (right if right >= 0 else seqlen_k) + 1, seqlen_k)
+    return window_min_keys is not None and keys >= window_min_keys
 
 
 def padded_head_dim(head_dim: int) -> int:

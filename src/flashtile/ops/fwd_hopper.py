@@ -17,12 +17,14 @@ One program computes 128 query rows of one head. Three partitions (warp speciali
 K/V tiles are 3-D TMA boxes (batch entry, key, column): a last tile that runs past the entry's
 keys reads zeros there, never the next entry's keys, and its keys past the end are masked, so
 every key length runs. Causal: the tiles the diagonal cuts (the last one or two of each program)
-apply the mask; the grid is flat and head-major with each head's longest Q tiles first. Covers
-what the schedule was measured on (docs/performance.md, issue 4 steps 5, 6 and 12): 16-bit
-inputs, the (head dim, causal) entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256;
-each with its tile and the key length from which it beats the ``tl`` kernel), softcap or not, no
-window, ALiBi or dropout, causal only with ``seqlen_k >= seqlen_q``, dense batches with query
-lengths a multiple of 128, q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl``
+apply the mask; the grid is flat and head-major with each head's longest Q tiles first. Sliding
+windows (and causal with ``seqlen_k < seqlen_q``) run one loop that masks the tiles an edge cuts,
+and rows that see no key give out 0 and LSE +inf. Covers what the schedule was measured on
+(docs/performance.md, issue 4 steps 5, 6, 12 and 13): 16-bit inputs, the (head dim, causal)
+entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256; each with its tile and the key
+length from which it beats the ``tl`` kernel), softcap or not, windows from
+``configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS`` keys per row, no ALiBi or dropout, dense batches with
+query lengths a multiple of 128, q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl``
 kernel of ``fwd.py``; ``hopper_fwd_eligible`` is that decision. Gluon has no interpreter, so this
 module is only imported for CUDA tensors.
 """
@@ -35,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, plain_or_causal, softcap_scales, window_keys
+from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
@@ -240,8 +242,9 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready,
 
     if GUARD:  # rows that saw no key: out 0, LSE +inf (FlashAttention-2's convention)
         has_keys = l_i > 0.0
-        inv_l = gl.where(has_keys, 1.0 / gl.where(has_keys, l_i, 1.0), 0.0)
-        lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_i, 1.0))) / LOG2E, float("inf"))
+        safe_l = gl.where(has_keys, l_i, 1.0)
+        inv_l = gl.where(has_keys, 1.0 / safe_l, 0.0)
+        lse = gl.where(has_keys, (m_i + gl.log2(safe_l)) / LOG2E, float("inf"))
     else:
         inv_l = 1.0 / l_i
         lse = (m_i + gl.log2(l_i)) / LOG2E
@@ -363,10 +366,7 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
     if tile is None or seqlen_q % _ROWS or seqlen_k < tile.min_seqlen_k:
         return False
-    if plain_or_causal(features, seqlen_q, seqlen_k):
-        return True
-    min_keys = configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim)
-    return min_keys is not None and window_keys(features, seqlen_k) >= min_keys
+    return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim))
 
 
 def hopper_fwd(q, k, v, features):
