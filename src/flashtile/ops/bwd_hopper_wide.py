@@ -1,27 +1,37 @@
-"""Hopper backward in Gluon for head dim 256: dK, dV and dQ in one pass, the head dim split
-between the two consumer warpgroups.
+"""Hopper backward in Gluon for head dim 256: dK, dV and dQ in one pass, the two consumer
+warpgroups split by role.
 
 ``bwd_hopper``'s kernel gives each consumer warpgroup 64 keys and their whole dK and dV rows: at
 head dim 256 that is 2 x 128 float32 accumulator registers per thread, more than a thread has.
-Here one program owns 64 keys and consumer warpgroup c owns columns ``c D/2 + [0, D/2)`` of
-their dK and dV (64 + 64 registers). Both warpgroups compute the tile's whole ``S = Q K^T`` and
-``dP = dO V^T`` (64 rows x 64 keys, the sums over all of D), so each tile costs 7 matrix
-products' worth of work instead of 5, like the ``tl`` backward, but nothing crosses between the
-warpgroups but the Q/dO ring::
+Here one program owns 64 keys; one warpgroup holds their dV (128 registers), the other their dK,
+and each Q/dO tile's five products are split between them with P and dS exchanged through
+shared memory::
 
-    S = Q K^T, dP = dO V^T                          (both warpgroups, asynchronous)
-    P = exp2(S * scale2 - LSE2), dS = P * (dP - delta)
-    dV[:, half] += P^T dO[:, half], dK[:, half] += dS^T Q[:, half]
-    dQ[:, half] = dS K[:, half]                     (two 64-column products, each summed into
-                                                    dQ_acc by TMA reductions)
+    S side (warpgroup 0)                        dP side (warpgroup 1)
+    S = Q K^T                                   dP = dO V^T
+    P = exp2(S * scale2 - LSE2)  --- P --->     dS = P * (dP - delta)
+    dV += P^T dO                 <--- dS ---    dK += dS^T Q
+    dQ[:, :D/2] = dS K[:, :D/2]                 dQ[:, D/2:] = dS K[:, D/2:]
 
-(with softcap, S is ``tanh(S * scale / cap)`` before the exponential and dS carries the factor
-``1 - tanh^2``, as in ``bwd_hopper``).
+Each warpgroup issues two and a half products per tile (the whole program five, the backward's
+minimum); the kernel this replaced had both warpgroups compute the whole S and dP (seven). The
+dQ halves go to the float32 ``dQ_acc`` by TMA reductions, 32 columns at a time, from an 8 KB
+staging tile per warpgroup. With softcap the S side also sends ``F = P (1 - tanh^2)`` (in the dS
+buffer, which the dP side then overwrites with dS), so the dP side computes ``dS = F (dP -
+delta)``; without softcap it reads P. Either way dS is computed from P rounded to the input dtype
+(the exchange), where a one-warpgroup kernel would use the float32 P: the gradients stay within
+the tolerance rule (GPU tests), 2-4 half-ulps of their largest entry against the ``tl`` kernels.
+
+Unlike ``bwd_hopper``, neither side issues its next tile's product before the dQ reductions:
+that measured 3-12% slower here (docs/performance.md, step 16).
+
+Four mbarriers order the exchange, one completion per tile each (phase = tile parity):
+``p_full`` (P and F stored), ``ds_full`` (dS stored), ``p_free`` (the dP side has read P, and
+with softcap its dK product has read the dS buffer), ``ds_done`` (the S side has read dS).
 
 Shared memory (224 KB of the 227 available): K and V (32 KB each), two Q/dO ring slots (64 KB
-each), and per warpgroup 16 KB that holds P and dS and then, once the tile's products have read
-them, the float32 dQ columns on their way to the TMA reduction. Launched by
-``bwd_hopper.hopper_bwd`` (same arguments, same dQ buffer and head chunks)."""
+each), P and dS (8 KB each), the two staging tiles. Launched by ``bwd_hopper.hopper_bwd`` (same
+arguments, same dQ buffer and head chunks)."""
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -31,102 +41,161 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.bwd_hopper import (
-    CONSUMER_REGS, SLOTS, _key_tile, _mask_window, _produce_q_do, _reduce_dq, _row_stats, _scores, _start,
+    CONSUMER_REGS, LOG2E, SLOTS, _key_tile, _mask_window, _produce_q_do, _start, _tma_reduce_add,
 )
 
 BLOCK_N = 64  # keys per program
 
 
 @gluon.jit
-def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_s, v_s, pds, ready, empty, dk, dv,
-                 lse_ptr, delta_ptr, dq_desc, dq_h0, b, h0, n_heads, seqlen_q, m_begin, n_m, key_pos0, left_pos0,
-                 qk_scale, softcap_in, softmax_scale, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
-                 SOFTCAP: gl.constexpr):
-    """Consumer C's share of Q/dO tile t: columns ``C D/2 + [0, D/2)`` of the keys' ``(dk, dv)``
-    and of the tile's dQ. The bounds as in ``bwd_hopper._mask_window``."""
-    BLOCK_M: gl.constexpr = q_ring.shape[1]
-    D: gl.constexpr = q_ring.shape[2]
-    HALF_D: gl.constexpr = D // 2
-    QUARTER: gl.constexpr = D // 4
-    N: gl.constexpr = k_s.shape[0]
-    mn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, N, 16])
-    row_layout: gl.constexpr = gl.SliceLayout(1, mn_layout)
-    slot = t % SLOTS
-    q_s = q_ring.index(slot)
-    do_s = do_ring.index(slot)
-    m0 = m_begin + (t % n_m) * BLOCK_M
-    lse2, delta = _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
-                             row_layout)
-    s_tok = _scores(t, total, q_ring, k_s, ready, mn_layout)  # waits for the slot
-    dp_tok = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout),
-                           use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(1, deps=[s_tok])  # dP may still run
-    if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
-        s = tanh_approx(s * softcap_in)
-    p = gl.exp2(s * qk_scale - lse2[:, None])
-    if BOUND_LEFT or BOUND_RIGHT:
-        p = _mask_window(p, m0, key_pos0, left_pos0, BOUND_LEFT, BOUND_RIGHT)
-    p_s = pds.index(0)
-    ds_s = pds.index(1)
-    tma.store_wait(0)  # the last tile's dQ reductions have read this memory (it held their columns)
-    p_s.store(p.to(q_s.dtype))
-    fence_async_shared()
-    dv_tok = warpgroup_mma(p_s.permute((1, 0)), do_s.slice(C * HALF_D, HALF_D, dim=1), dv, is_async=True)
-    dp = warpgroup_mma_wait(1, deps=[dp_tok])  # dV's product may still run
-    ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - s * s)
-    ds = ds.to(q_s.dtype)
-    ds_s.store(ds)
-    fence_async_shared()
-    dk_tok = warpgroup_mma(ds_s.permute((1, 0)), q_s.slice(C * HALF_D, HALF_D, dim=1), dk, is_async=True)
-    zero = gl.zeros([BLOCK_M, QUARTER], gl.float32, layout=mn_layout)
-    # dS from registers: the dQ products read only K from shared memory.
-    ds_a = gl.convert_layout(ds, gl.DotOperandLayout(operand_index=0, parent=mn_layout, k_width=2))
-    dqa_tok = warpgroup_mma(ds_a, k_s.slice(C * HALF_D, QUARTER, dim=1), zero, use_acc=False, is_async=True)
-    dqb_tok = warpgroup_mma(ds_a, k_s.slice(C * HALF_D + QUARTER, QUARTER, dim=1), zero, use_acc=False,
-                            is_async=True)
-    dv, dk, dqa, dqb = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dqa_tok, dqb_tok])
-    mbarrier.arrive(empty.index(slot), count=1)
-    # P and dS are read: their 16 KB now carry dQ's float32 columns, 64 at a time.
-    staging = pds._reinterpret(gl.float32, [BLOCK_M, QUARTER], dq_desc.layout)
-    row = b * seqlen_q + m0
-    col = (dq_h0 + t // n_m) * D + C * HALF_D
-    _reduce_dq(dq_desc, dqa * softmax_scale, staging, row, col)
-    tma.store_wait(0)
-    _reduce_dq(dq_desc, dqb * softmax_scale, staging, row, col + QUARTER)
-    return dk, dv
+def _row_vector(ptr, t, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+    """Q tile t's rows of a (B, H, Sq) float32 vector (LSE or delta), in ``layout``."""
+    row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q
+    rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
+    return gl.load(ptr + row_base + rows)
 
 
 @gluon.jit
-def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, pds, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc,
-             dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads, seqlen_q,
-             seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
-             BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
-    """Consumer warpgroup C: columns ``C D/2 + [0, D/2)`` of dK and dV for keys ``n0 + [0, 64)``;
-    ``pds``: its own P, dS and dQ staging memory."""
+def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constexpr):
+    """``dQ_acc[row:, col:] += scale * dS K[:, C D/2 + [0, D/2)]`` from dS in registers (the
+    MMA's A operand): two 64-column products, each reduced in two 32-column pieces through
+    ``staging`` (its previous reduction waited for first)."""
+    BLOCK_M: gl.constexpr = staging.shape[0]
+    PIECE: gl.constexpr = staging.shape[1]
+    D: gl.constexpr = k_s.shape[1]
     HALF_D: gl.constexpr = D // 2
+    QUARTER: gl.constexpr = D // 4
+    acc_layout: gl.constexpr = ds_a.type.layout.parent
+    zero = gl.zeros([BLOCK_M, QUARTER], gl.float32, layout=acc_layout)
+    a_tok = warpgroup_mma(ds_a, k_s.slice(C * HALF_D, QUARTER, dim=1), zero, use_acc=False, is_async=True)
+    b_tok = warpgroup_mma(ds_a, k_s.slice(C * HALF_D + QUARTER, QUARTER, dim=1), zero, use_acc=False,
+                          is_async=True)
+    dqa, dqb = warpgroup_mma_wait(0, deps=[a_tok, b_tok])
+    for i in gl.static_range(2):
+        dq = dqa if i == 0 else dqb
+        # The 64 columns in registers as two 32-column halves (a register-local split: the
+        # high column bit is a register index of the MMA layout).
+        lo, hi = gl.split(gl.permute(gl.reshape(dq * softmax_scale, [BLOCK_M, 2, PIECE]), (0, 2, 1)))
+        for j in gl.static_range(2):
+            tma.store_wait(0)
+            staging.store(lo if j == 0 else hi)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [row, col + (2 * i + j) * PIECE], staging)
+
+
+@gluon.jit
+def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
+            lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads,
+            seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
+            BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
+    """Warpgroup 0: S and P, dV for the program's keys, dQ's first D/2 columns."""
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
     N: gl.constexpr = k_s.shape[0]
+    mn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, N, 16])
     kd_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HALF_D, 16])
-    dk = gl.zeros([N, HALF_D], gl.float32, layout=kd_layout)
-    dv = gl.zeros([N, HALF_D], gl.float32, layout=kd_layout)
+                                                        instr_shape=[16, D, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D // 4, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
+    dv = gl.zeros([N, D], gl.float32, layout=kd_layout)
     h0 = kv_h * group_size
     total = group_size * n_m
     mbarrier.wait(kv_bar, 0)
     for t in range(total):
-        dk, dv = _fold_q_tile(C, t, total, q_ring, do_ring, k_s, v_s, pds, ready, empty, dk, dv,
-                              lse_ptr, delta_ptr, dq_desc, dq_h0, b, h0, n_heads, seqlen_q, m_begin, n_m, key_pos0,
-                              left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT, BOUND_RIGHT, SOFTCAP)
+        slot = t % SLOTS
+        phase = t & 1
+        q_s = q_ring.index(slot)
+        m0 = m_begin + (t % n_m) * BLOCK_M
+        lse2 = _row_vector(lse_ptr, t, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+                           gl.SliceLayout(1, mn_layout)) * LOG2E
+        mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
+        s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout),
+                              use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s_tok])
+        if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
+            s = tanh_approx(s * softcap_in)
+        p = gl.exp2(s * qk_scale - lse2[:, None])
+        if BOUND_LEFT or BOUND_RIGHT:
+            p = _mask_window(p, m0, key_pos0, left_pos0, BOUND_LEFT, BOUND_RIGHT)
+        mbarrier.wait(p_free, phase ^ 1, pred=t > 0)  # the dP side is done with the last tile's P (and F)
+        p_s.store(p.to(q_s.dtype))
+        if SOFTCAP:
+            ds_s.store((p * (1.0 - s * s)).to(q_s.dtype))
+        fence_async_shared()
+        mbarrier.arrive(p_full, count=1)
+        dv_tok = warpgroup_mma(p_s.permute((1, 0)), do_ring.index(slot), dv, is_async=True)
+        mbarrier.wait(ds_full, phase)
+        ds_a = ds_s.load(ds_layout)
+        mbarrier.arrive(ds_done, count=1)
+        _dq_half(ds_a, k_s, staging, dq_desc, b * seqlen_q + m0, (dq_h0 + t // n_m) * D, softmax_scale, 0)
+        dv = warpgroup_mma_wait(0, deps=[dv_tok])
+        mbarrier.arrive(empty.index(slot), count=1)
     tma.store_wait(0)  # the last reductions have read shared memory before the program ends
+    _store_rows(dv_ptr, dv, b, kv_h, n0, group_size, n_heads, seqlen_k)
 
+
+@gluon.jit
+def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
+             delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
+             softmax_scale, D: gl.constexpr, SOFTCAP: gl.constexpr):
+    """Warpgroup 1: dP and dS, dK for the program's keys, dQ's last D/2 columns."""
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
+    N: gl.constexpr = k_s.shape[0]
+    mn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, N, 16])
+    kd_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D // 4, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
+    dk = gl.zeros([N, D], gl.float32, layout=kd_layout)
+    h0 = kv_h * group_size
+    total = group_size * n_m
+    mbarrier.wait(kv_bar, 0)
+    for t in range(total):
+        slot = t % SLOTS
+        phase = t & 1
+        q_s = q_ring.index(slot)
+        m0 = m_begin + (t % n_m) * BLOCK_M
+        delta = _row_vector(delta_ptr, t, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+                            gl.SliceLayout(1, mn_layout))
+        mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
+        dp_tok = warpgroup_mma(do_ring.index(slot), v_s.permute((1, 0)),
+                               gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout), use_acc=False, is_async=True)
+        mbarrier.wait(p_full, phase)
+        if SOFTCAP:
+            f = ds_s.load(mn_layout).to(gl.float32)  # P (1 - tanh^2)
+        else:
+            f = p_s.load(mn_layout).to(gl.float32)
+            mbarrier.arrive(p_free, count=1)
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds = (f * (dp - delta[:, None])).to(q_s.dtype)
+        mbarrier.wait(ds_done, phase ^ 1, pred=t > 0)  # the S side has read the last tile's dS
+        ds_s.store(ds)
+        fence_async_shared()
+        mbarrier.arrive(ds_full, count=1)
+        dk_tok = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
+        _dq_half(gl.convert_layout(ds, ds_layout), k_s, staging, dq_desc, b * seqlen_q + m0,
+                 (dq_h0 + t // n_m) * D + D // 2, softmax_scale, 1)
+        dk = warpgroup_mma_wait(0, deps=[dk_tok])
+        if SOFTCAP:  # the dS buffer is free for the next tile's F only now
+            mbarrier.arrive(p_free, count=1)
+        mbarrier.arrive(empty.index(slot), count=1)
+    tma.store_wait(0)
+    _store_rows(dk_ptr, dk * softmax_scale, b, kv_h, n0, group_size, n_heads, seqlen_k)
+
+
+@gluon.jit
+def _store_rows(ptr, acc, b, kv_h, n0, group_size, n_heads, seqlen_k):
+    """The program's keys' rows of dK or dV (B, Sk, Hk, D) from a float32 accumulator."""
+    N: gl.constexpr = acc.shape[0]
+    D: gl.constexpr = acc.shape[1]
+    layout: gl.constexpr = acc.type.layout
     n_kv_heads = n_heads // group_size
-    keys = (b * seqlen_k + n0 + gl.arange(0, N, layout=gl.SliceLayout(1, kd_layout))).to(gl.int64)
-    dims = kv_h * D + C * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, kd_layout))
-    offs = keys[:, None] * (n_kv_heads * D) + dims[None, :]
-    gl.store(dk_ptr + offs, (dk * softmax_scale).to(dk_ptr.dtype.element_ty))
-    gl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
+    keys = (b * seqlen_k + n0 + gl.arange(0, N, layout=gl.SliceLayout(1, layout))).to(gl.int64)
+    dims = kv_h * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    gl.store(ptr + keys[:, None] * (n_kv_heads * D) + dims[None, :], acc.to(ptr.dtype.element_ty))
 
 
 @gluon.jit
@@ -145,24 +214,29 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
     q_ring = gl.allocate_shared_memory(q_desc.dtype, [SLOTS] + q_desc.block_type.shape, q_desc.layout)
     do_ring = gl.allocate_shared_memory(do_desc.dtype, [SLOTS] + do_desc.block_type.shape, do_desc.layout)
-    # Per consumer: P and dS ([BLOCK_M rows, N keys] each), then its float32 dQ columns.
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, N], q_desc.dtype)
-    pds0 = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, N], pds_layout)
-    pds1 = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, N], pds_layout)
+    p_s = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, N], pds_layout)
+    ds_s = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, N], pds_layout)
+    staging = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    exchange = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # p_full ds_full p_free ds_done
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(4):
+        mbarrier.init(exchange.index(i), count=1)
     _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
 
+    p_full, ds_full, p_free, ds_done = exchange.index(0), exchange.index(1), exchange.index(2), exchange.index(3)
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
-        (_consume, (0, q_ring, do_ring, k_s, v_s, pds0, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc, dk_ptr,
-                    dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads, seqlen_q,
-                    seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT, BOUND_RIGHT, SOFTCAP)),
-        (_consume, (1, q_ring, do_ring, k_s, v_s, pds1, ready, empty, kv_bar, lse_ptr, delta_ptr, dq_desc, dk_ptr,
-                    dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads, seqlen_q,
-                    seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT, BOUND_RIGHT, SOFTCAP)),
+        (_s_side, (q_ring, do_ring, k_s, p_s, ds_s, staging.index(0), ready, empty, p_full, p_free, ds_full, ds_done,
+                   kv_bar, lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                   group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
+                   BOUND_RIGHT, SOFTCAP)),
+        (_dp_side, (q_ring, do_ring, k_s, v_s, p_s, ds_s, staging.index(1), ready, empty, p_full, p_free, ds_full,
+                    ds_done, kv_bar, delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, group_size,
+                    n_heads, seqlen_q, seqlen_k, softmax_scale, D, SOFTCAP)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
