@@ -176,19 +176,20 @@ SM90_GLUON_BWD_WINDOW_MIN_KEYS = {
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;
 # head dim 256 in ops/bwd_hopper_wide.py): (head dim, causal) it covers -> the key length from
 # which it runs at least as fast as the tl kernels at that length and every longer one
-# (min_winning_seqlen over bench/gluon_bwd_probe.py, H100, 2026-11-24 14:16 UTC,
+# (min_winning_seqlen over bench/gluon_bwd_probe.py, H100, 2026-11-24 19:28 UTC,
 # bench/results/h100_gluon_bwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Causal head dim 128 started at
-# 8192 before the TMA reductions and the grouped causal grid (ops/hopper_order.py). Set GLUON_BWD
-# to False to time the tl kernels on the same shapes; deterministic=True always takes them.
+# 8192 before the TMA reductions and the grouped causal grid (ops/hopper_order.py); causal head
+# dim 256 at 1024 before its split-role kernel. Set GLUON_BWD to False to time the tl kernels on
+# the same shapes; deterministic=True always takes them.
 GLUON_BWD = True
 SM90_GLUON_BWD = {
-    (64, False): 1024,  # 0.93 1.05 1.16 1.21 1.23 1.28
-    (64, True): 2048,  # 0.75 0.89 1.06 1.13 1.20 1.26
-    (128, False): 1024,  # 0.97 1.13 1.15 1.18 1.19 1.19
-    (128, True): 1024,  # 0.92 1.04 1.07 1.15 1.21 1.17
-    (256, False): 512,  # 1.12 1.25 1.20 1.26 1.31 1.33
-    (256, True): 1024,  # 0.94 1.09 1.14 1.18 1.17 1.14
+    (64, False): 1024,  # 0.93 1.05 1.17 1.24 1.26 1.26
+    (64, True): 2048,  # 0.76 0.95 1.11 1.20 1.27 1.27
+    (128, False): 1024,  # 0.99 1.16 1.14 1.20 1.17 1.19
+    (128, True): 1024,  # 0.93 1.10 1.15 1.22 1.26 1.28
+    (256, False): 512,  # 1.30 1.49 1.47 1.50 1.64 1.69
+    (256, True): 512,  # 1.07 1.28 1.36 1.42 1.45 1.47
 }
 # Entries of SM90_GLUON_BWD whose softcap calls take the tl kernels: head dim 128 causal spills
 # 516 bytes per thread with the tanh kept for dS (ptxas), and lost to the tl kernels at every
