@@ -209,6 +209,23 @@ def test_gluon_tables_are_what_their_probes_measured():
             assert window_min_keys(json.load(f)["rows"]) == table
 
 
+def test_gluon_forward_program_count(monkeypatch):
+    """The Gluon forward's grid: one program per SM for unmasked calls with more work tiles than
+    SMs, one per work tile under a causal or window mask, with few tiles, or with
+    configs.GLUON_FWD_PERSISTENT off."""
+    import types
+
+    from flashtile.ops import fwd_hopper
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))
+    assert fwd_hopper.program_count(2048, False, "cuda") == 132
+    assert fwd_hopper.program_count(100, False, "cuda") == 100
+    assert fwd_hopper.program_count(2048, True, "cuda") == 2048
+    monkeypatch.setattr(configs, "GLUON_FWD_PERSISTENT", False)
+    assert fwd_hopper.program_count(2048, False, "cuda") == 2048
+
+
 def test_gluon_applies_rule_by_rule(monkeypatch):
     """The conditions both Gluon launchers share (ops/common.gluon_applies), one rule at a time,
     on host stand-ins for CUDA tensors (the GPU dispatch tests run the launchers' full rules)."""

@@ -135,6 +135,41 @@ def test_gluon_forward_key_tail_reads_nothing_of_the_next_batch(causal, seqlen_k
     check_against_oracle(lambda *_: (out[:1], lse[:1]), q[:1], k[:1], v[:1], causal=causal, grads=False)
 
 
+PERSISTENT_CASES = [
+    # (shape, causal, window, softcap): causal Q tiles of every length in one program; GQA with a
+    # partial last key tile; a window with Sq > Sk (rows that see no key) at head dim 64; head dim
+    # 256 with softcap
+    ((2, 1024, 1024, 4, 2, 128), True, (-1, -1), 0.0), ((1, 640, 1000, 4, 2, 128), False, (-1, -1), 0.0),
+    ((2, 768, 512, 2, 1, 64), False, (100, 20), 0.0), ((1, 512, 768, 4, 4, 256), True, (-1, -1), 5.0),
+]
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("shape, causal, window, softcap", PERSISTENT_CASES,
+                         ids=[f"{case_id(*c[0])}-{'causal' if c[1] else 'w%d_%d' % c[2]}-cap{c[3]:g}"
+                              for c in PERSISTENT_CASES])
+def test_gluon_forward_persistent_programs(shape, causal, window, softcap, programs, monkeypatch):
+    """The persistent Gluon forward with fewer programs than work tiles (the launch gives one
+    per SM, more than these shapes have tiles): each program runs many tiles of different key
+    ranges in turn, carrying its K/V ring positions, the consumers' turn phases and the Q
+    buffer's barriers from one tile to the next. Forced to 1 and 3 programs; by the tolerance
+    rule on out, lse (and dq, dk, dv through the backward on that LSE)."""
+    from flashtile.ops import fwd_hopper
+
+    calls = _count_gluon_calls(monkeypatch)
+    counts = []
+    monkeypatch.setattr(fwd_hopper, "program_count", lambda n_work, *_: counts.append(n_work) or programs)
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                                return_attn_probs=True)
+        return out, lse
+
+    check_against_oracle(attn, q, k, v, causal=causal, window_size=window, softcap=softcap)
+    assert calls and min(counts) > 3 * programs, "each program should have run several work tiles"
+
+
 GLUON_WINDOW_CASES = [
     # (shape, window): left edges mid-tile, both bounds, one key, right bound only, left bound only,
     # key tails, Sq > Sk with causal (the first rows see no key: out 0, LSE +inf), GQA

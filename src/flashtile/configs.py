@@ -113,6 +113,10 @@ SM90_LONG.update({(mode, small, causal): SM90_LONG[(mode, 64, causal)]
 # kernel's 494 / 485 and cuDNN's 610 / 593 in the same run. Set to False to time the tl kernel on
 # the same shapes.
 GLUON_FWD = True
+# The Gluon forward's grid without a causal or window mask: one program per SM, each running
+# work tiles in turn (True), or one program per work tile (False). Masked calls always take one
+# program per tile (ops/fwd_hopper.program_count; docs/performance.md, step 17).
+GLUON_FWD_PERSISTENT = True
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """Hopper forward in Gluon (``triton.experimental.gluon``): FlashAttention-3's ping-pong schedule.
 
-One program computes 128 query rows of one head. Three partitions (warp specialization):
+A work tile is 128 query rows of one head. Without a causal or window mask the grid is
+persistent: one program per SM runs every G-th work tile in turn, its producer loading the next
+tile's Q and first K/V tiles while the consumers finish the last one (+5-18% at 512-2048 tokens,
+head dims 128 and 256); masked calls launch one program per work tile, whose lengths differ
+(``program_count``). Three partitions (warp specialization):
 
-* a 1-warp producer streams K and V tiles (``block_n`` keys) by TMA into two rings of
+* a 1-warp producer loads each work tile's Q (once both consumers have released the last one)
+  and streams K and V tiles (``block_n`` keys) by TMA into two rings of
   shared-memory slots, each slot guarded by a ``ready`` (filled) and an ``empty`` (released by
   both consumers) mbarrier. K and V have their own barriers: a K slot is free as soon as both
   consumers' S = Q K^T has run, half an iteration before the V slot of the same tile (at head
@@ -17,7 +22,7 @@ One program computes 128 query rows of one head. Three partitions (warp speciali
 K/V tiles are 3-D TMA boxes (batch entry, key, column): a last tile that runs past the entry's
 keys reads zeros there, never the next entry's keys, and its keys past the end are masked, so
 every key length runs. Causal: the tiles the diagonal cuts (the last one or two of each program)
-apply the mask; the grid is flat and head-major with each head's longest Q tiles first. Sliding
+apply the mask; work tiles go head-major with each head's longest Q tiles first. Sliding
 windows (and causal with ``seqlen_k < seqlen_q``) run one loop that masks the tiles an edge cuts,
 and rows that see no key give out 0 and LSE +inf. Covers what the schedule was measured on
 (docs/performance.md, issue 4 steps 5, 6, 12 and 13): 16-bit inputs, the (head dim, causal)
@@ -54,29 +59,48 @@ def tanh_approx(x):
 
 
 @gluon.jit
-def _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, batch, kv_col0, first_tile,
-                n_tiles):
-    """K/V tiles ``first_tile + i`` (i < n_tiles) of one batch entry into their rings (K and V
-    each with its own depth and mbarriers: a K slot is free once both consumers' S = Q K^T has
-    run, a V slot only after their P V). The descriptors are 3-D (batch, key, column) with one
-    batch entry per box, so the keys of a tile that runs past the entry's last key arrive as
-    zeros (TMA's out-of-bounds fill), never as the next entry's keys."""
+def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+             seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group, lo_off, hi_off,
+             BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr):
+    """For each of the program's work tiles (``_work``): its two Q halves (once both consumers
+    have released the last tile's: ``q_empty``) and its K/V tiles into their rings (K and V each
+    with its own depth and mbarriers: a K slot is free once both consumers' S = Q K^T has run, a
+    V slot only after their P V). Ring positions run on across work tiles, so the next tile's
+    loads start while the consumers finish this one. The K/V descriptors are 3-D (batch, key,
+    column) with one batch entry per box, so the keys of a tile that runs past the entry's last
+    key arrive as zeros (TMA's out-of-bounds fill), never as the next entry's keys."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     box: gl.constexpr = k_desc.block_type.shape
-    for i in range(n_tiles):
-        key0 = (first_tile + i) * BLOCK_N
-        k_slot = i % K_SLOTS
-        mbarrier.wait(k_empty.index(k_slot), ((i // K_SLOTS) & 1) ^ 1, pred=i >= K_SLOTS)
-        mbarrier.expect(k_ready.index(k_slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [batch, key0, kv_col0], k_ready.index(k_slot),
-                                        k_ring.index(k_slot)._reinterpret(k_ring.dtype, box, k_desc.layout))
-        v_slot = i % V_SLOTS
-        mbarrier.wait(v_empty.index(v_slot), ((i // V_SLOTS) & 1) ^ 1, pred=i >= V_SLOTS)
-        mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [batch, key0, kv_col0], v_ready.index(v_slot),
-                                        v_ring.index(v_slot)._reinterpret(v_ring.dtype, box, v_desc.layout))
+    ring = 0  # K/V tiles loaded so far
+    done = 0  # work tiles so far
+    for work in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
+            work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
+            BOUND_RIGHT, BLOCK_N)
+        q_row0 = b * seqlen_q + first_row
+        mbarrier.wait(q_empty, (done & 1) ^ 1, pred=done > 0)
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row0, h * D], q_ready, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + HALF, h * D], q_ready, q_smem.index(1))
+        kv_col0 = (h // group_size) * D
+        for j in range(first_tile, end_tile):
+            key0 = j * BLOCK_N
+            k_slot = ring % K_SLOTS
+            mbarrier.wait(k_empty.index(k_slot), ((ring // K_SLOTS) & 1) ^ 1, pred=ring >= K_SLOTS)
+            mbarrier.expect(k_ready.index(k_slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, key0, kv_col0], k_ready.index(k_slot),
+                                            k_ring.index(k_slot)._reinterpret(k_ring.dtype, box, k_desc.layout))
+            v_slot = ring % V_SLOTS
+            mbarrier.wait(v_empty.index(v_slot), ((ring // V_SLOTS) & 1) ^ 1, pred=ring >= V_SLOTS)
+            mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, key0, kv_col0], v_ready.index(v_slot),
+                                            v_ring.index(v_slot)._reinterpret(v_ring.dtype, box, v_desc.layout))
+            ring += 1
+        done += 1
 
 
 @gluon.jit
@@ -146,13 +170,14 @@ def _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_m
 
 
 @gluon.jit
-def _fold_tile(i, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i,
-               l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, MASK: gl.constexpr,
+def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn,
+               acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, MASK: gl.constexpr,
                BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
                SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer C's iteration i (the tile whose first key is ``key0``): issue S_i = Q K_i^T and
-    O += P_{i-1} V_{i-1} asynchronously (on its turn when PINGPONG), then fold S_i into the online
-    softmax while the second product still runs. MASK: whether to hide the keys the rows do not
+    """Consumer C's iteration at ring position i (the tile whose first key is ``key0``; its turn
+    barrier's phase ``turn_phase``): issue S_i = Q K_i^T and O += P_{i-1} V_{i-1} asynchronously
+    (on its turn when PINGPONG), then fold S_i into the online softmax while the second product
+    still runs. MASK: whether to hide the keys the rows do not
     see (``_softmax_step``). SOFTCAP: scores ``tanh(S * softcap_in)``, and ``qk_scale`` is
     ``softcap * log2(e)``."""
     K_SLOTS: gl.constexpr = k_ring.shape[0]
@@ -164,7 +189,7 @@ def _fold_tile(i, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_
     mbarrier.wait(k_ready.index(k_slot), (i // K_SLOTS) & 1)
     mbarrier.wait(v_ready.index(v_slot), ((i - 1) // V_SLOTS) & 1)
     if PINGPONG:
-        mbarrier.wait(turn.index(C), (i - 1) & 1)  # this warpgroup's turn to issue
+        mbarrier.wait(turn.index(C), turn_phase)  # this warpgroup's turn to issue
     s_tok = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)), gl.zeros_like(p), use_acc=False, is_async=True)
     p_op = gl.convert_layout(p.to(q.dtype), p_layout)
     acc_tok = warpgroup_mma(p_op, v_ring.index(v_slot), acc, is_async=True)
@@ -185,15 +210,42 @@ def _fold_tile(i, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_
 
 
 @gluon.jit
-def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
-             q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile, full_start,
-             full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
-             BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr,
-             PINGPONG: gl.constexpr):
-    """Consumer warpgroup C: query rows ``q_row0 + C * HALF_M + [0, HALF_M)`` (``first_row``: the
-    program's first row's position); writes their output and LSE. Key tiles ``[first_tile,
-    end_tile)``: those in ``[full_start, full_end)`` every row sees whole, the others (and the
-    first, always) take the mask. GUARD: rows may see no key at all (out 0, LSE +inf)."""
+def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+             out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale,
+             softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
+             KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer warpgroup C over the program's work tiles (``_work``), in the producer's order:
+    ``ring`` counts the K/V tiles consumed so far (ring positions), ``done`` the work tiles; each
+    tile of n key tiles runs n - 1 loop iterations, each one phase of the turn barriers."""
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    ring = 0
+    done = 0
+    for work in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
+            work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
+            BOUND_RIGHT, BLOCK_N)
+        mbarrier.wait(q_ready, done & 1)
+        _attend(C, ring, ring - done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                out_ptr, lse_ptr, b * seqlen_q + first_row, h * D, n_heads * D,
+                (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off, seqlen_k,
+                first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT,
+                KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+        ring += end_tile - first_tile
+        done += 1
+
+
+@gluon.jit
+def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+            out_ptr, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile,
+            full_start, full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
+            BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr,
+            PINGPONG: gl.constexpr):
+    """Consumer warpgroup C on one work tile: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``
+    (``first_row``: the tile's first row's position); writes their output and LSE. Key tiles
+    ``[first_tile, end_tile)``, the first at ring position ``ring``: those in ``[full_start,
+    full_end)`` every row sees whole, the others (and the first, always) take the mask; ``turns``:
+    the loop iterations run before this tile (the turn barriers' phase). GUARD: rows may see no
+    key at all (out 0, LSE +inf). Releases Q (``q_empty``) once its last product has run."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     MASK: gl.constexpr = MASKED if BOUND_LEFT or BOUND_RIGHT or KEY_TAIL else PLAIN
     # Accumulator layouts of the two products: S = Q K^T is [HALF_M, BLOCK_N], O is [HALF_M, D];
@@ -205,10 +257,13 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready,
     q = q_smem.index(C)
     row0 = first_row + C * HALF_M
     acc = gl.zeros([HALF_M, D], gl.float32, layout=o_layout)
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout),
-                      use_acc=False)
-    mbarrier.arrive(k_empty.index(0), count=1)
+    K_SLOTS: gl.constexpr = k_ring.shape[0]
+    V_SLOTS: gl.constexpr = v_ring.shape[0]
+    k_slot = ring % K_SLOTS
+    mbarrier.wait(k_ready.index(k_slot), (ring // K_SLOTS) & 1)
+    s = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)),
+                      gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout), use_acc=False)
+    mbarrier.arrive(k_empty.index(k_slot), count=1)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     # The first tile may be cut by any bound; without GUARD every row sees one of its keys.
@@ -216,29 +271,32 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready,
                               first_tile * BLOCK_N, row0, lo_off, hi_off, seqlen_k, qk_scale, True, MASK, BOUND_LEFT,
                               BOUND_RIGHT, KEY_TAIL, GUARD)
     l_i = gl.sum(p, axis=1)
+    ring0 = ring - first_tile  # key tile j sits at ring position ring0 + j
+    turn0 = turns - first_tile - 1  # its loop iteration takes the turn barriers' phase (turn0 + j) & 1
     if BOUND_LEFT:
         # Masked tiles at both ends: one loop that decides per tile (a loop per kind spilled).
         for j in range(first_tile + 1, end_tile):
-            acc, p, m_i, l_i = _fold_tile(j - first_tile, j * BLOCK_N, C, q, k_ring, v_ring, k_ready, k_empty,
-                                          v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k,
-                                          qk_scale, softcap_in, (j < full_start) | (j >= full_end), EDGES,
+            acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
+                                          k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
+                                          seqlen_k, qk_scale, softcap_in, (j < full_start) | (j >= full_end), EDGES,
                                           BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
     else:
         for j in range(gl.maximum(full_start, first_tile + 1), full_end):  # tiles every row sees whole
-            acc, p, m_i, l_i = _fold_tile(j - first_tile, j * BLOCK_N, C, q, k_ring, v_ring, k_ready, k_empty,
-                                          v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k,
-                                          qk_scale, softcap_in, False, PLAIN, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
-                                          GUARD, SOFTCAP, PINGPONG)
+            acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
+                                          k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
+                                          seqlen_k, qk_scale, softcap_in, False, PLAIN, BOUND_LEFT, BOUND_RIGHT,
+                                          KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
         if MASK == MASKED:  # the diagonal / right edge, and a last tile past the last key
             for j in range(gl.maximum(full_end, first_tile + 1), end_tile):
-                acc, p, m_i, l_i = _fold_tile(j - first_tile, j * BLOCK_N, C, q, k_ring, v_ring, k_ready, k_empty,
-                                              v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
-                                              seqlen_k, qk_scale, softcap_in, True, MASKED, BOUND_LEFT, BOUND_RIGHT,
-                                              KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
-    last = (end_tile - first_tile - 1) % v_ring.shape[0]
-    mbarrier.wait(v_ready.index(last), ((end_tile - first_tile - 1) // v_ring.shape[0]) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_ring.index(last), acc)
-    mbarrier.arrive(v_empty.index(last), count=1)
+                acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
+                                              k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off,
+                                              hi_off, seqlen_k, qk_scale, softcap_in, True, MASKED, BOUND_LEFT,
+                                              BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+    mbarrier.arrive(q_empty, count=1)  # every S = Q K^T of the tile has run
+    last = ring + end_tile - first_tile - 1
+    mbarrier.wait(v_ready.index(last % V_SLOTS), (last // V_SLOTS) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_ring.index(last % V_SLOTS), acc)
+    mbarrier.arrive(v_empty.index(last % V_SLOTS), count=1)
 
     if GUARD:  # rows that saw no key: out 0, LSE +inf (FlashAttention-2's convention)
         has_keys = l_i > 0.0
@@ -255,6 +313,21 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready,
     gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
     lse_rows = C * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
     gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+
+
+@gluon.jit
+def _work(work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off,
+          BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Work tile ``work`` (of ``n_work``, in hopper_order's order: head-major so a head's tiles
+    share its K/V in L2; with a right bound, causal, in groups of heads, their longest Q tiles,
+    the last, first): ``(b, h, first_row)`` and its key tiles (``_key_tiles``)."""
+    pid_bh, pid_m = head_and_rank(work, num_m_blocks, n_work // num_m_blocks, head_group)
+    if BOUND_RIGHT:
+        pid_m = num_m_blocks - 1 - pid_m
+    first_row = pid_m * (2 * HALF_M)
+    first_tile, full_start, full_end, end_tile = _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT,
+                                                            BOUND_RIGHT, BLOCK_N)
+    return pid_bh // n_heads, pid_bh % n_heads, first_row, first_tile, full_start, full_end, end_tile
 
 
 @gluon.jit
@@ -284,31 +357,20 @@ def _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT: gl.constexpr, BO
 
 @gluon.jit
 def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, group_size,
-                       num_m_blocks, head_group, qk_scale, softcap_in, window_left, window_right, D: gl.constexpr,
-                       K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
+                       num_m_blocks, n_work, head_group, qk_scale, softcap_in, window_left, window_right,
+                       D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
                        BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
                        SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
-    # Flat grid (num_m_blocks * batch * n_heads,) in hopper_order's order: head-major so a head's
-    # programs share its K/V in L2; with a right bound (causal) in groups of heads, their longest
-    # Q tiles (the last) first. q is viewed as 2-D (B * S, H * D), k and v as 3-D (B, S, H * D).
-    # Row i sees keys i + diag - window_left .. i + diag + window_right (bottom-right aligned,
-    # diag = seqlen_k - seqlen_q; BOUND_LEFT / BOUND_RIGHT: the bound is set). KEY_TAIL: seqlen_k
-    # is not a multiple of the key tile. GUARD: some row may see no key (not plain causal).
+    # Persistent: program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks *
+    # batch * n_heads (G programs, one per SM where there are more tiles), so the producer loads a
+    # tile's Q and first K/V while the consumers finish the previous one. q is viewed as 2-D
+    # (B * S, H * D), k and v as 3-D (B, S, H * D). Row i sees keys i + diag - window_left ..
+    # i + diag + window_right (bottom-right aligned, diag = seqlen_k - seqlen_q; BOUND_LEFT /
+    # BOUND_RIGHT: the bound is set). KEY_TAIL: seqlen_k is not a multiple of the key tile.
+    # GUARD: some row may see no key (not plain causal).
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
-    pid_bh, pid_m = head_and_rank(gl.program_id(0), num_m_blocks, gl.num_programs(0) // num_m_blocks, head_group)
-    if BOUND_RIGHT:
-        pid_m = num_m_blocks - 1 - pid_m
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    first_row = pid_m * (2 * HALF_M)
-    q_row0 = b * seqlen_q + first_row
-    q_col0 = h * D
-    kv_col0 = (h // group_size) * D
-    lse_row0 = pid_bh.to(gl.int64) * seqlen_q + first_row
     lo_off = seqlen_k - seqlen_q - window_left
     hi_off = seqlen_k - seqlen_q + window_right
-    first_tile, full_start, full_end, end_tile = _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT,
-                                                            BOUND_RIGHT, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     # The rings hold 2-D tiles (what the MMAs read); the producer views each slot as its 3-D box.
@@ -321,7 +383,8 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
     v_ready = gl.allocate_shared_memory(gl.int64, [V_SLOTS, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [V_SLOTS, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(K_SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # released by both consumers
@@ -330,26 +393,21 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
         mbarrier.init(v_empty.index(i), count=2)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
-    mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(q_empty, count=2)  # released by both consumers
     fence_async_shared()
     mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row0, q_col0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row0 + HALF_M, q_col0], q_bar, q_smem.index(1))
-    mbarrier.wait(q_bar, 0)
 
-    row_stride = n_heads * D
     gl.warp_specialize([
-        (_consume, (0, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr, q_row0,
-                    q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile, full_start,
-                    full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                    PINGPONG)),
-        (_consume, (1, q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr, q_row0,
-                    q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile, full_start,
-                    full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                    PINGPONG)),
-        (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, kv_col0, first_tile,
-                       end_tile - first_tile)),
+        (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr,
+                    lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale,
+                    softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)),
+        (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr,
+                    lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale,
+                    softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)),
+        (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                    v_empty, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group, lo_off,
+                    hi_off, BOUND_LEFT, BOUND_RIGHT)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -367,6 +425,19 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     if tile is None or seqlen_q % _ROWS or seqlen_k < tile.min_seqlen_k:
         return False
     return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim))
+
+
+def program_count(n_work: int, masked: bool, device) -> int:
+    """Programs of the grid: one per SM (each runs every G-th work tile in turn) for unmasked
+    attention, whose work tiles are all equally long; one per work tile (the hardware hands each
+    SM the next program as one ends) under a causal or window mask, where a fixed G-th share of
+    tiles of unequal length measured up to 33% slower; one per tile with
+    ``configs.GLUON_FWD_PERSISTENT`` off."""
+    from flashtile import configs
+
+    if masked or not configs.GLUON_FWD_PERSISTENT:
+        return n_work
+    return min(n_work, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def hopper_fwd(q, k, v, features):
@@ -393,8 +464,9 @@ def hopper_fwd(q, k, v, features):
     # hides every key from the first rows.
     guard = bound_left or (bound_right and seqlen_k - seqlen_q + right < 0)
     order_group = head_group(bound_right, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
-    _hopper_fwd_kernel[(num_m_blocks * batch * n_heads,)](
-        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, order_group,
+    n_work = num_m_blocks * batch * n_heads
+    _hopper_fwd_kernel[(program_count(n_work, bound_left or bound_right, q.device),)](
+        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, order_group,
         *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left, bound_right,
         seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, num_warps=4)
     return out, lse
