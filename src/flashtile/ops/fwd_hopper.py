@@ -2,8 +2,8 @@
 
 A work tile is 128 query rows of one head. Without a causal or window mask the grid is
 persistent: one program per SM runs every G-th work tile in turn, its producer loading the next
-tile's Q and first K/V tiles while the consumers finish the last one (+5-18% at 512-2048 tokens,
-head dims 128 and 256); masked calls launch one program per work tile, whose lengths differ
+tile's Q and first K/V tiles while the consumers finish the last one (+5-18% at 512-2048 tokens
+at head dim 128, +2-7% at 256); masked calls launch one program per work tile, whose lengths differ
 (``program_count``). Three partitions (warp specialization):
 
 * a 1-warp producer loads each work tile's Q (once both consumers have released the last one)
