@@ -140,17 +140,20 @@ def gluon_fwd(q_desc, k_desc, v_desc, out_ptr, seqlen, n_heads, qk_scale,
     mbarrier.wait(q_bar, 0)
 
     n_tiles = seqlen // BLOCK_N
+    ring0 = n_tiles * 0  # the producer's first ring position, as a run-time value (its loop carries it)
     if OVERLAP:
         acc, l_i = gl.warp_specialize([
             (_attend_overlapped, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale,
                                   BLOCK_M, BLOCK_N, D, SLOTS, NUM_WARPS)),
-            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles,
+                          ring0)),
         ], [1], [24])
     else:
         acc, l_i = gl.warp_specialize([
             (_attend, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, n_tiles, qk_scale, BLOCK_M, BLOCK_N,
                        D, SLOTS, NUM_WARPS)),
-            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles)),
+            (_produce_kv, (k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b, col0, 0, n_tiles,
+                          ring0)),
         ], [1], [24])
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],

@@ -47,6 +47,12 @@ from flashtile.ops.bwd_hopper import (
 BLOCK_N = 64  # keys per program
 
 
+@gluon.constexpr_function
+def _mma_layout(columns):
+    """The accumulator layout of one warpgroup's MMA with ``columns`` columns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
+
+
 @gluon.jit
 def _row_vector(ptr, t, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr, layout: gl.constexpr):
     """Q tile t's rows of a (B, H, Sq) float32 vector (LSE or delta), in ``layout``."""
@@ -91,13 +97,9 @@ def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_fr
     """Warpgroup 0: S and P, dV for the program's keys, dQ's first D/2 columns."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     N: gl.constexpr = k_s.shape[0]
-    mn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, N, 16])
-    kd_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, D, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, D // 4, 16])
-    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
+    mn_layout: gl.constexpr = _mma_layout(N)  # S, dP: [BLOCK_M rows, N keys]
+    kd_layout: gl.constexpr = _mma_layout(D)  # dV, dK: [N keys, D]
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_mma_layout(D // 4), k_width=2)
     dv = gl.zeros([N, D], gl.float32, layout=kd_layout)
     h0 = kv_h * group_size
     total = group_size * n_m
@@ -142,13 +144,9 @@ def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full
     """Warpgroup 1: dP and dS, dK for the program's keys, dQ's last D/2 columns."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     N: gl.constexpr = k_s.shape[0]
-    mn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, N, 16])
-    kd_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, D, 16])
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, D // 4, 16])
-    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
+    mn_layout: gl.constexpr = _mma_layout(N)  # S, dP: [BLOCK_M rows, N keys]
+    kd_layout: gl.constexpr = _mma_layout(D)  # dV, dK: [N keys, D]
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_mma_layout(D // 4), k_width=2)
     dk = gl.zeros([N, D], gl.float32, layout=kd_layout)
     h0 = kv_h * group_size
     total = group_size * n_m

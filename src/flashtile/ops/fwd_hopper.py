@@ -72,9 +72,6 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
-    K_SLOTS: gl.constexpr = k_ring.shape[0]
-    V_SLOTS: gl.constexpr = v_ring.shape[0]
-    box: gl.constexpr = k_desc.block_type.shape
     ring = 0  # K/V tiles loaded so far
     done = 0  # work tiles so far
     for work in range(gl.program_id(0), n_work, gl.num_programs(0)):
@@ -86,21 +83,34 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
         mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row0, h * D], q_ready, q_smem.index(0))
         tma.async_copy_global_to_shared(q_desc, [q_row0 + HALF, h * D], q_ready, q_smem.index(1))
-        kv_col0 = (h // group_size) * D
-        for j in range(first_tile, end_tile):
-            key0 = j * BLOCK_N
-            k_slot = ring % K_SLOTS
-            mbarrier.wait(k_empty.index(k_slot), ((ring // K_SLOTS) & 1) ^ 1, pred=ring >= K_SLOTS)
-            mbarrier.expect(k_ready.index(k_slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, key0, kv_col0], k_ready.index(k_slot),
-                                            k_ring.index(k_slot)._reinterpret(k_ring.dtype, box, k_desc.layout))
-            v_slot = ring % V_SLOTS
-            mbarrier.wait(v_empty.index(v_slot), ((ring // V_SLOTS) & 1) ^ 1, pred=ring >= V_SLOTS)
-            mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, key0, kv_col0], v_ready.index(v_slot),
-                                            v_ring.index(v_slot)._reinterpret(v_ring.dtype, box, v_desc.layout))
-            ring += 1
+        ring = _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b,
+                           (h // group_size) * D, first_tile, end_tile - first_tile, ring)
         done += 1
+
+
+@gluon.jit
+def _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, batch, kv_col0, first_tile,
+                n_tiles, ring):
+    """K/V tiles ``first_tile + i`` (i < n_tiles) of one batch entry into their rings at ring
+    positions ``ring + i``; returns the next free position."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    K_SLOTS: gl.constexpr = k_ring.shape[0]
+    V_SLOTS: gl.constexpr = v_ring.shape[0]
+    box: gl.constexpr = k_desc.block_type.shape
+    for j in range(first_tile, first_tile + n_tiles):
+        key0 = j * BLOCK_N
+        k_slot = ring % K_SLOTS
+        mbarrier.wait(k_empty.index(k_slot), ((ring // K_SLOTS) & 1) ^ 1, pred=ring >= K_SLOTS)
+        mbarrier.expect(k_ready.index(k_slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [batch, key0, kv_col0], k_ready.index(k_slot),
+                                        k_ring.index(k_slot)._reinterpret(k_ring.dtype, box, k_desc.layout))
+        v_slot = ring % V_SLOTS
+        mbarrier.wait(v_empty.index(v_slot), ((ring // V_SLOTS) & 1) ^ 1, pred=ring >= V_SLOTS)
+        mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [batch, key0, kv_col0], v_ready.index(v_slot),
+                                        v_ring.index(v_slot)._reinterpret(v_ring.dtype, box, v_desc.layout))
+        ring += 1
+    return ring
 
 
 @gluon.jit
