@@ -371,9 +371,10 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
                        D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
                        BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
                        SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
-    # Persistent: program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks *
-    # batch * n_heads (G programs, one per SM where there are more tiles), so the producer loads a
-    # tile's Q and first K/V while the consumers finish the previous one. q is viewed as 2-D
+    # Program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks * batch *
+    # n_heads (G programs: one per SM for unmasked calls, one per work tile otherwise;
+    # program_count), the producer loading a tile's Q and first K/V while the consumers finish
+    # the previous one. q is viewed as 2-D
     # (B * S, H * D), k and v as 3-D (B, S, H * D). Row i sees keys i + diag - window_left ..
     # i + diag + window_right (bottom-right aligned, diag = seqlen_k - seqlen_q; BOUND_LEFT /
     # BOUND_RIGHT: the bound is set). KEY_TAIL: seqlen_k is not a multiple of the key tile.
