@@ -213,12 +213,9 @@ def test_gluon_forward_program_count(monkeypatch):
     """The Gluon forward's grid: one program per SM for unmasked calls with more work tiles than
     SMs, one per work tile under a causal or window mask, with few tiles, or with
     configs.GLUON_FWD_PERSISTENT off."""
-    import types
-
     from flashtile.ops import fwd_hopper
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
-        multi_processor_count=132))
+    monkeypatch.setattr(configs, "sm_count", lambda device: 132)
     assert fwd_hopper.program_count(2048, False, "cuda") == 132
     assert fwd_hopper.program_count(100, False, "cuda") == 100
     assert fwd_hopper.program_count(2048, True, "cuda") == 2048

@@ -232,6 +232,16 @@ def _arch(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launchers ask on every call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 # Softcap and dropout add per-score work (a tanh; Philox and a compare). At head dim <= 64 their
 # forward and dK/dV kernels take the masked (4-warp) entries even when nothing is masked
 # (bench/probe.py feature_tiles, H100, 2026-11-24 05:44 UTC, head dim 64 non-causal, seqlen 4096,

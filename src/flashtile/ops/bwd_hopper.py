@@ -98,15 +98,21 @@ def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_begi
 
 
 @gluon.jit
+def _row_vector(ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+    """Q tile t's rows of a (B, H, Sq) float32 vector (LSE or delta), zeros past the last tile,
+    in ``layout``."""
+    row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q
+    rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
+    valid = (rows * 0 + t) < total  # the scalar test t < total as a mask in the rows' layout
+    return gl.load(ptr + row_base + rows, mask=valid, other=0.0)
+
+
+@gluon.jit
 def _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr,
                layout: gl.constexpr):
     """Base-2 LSE and delta of Q tile t's rows (zeros past the last tile), in ``layout``."""
-    row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q  # (B, H, Sq)
-    rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
-    valid = (rows * 0 + t) < total  # the scalar test t < total as a mask in the rows' layout
-    lse2 = gl.load(lse_ptr + row_base + rows, mask=valid, other=0.0) * LOG2E
-    delta = gl.load(delta_ptr + row_base + rows, mask=valid, other=0.0)
-    return lse2, delta
+    lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, layout) * LOG2E
+    return lse2, _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, layout)
 
 
 @gluon.jit
@@ -382,6 +388,8 @@ def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int) -> li
 def hopper_bwd(dout, q, k, v, lse, delta, features):
     """``(dq, dk, dv)`` for an eligible call; ``delta`` = rowsum(dO * O) as ``bwd.launch_delta``
     computes it."""
+    from flashtile import configs
+
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     group_size = n_heads // n_kv_heads
@@ -402,7 +410,7 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
     k_desc = TensorDescriptor.from_tensor(k.view(kv_rows), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(kv_rows), kv_block, kv_layout)
     num_n_blocks = seqlen_k // block_n
-    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sm_count = configs.sm_count(q.device)
     q_do_bytes = 2 * group_size * seqlen_q * head_dim * q.element_size()  # streamed per program's KV head
     for kv_head0, chunk in head_chunks(n_kv_heads, num_n_blocks * batch, sm_count):
         order_group = head_group(features.masked, batch * chunk, q_do_bytes)

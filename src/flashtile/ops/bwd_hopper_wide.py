@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.bwd_hopper import (
-    CONSUMER_REGS, LOG2E, SLOTS, _key_tile, _mask_window, _produce_q_do, _start, _tma_reduce_add,
+    CONSUMER_REGS, LOG2E, SLOTS, _key_tile, _mask_window, _produce_q_do, _row_vector, _start, _tma_reduce_add,
 )
 
 BLOCK_N = 64  # keys per program
@@ -52,14 +52,6 @@ BLOCK_N = 64  # keys per program
 def _mma_layout(columns):
     """The accumulator layout of one warpgroup's MMA with ``columns`` columns."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
-
-
-@gluon.jit
-def _row_vector(ptr, t, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr, layout: gl.constexpr):
-    """Q tile t's rows of a (B, H, Sq) float32 vector (LSE or delta), in ``layout``."""
-    row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q
-    rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
-    return gl.load(ptr + row_base + rows)
 
 
 @gluon.jit
@@ -110,7 +102,7 @@ def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_fr
         phase = t & 1
         q_s = q_ring.index(slot)
         m0 = m_begin + (t % n_m) * BLOCK_M
-        lse2 = _row_vector(lse_ptr, t, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+        lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
                            gl.SliceLayout(1, mn_layout)) * LOG2E
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout),
@@ -157,7 +149,7 @@ def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full
         phase = t & 1
         q_s = q_ring.index(slot)
         m0 = m_begin + (t % n_m) * BLOCK_M
-        delta = _row_vector(delta_ptr, t, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+        delta = _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
                             gl.SliceLayout(1, mn_layout))
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         dp_tok = warpgroup_mma(do_ring.index(slot), v_s.permute((1, 0)),

@@ -14,8 +14,6 @@ size works and a tile may span pages. Sequence lengths, left padding and the blo
 read on the device: a new length never recompiles and nothing waits for the host.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -259,11 +257,6 @@ def split_count(requested: int, work: int, max_keys: int, block_n: int, n_sms: i
     return max(1, min(wanted, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def cache_attention(q, cache, features, num_splits=0, varlen_q=None, max_keys=None):
     """Attention of q over ``cache`` (a ``features.KVCache``), forward only.
 
@@ -297,7 +290,7 @@ def cache_attention(q, cache, features, num_splits=0, varlen_q=None, max_keys=No
     block_m, block_n, num_warps, num_stages = _tile(q, head_dim, rows)
     num_m_blocks = cdiv(rows, block_m)
     work = batch * n_kv_heads * num_m_blocks
-    n_sms = _sm_count(q.device.index) if q.is_cuda else 4
+    n_sms = configs.sm_count(q.device) if q.is_cuda else 4
     splits = split_count(num_splits, work, cache.capacity if max_keys is None else max_keys, block_n, n_sms)
     if splits > 1:
         o_part = torch.empty((splits, total_tokens, n_heads, head_dim), dtype=torch.float32, device=q.device)

@@ -448,7 +448,7 @@ def program_count(n_work: int, masked: bool, device) -> int:
 
     if masked or not configs.GLUON_FWD_PERSISTENT:
         return n_work
-    return min(n_work, torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(n_work, configs.sm_count(device))
 
 
 def hopper_fwd(q, k, v, features):
