@@ -209,6 +209,22 @@ def test_gluon_tables_are_what_their_probes_measured():
             assert window_min_keys(json.load(f)["rows"]) == table
 
 
+def test_sm_count_asks_torch_once_per_device(monkeypatch):
+    """configs.sm_count, which the launchers call on every call: torch is asked once per device."""
+    import types
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: asked.append(index) or types.SimpleNamespace(multi_processor_count=132 + index))
+    configs._sm_count.cache_clear()
+    try:
+        assert configs.sm_count(torch.device("cuda", 0)) == 132 and configs.sm_count(torch.device("cuda", 1)) == 133
+        assert configs.sm_count(torch.device("cuda", 0)) == 132
+        assert asked == [0, 1]
+    finally:
+        configs._sm_count.cache_clear()
+
+
 def test_gluon_forward_program_count(monkeypatch):
     """The Gluon forward's grid: one program per SM for unmasked calls with more work tiles than
     SMs, one per work tile under a causal or window mask, with few tiles, or with
