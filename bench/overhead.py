@@ -2,9 +2,13 @@
 where the GPU work is negligible: what a short-sequence call costs before any kernel runs.
 
     PYTHONPATH=src python3 bench/overhead.py
+    PYTHONPATH=src python3 bench/overhead.py --profile   # + where a forward+backward's time goes
 """
 
+import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 
@@ -18,7 +22,8 @@ from common import sdpa  # noqa: E402
 import flashtile  # noqa: E402
 from flashtile import configs  # noqa: E402
 from flashtile.features import Features  # noqa: E402
-from flashtile.ops import flash_fwd  # noqa: E402
+from flashtile.ops import bwd, flash_bwd, flash_fwd  # noqa: E402
+from flashtile.ops.common import sequence_layout  # noqa: E402
 
 
 def sdpa_gqa(q, k, v):
@@ -37,11 +42,27 @@ def per_call_us(fn, calls=2000):
     return (time.perf_counter() - start) / calls * 1e6
 
 
+class Identity(torch.autograd.Function):
+    """The floor under any Python autograd.Function: the engine's bookkeeping and its hand-off to
+    the device's backward thread, with no work on either side."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="cProfile a forward + backward call")
+    args = parser.parse_args()
     q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    qhg = qh.clone().requires_grad_()
+    qhg, khg, vhg = (t.clone().requires_grad_() for t in (qh, kh, vh))
     rows = {
         "flash_fwd launcher (kernel launch only)": lambda: flash_fwd(q, k, v, Features(0.125, window_right=0)),
         "flash_attn_func, no grad": lambda: flashtile.flash_attn_func(q, k, v, causal=True),
@@ -64,8 +85,67 @@ def main():
     rows["flash_attn_with_kvcache, index checks on"] = decode(True)
     rows["SDPA flash decode step (enable_gqa)"] = lambda: sdpa_gqa(qd.transpose(1, 2), kc.transpose(1, 2),
                                                                       vc.transpose(1, 2))
+
+    def fwd_bwd():
+        torch.autograd.grad(flashtile.flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), q)
+
+    rows["flash_attn_func forward + autograd.grad"] = fwd_bwd
+    features = Features(0.125, window_right=0)
+    out, lse = flash_fwd(q, k, v, features)
+    rows["flash_bwd launcher (3 kernel launches)"] = lambda: flash_bwd(q, q, k, v, out, lse, features)
+    layout = sequence_layout(q, k, None)
+    delta, dq, dk, dv = torch.empty_like(lse), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rows["  of which launch_delta"] = lambda: bwd.launch_delta(out, q, delta)
+    rows["  of which launch_dkdv"] = lambda: bwd.launch_dkdv(q, q, k, v, lse, delta, dk, dv, features, layout)
+    rows["  of which launch_dq"] = lambda: bwd.launch_dq(q, q, k, v, lse, delta, dq, features, layout)
+    rows["identity autograd.Function + autograd.grad"] = lambda: torch.autograd.grad(
+        Identity.apply(qg), (qg,), q)
+    rows["SDPA flash forward + autograd.grad"] = lambda: torch.autograd.grad(
+        sdpa("sdpa_flash")(qhg, khg, vhg, True), (qhg, khg, vhg), qh)
     for name, fn in rows.items():
         print(f"{name:46s} {per_call_us(fn):7.1f} us/call")
+    print("through triton's launch path (configs.FAST_LAUNCH = False):")
+    configs.FAST_LAUNCH = False
+    for name in ("flash_fwd launcher (kernel launch only)", "flash_attn_func, no grad",
+                 "flash_attn_func forward + autograd.grad", "flash_attn_with_kvcache, index checks off"):
+        print(f"{name:46s} {per_call_us(rows[name]):7.1f} us/call")
+    configs.FAST_LAUNCH = True
+    if args.profile:
+        profile(fwd_bwd)
+        trace(fwd_bwd)
+
+
+def trace(fn, calls=200):
+    """torch.profiler over ``calls`` calls: host time per op (self), and the kernels' device time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n--- torch.profiler, {calls} calls ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+
+
+def profile(fn, calls=500):
+    """cProfile of ``calls`` calls: the functions with the most own time, then the most cumulative."""
+    for _ in range(50):
+        fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).strip_dirs()
+    print(f"\n--- {calls} calls of flash_attn_func forward + autograd.grad, by own time ---")
+    stats.sort_stats("tottime").print_stats(30)
+    print("--- by cumulative time ---")
+    stats.sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,9 @@ class _EagerAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.features, ctx.varlen = f, varlen
         ctx.mark_non_differentiable(lse)
+        # lse takes no gradient: without this autograd would fill a zero tensor for it on every
+        # backward (a kernel launch, for an argument the backward ignores).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod

@@ -287,3 +287,8 @@ DECODE_PDL = True
 # while capturing a CUDA graph). False skips it: for serving loops that build those indices
 # themselves and cannot afford the wait; an out-of-range index then reads or writes outside the cache.
 CHECK_CACHE_INDICES = True
+
+# The tl kernels (forward, backward, decode, cache append) launch through ops/launch.FastLaunch:
+# triton's own launch path re-binds and re-specializes every argument on every call (49 us per
+# forward launch on the H100 host, bench/overhead.py). False launches through triton's path.
+FAST_LAUNCH = True

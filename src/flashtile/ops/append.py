@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from flashtile.ops.common import cdiv, device_guard, padded_head_dim
+from flashtile.ops.launch import FastLaunch
 
 
 @triton.jit(do_not_specialize=["seqlen", "base", "position_step", "rotary_half"])
@@ -69,6 +70,9 @@ def _rotary_store_kernel(
     tl.store(dst + heads.to(tl.int64)[:, None] * stride_dh + offs_d[None, :], x, mask=mask)
 
 
+_rotary_store_launch = FastLaunch(_rotary_store_kernel)
+
+
 def rotary_store(x, dst, base, rotary=None, cache=None, position_step=1):
     """Write ``x`` (B, S, H, D), rotated where ``rotary = (cos, sin, interleaved)`` is given, into
     ``dst``: a new contiguous tensor shaped like x (``cache`` None), or the cache tensor ``dst`` of
@@ -83,7 +87,7 @@ def rotary_store(x, dst, base, rotary=None, cache=None, position_step=1):
     base_tensor = isinstance(base, torch.Tensor)
     placeholder = x  # pointers the flags say are never read
     with device_guard(x):
-        _rotary_store_kernel[(batch * seqlen, cdiv(n_heads, block_h))](
+        _rotary_store_launch[(batch * seqlen, cdiv(n_heads, block_h))](
             x, dst, cos, sin,
             base if base_tensor else placeholder,
             placeholder if cache is None or cache.batch_idx is None else cache.batch_idx,

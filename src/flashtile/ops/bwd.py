@@ -37,6 +37,7 @@ from flashtile.ops.common import (
     cdiv, device_guard, dot_precision, feature_args, load_gluon_module, padded_head_dim, sequence_layout,
     shared_strides, stream_by_tma,
 )
+from flashtile.ops.launch import FastLaunch
 from flashtile.ops.score import dropout_keep, recomputed_probs, span
 from flashtile.ops.tiles import (
     load_kv_tile, q_tile_program, sequence_bounds, start_kv_stream, stream_sources,
@@ -67,6 +68,9 @@ def _delta_kernel(
     do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
     delta = tl.sum(o * do, axis=1)  # [BLOCK_M]
     tl.store(DELTA + pid_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+_delta_launch = FastLaunch(_delta_kernel)
 
 
 @triton.jit
@@ -256,6 +260,9 @@ def _dkdv_kernel(
     tl.store(DV + dk_offs, dv.to(DV.dtype.element_ty), mask=mask_kv)
 
 
+_dkdv_launch = FastLaunch(_dkdv_kernel)
+
+
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse2, delta,
@@ -379,6 +386,9 @@ def _dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_q)
 
 
+_dq_launch = FastLaunch(_dq_kernel)
+
+
 def launch_delta(out, dout, delta):
     """delta <- rowsum(dout * out), float32 laid out like the LSE.
 
@@ -388,7 +398,7 @@ def launch_delta(out, dout, delta):
     batch, seqlen_q, n_heads, head_dim = out.shape
     block_m = 64 if out.is_cuda else 16
     num_m_blocks = cdiv(seqlen_q, block_m)
-    _delta_kernel[(num_m_blocks * batch * n_heads,)](
+    _delta_launch[(num_m_blocks * batch * n_heads,)](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         n_heads, seqlen_q, num_m_blocks,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=padded_head_dim(head_dim),
@@ -403,7 +413,7 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, features, layout):
                       long_loop=layout.max_seqlen_q >= configs.TMA_MIN_SEQLEN)
     num_n_blocks = cdiv(layout.max_seqlen_k, cfg.block_n)
     args = feature_args(features, q)
-    _dkdv_kernel[(num_n_blocks * layout.batch * n_kv_heads,)](
+    _dkdv_launch[(num_n_blocks * layout.batch * n_kv_heads,)](
         q, k, v, dout, lse, delta, dk, dv, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,
         *layout.strides(q), *layout.strides(k), *layout.strides(dout), *layout.strides(dk),
         *layout.lse_strides(n_heads), args.stride_alibi_b,
@@ -423,7 +433,7 @@ def launch_dq(dout, q, k, v, lse, delta, dq, features, layout):
                       long_loop=layout.max_seqlen_k >= configs.TMA_MIN_SEQLEN)
     num_m_blocks = cdiv(layout.max_seqlen_q, cfg.block_m)
     args = feature_args(features, q)
-    _dq_kernel[(num_m_blocks * layout.batch * n_heads,)](
+    _dq_launch[(num_m_blocks * layout.batch * n_heads,)](
         q, k, v, dout, lse, delta, dq, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,
         *layout.strides(q), *layout.strides(k), *layout.strides(dout), *layout.strides(dq),
         *layout.lse_strides(n_heads), args.stride_alibi_b,

@@ -350,17 +350,21 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     """Whether a backward takes this kernel: see the module docstring. Pure host checks."""
     from flashtile import configs
 
-    if not (configs.GLUON_BWD and not features.deterministic
-            and gluon_applies(q, k, features, varlen, q, k, v, dout, any_window=True)):
+    if not configs.GLUON_BWD or features.deterministic or varlen is not None:
         return False
+    # The size rules first: they turn away short calls, whose host time matters most, cheaply.
     _, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     min_seqlen_k = configs.SM90_GLUON_BWD.get((head_dim, features.masked))
+    if min_seqlen_k is None or seqlen_k < min_seqlen_k:
+        return False
     if features.softcap > 0 and (head_dim, features.masked) in configs.SM90_GLUON_BWD_NO_SOFTCAP:
         return False
     block_n = _kernel_for(head_dim)[1]
-    if not (min_seqlen_k is not None and seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0
-            and seqlen_k >= max(min_seqlen_k, block_n) and seqlen_q * n_heads * head_dim < 2**31):
+    if not (seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0 and seqlen_k >= block_n
+            and seqlen_q * n_heads * head_dim < 2**31):
+        return False
+    if not gluon_applies(q, k, features, varlen, q, k, v, dout, any_window=True):
         return False
     return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS.get(head_dim))
 

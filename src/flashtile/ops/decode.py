@@ -20,6 +20,7 @@ import triton.language as tl
 
 from flashtile import configs
 from flashtile.ops.common import LOG2E, cdiv, device_guard, dot_precision, feature_args, padded_head_dim
+from flashtile.ops.launch import FastLaunch
 from flashtile.ops.score import scores_base2, visible
 
 # At most this many slices of the keys (the combine kernel reads all of them per row).
@@ -195,6 +196,9 @@ def _cache_attention_kernel(
         tl.store(lse_ptrs, lse, mask=mask_row)
 
 
+_cache_attention_launch = FastLaunch(_cache_attention_kernel)
+
+
 @triton.jit(do_not_specialize=["total_tokens", "num_splits", "seqlen_q"])
 def _combine_kernel(
     O_PART, LSE_PART, OUT, LSE, total_tokens, n_heads, num_splits, seqlen_q, stride_lse_b, stride_lse_h,
@@ -225,6 +229,9 @@ def _combine_kernel(
     lse = tl.where(total > 0.0, (shift + tl.math.log2(tl.where(total > 0.0, total, 1.0))) / 1.4426950408889634,
                    float("inf"))
     tl.store(LSE + (token // seqlen_q) * stride_lse_b + head * stride_lse_h + token % seqlen_q, lse)
+
+
+_combine_launch = FastLaunch(_combine_kernel)
 
 
 def _tile(q, head_dim, rows):
@@ -303,7 +310,7 @@ def cache_attention(q, cache, features, num_splits=0, varlen_q=None, max_keys=No
     pdl = splits > 1 and configs.DECODE_PDL and q.is_cuda and configs.arch(q.device) >= (9, 0)
     placeholder = cu_seqlens_q  # any tensor: pointers the flags say are never read
     with device_guard(q):
-        _cache_attention_kernel[(work * splits,)](
+        _cache_attention_launch[(work * splits,)](
             q, k_cache, v_cache, out, lse, o_part, lse_part,
             placeholder if cache.seqlens is None else cache.seqlens,
             placeholder if cache.batch_idx is None else cache.batch_idx,
@@ -325,7 +332,7 @@ def cache_attention(q, cache, features, num_splits=0, varlen_q=None, max_keys=No
             DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         )
         if splits > 1:
-            _combine_kernel[(total_tokens * n_heads,)](
+            _combine_launch[(total_tokens * n_heads,)](
                 o_part, lse_part, out, lse, total_tokens, n_heads, splits, lse_seqlen, stride_lse_b, stride_lse_h,
                 HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
                 PDL=pdl, num_warps=4 if head_dim > 64 else 2, launch_pdl=pdl,

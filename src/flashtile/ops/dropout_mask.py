@@ -8,6 +8,7 @@ import triton.language as tl
 
 from flashtile import philox
 from flashtile.ops.common import cdiv, device_guard
+from flashtile.ops.launch import FastLaunch
 from flashtile.ops.score import dropout_keep
 
 
@@ -25,6 +26,9 @@ def _keep_mask_kernel(MASK, seqlen_q, seqlen_k, batch_index, seed, dropout_thres
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
 
+_keep_mask_launch = FastLaunch(_keep_mask_kernel)
+
+
 def keep_mask(seed, dropout_p, batch_index, n_heads, seqlen_q, seqlen_k, device, block=(16, 64)) -> torch.Tensor:
     """Bool (H, Sq, Sk): which probabilities batch entry ``batch_index`` keeps. ``block``: the
     tile (rows, keys), a choice that must not change the result (tests vary it)."""
@@ -34,6 +38,6 @@ def keep_mask(seed, dropout_p, batch_index, n_heads, seqlen_q, seqlen_k, device,
     block_m, block_n = block
     grid = (cdiv(seqlen_q, block_m), cdiv(seqlen_k, block_n), n_heads)
     with device_guard(mask):
-        _keep_mask_kernel[grid](mask, seqlen_q, seqlen_k, batch_index, seed, philox.threshold(dropout_p),
+        _keep_mask_launch[grid](mask, seqlen_q, seqlen_k, batch_index, seed, philox.threshold(dropout_p),
                                 BLOCK_M=block_m, BLOCK_N=block_n)
     return mask.bool()

@@ -33,6 +33,7 @@ from flashtile.ops.common import (
     cdiv, device_guard, dot_precision, feature_args, load_gluon_module, padded_head_dim, sequence_layout,
     shared_strides, stream_by_tma,
 )
+from flashtile.ops.launch import FastLaunch
 from flashtile.ops.score import dropout_keep, scores_base2, span, tanh, visible
 from flashtile.ops.tiles import (
     load_kv_tile, q_tile_program, sequence_bounds, start_kv_stream, stream_sources,
@@ -200,6 +201,9 @@ def _fwd_kernel(
     tl.store(lse_ptrs, lse, mask=mask_m)
 
 
+_fwd_launch = FastLaunch(_fwd_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _gluon_forward():
     """``ops.fwd_hopper``, imported on first CUDA use (Gluon has no interpreter), or None
@@ -235,7 +239,7 @@ def flash_fwd(q, k, v, features, varlen=None):
     grid = (num_m_blocks * layout.batch * n_heads,)
     args = feature_args(features, q)
     with device_guard(q):
-        _fwd_kernel[grid](
+        _fwd_launch[grid](
             q, k, v, out, lse, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.seq_order, args.alibi,
             *layout.strides(q), *layout.strides(k), *layout.strides(out),
             *layout.lse_strides(n_heads), args.stride_alibi_b,

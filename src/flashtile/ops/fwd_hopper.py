@@ -429,11 +429,14 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     """Whether a forward takes this kernel: see the module docstring. Pure host checks."""
     from flashtile import configs
 
-    if not (configs.GLUON_FWD and gluon_applies(q, k, features, varlen, q, k, v, any_window=True)):
+    if not configs.GLUON_FWD or varlen is not None:
         return False
+    # The size rules first: they turn away short calls, whose host time matters most, cheaply.
     seqlen_q, head_dim, seqlen_k = q.shape[1], q.shape[3], k.shape[1]
     tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
     if tile is None or seqlen_q % _ROWS or seqlen_k < tile.min_seqlen_k:
+        return False
+    if not gluon_applies(q, k, features, varlen, q, k, v, any_window=True):
         return False
     return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim))
 

@@ -1,0 +1,148 @@
+"""Launching compiled kernels without triton's per-call argument binding.
+
+``kernel[grid](...)`` re-derives on every launch which compiled variant its arguments select:
+it binds ~45 arguments by name, specializes each one (tensor dtype and 16-byte alignment,
+integer divisibility by 16, integers equal to 1), formats the options into a cache key and
+looks the key up. On the H100 host that measured 49 us per launch of the forward kernel
+(``bench/overhead.py``), longer than the kernel itself for short sequences, and a backward
+launches three kernels.
+
+``FastLaunch(kernel)[grid](...)`` takes the same arguments. It keys its own cache on what
+triton's specialization reads (``specialization_key``: per argument its Python type, and for
+tensors the dtype and alignment, for integers the size class, == 1 and divisibility by 16),
+asks triton for the compiled kernel the first time a key is seen, and from then on calls the
+compiled kernel's launcher directly. The key is at least as fine as triton's own (a CPU test
+holds it against triton's specializer), so a hit always runs the variant triton would have.
+
+Triton's own path is taken under the interpreter, on triton releases other than the one this
+was written against (the compiled kernel's launch interface is internal), while a launch hook is
+installed (profilers such as proton hang off it), and where ``configs.FAST_LAUNCH`` is off.
+"""
+
+import torch
+import triton
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+from flashtile import configs
+from flashtile.ops.common import GLUON_TRITON
+
+_INT32_MIN, _INT32_END, _UINT64_MIN = -(2**31), 2**31, 2**63
+# Parameter kinds, as triton specializes them.
+_CONSTEXPR, _SPECIALIZED, _UNSPECIALIZED = 0, 1, 2
+
+
+class _Unkeyed(Exception):
+    """An argument of a kind this module does not key: the launch takes triton's path."""
+
+
+def _value_key(value, specialize: bool):
+    """What triton's specializer reads of one non-constexpr argument (see the module docstring).
+
+    Integers: size class (i32 / i64 / u64 boundaries), and where specialized, == 1 (turns the
+    argument into a constant) and divisibility by 16. Tensors: dtype and data pointer % 16.
+    Floats, bools and None: their type alone. Anything else raises ``_Unkeyed``."""
+    kind = type(value)
+    if kind is int:
+        size = 0 if _INT32_MIN <= value < _INT32_END else (1 if value < _UINT64_MIN else 2)
+        return (size, value == 1, value % 16 == 0) if specialize else size
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if kind is float or kind is bool or value is None:
+        return kind
+    raise _Unkeyed
+
+
+def _kinds(kernel: JITFunction) -> tuple:
+    return tuple(_CONSTEXPR if p.is_constexpr else _UNSPECIALIZED if p.do_not_specialize else _SPECIALIZED
+                 for p in kernel.params)
+
+
+def specialization_key(kinds: tuple, values, options: tuple) -> tuple:
+    """A hashable key for a launch with ``values`` (every parameter, in order, of a kernel whose
+    parameters are ``kinds``) and launch ``options`` (``num_warps``, ...): equal keys select the
+    same compiled variant. Raises ``_Unkeyed`` for an argument ``_value_key`` does not cover."""
+    # Every argument's type (one C-level pass: it tells True, 1 and 1.0 apart, which triton does
+    # for constexprs), then per argument what its type leaves open; tensors and integers inline
+    # (~45 arguments per launch: the per-argument cost is what this module saves).
+    parts = [options, tuple(map(type, values))]
+    for kind, value in zip(kinds, values):
+        if kind == _CONSTEXPR:
+            parts.append(value)
+        elif type(value) is torch.Tensor:
+            parts.append((value.dtype, value.data_ptr() % 16 == 0))
+        else:
+            parts.append(_value_key(value, kind == _SPECIALIZED))
+    return tuple(parts)
+
+
+# The compiled kernel's launch interface is internal to triton: the fast path is written against
+# one release line (the Gluon kernels' line, ops/common.GLUON_TRITON).
+_RELEASE_SUPPORTED = tuple(int(part) for part in triton.__version__.split(".")[:2]) == GLUON_TRITON
+if _RELEASE_SUPPORTED:
+    from triton import knobs
+
+
+def _fast_path_available() -> bool:
+    """Off under the interpreter, on other triton release lines, while a launch hook is
+    installed, and where ``configs.FAST_LAUNCH`` is off."""
+    if not (configs.FAST_LAUNCH and _RELEASE_SUPPORTED):
+        return False
+    runtime = knobs.runtime
+    return not (runtime.interpret or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls)
+
+
+class FastLaunch:
+    """``FastLaunch(kernel)[grid](*args, **kwargs)`` launches like ``kernel[grid](...)``. For
+    kernels whose arguments are tensors, numbers, None and constexprs (a tensor descriptor, for
+    one, is not keyed: such launches take triton's path every time)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = getattr(kernel, "params", ())  # an interpreted kernel has none: triton's path
+        self.defaults = tuple(param.default for param in params)
+        self.kinds = _kinds(kernel) if isinstance(kernel, JITFunction) else ()
+        self.index = {param.name: i for i, param in enumerate(params)}
+        self.compiled = {}  # (device, key) -> triton CompiledKernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launch(grid, args, kwargs)
+
+        return launch
+
+    def _bind(self, args, kwargs):
+        """Every parameter's value in signature order, and the launch options as a tuple."""
+        values = [*args, *self.defaults[len(args):]]
+        options = []
+        index = self.index
+        for name, value in kwargs.items():
+            position = index.get(name)
+            if position is None:
+                options.append((name, value))
+            else:
+                values[position] = value
+        return values, tuple(options)
+
+    def launch(self, grid, args, kwargs):
+        if not (self.kinds and type(grid) is tuple and _fast_path_available()):
+            self.kernel[grid](*args, **kwargs)
+            return
+        device = driver.active.get_current_device()
+        values, options = self._bind(args, kwargs)
+        try:
+            key = (device, specialization_key(self.kinds, values, options))
+        except _Unkeyed:
+            self.kernel[grid](*args, **kwargs)
+            return
+        compiled = self.compiled.get(key)
+        if compiled is None:  # first launch of this variant: triton compiles or finds it
+            self.compiled[key] = self.kernel[grid](*args, **kwargs)
+            return
+        grid_y = grid[1] if len(grid) > 1 else 1
+        grid_z = grid[2] if len(grid) > 2 else 1
+        stream = driver.active.get_current_stream(device)  # as triton's path: torch's current stream
+        # The launcher takes the launch metadata and the enter / exit hooks before the arguments:
+        # None for all three (no hook is installed, see _fast_path_available).
+        compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+                     None, None, None, *values)

@@ -1,0 +1,166 @@
+"""``ops/launch.FastLaunch``: its cache key held against triton's own specializer, and how it binds
+a launch's arguments (CPU, with a recording stand-in for the compiled kernel; on a GPU every tl
+kernel of the suite launches through it)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import triton.language as tl
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import JITFunction
+
+from flashtile import configs
+from flashtile.ops import launch
+
+INTS = [0, 1, 2, 15, 16, 17, 48, -1, -16, -17, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 16,
+        2**63 - 16, 2**63, 2**64 - 16]
+
+
+def tensor_values():
+    """Tensors of three dtypes whose data pointers are 16-byte aligned or not."""
+    values = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.int32):
+        base = torch.zeros(64, dtype=dtype)
+        values += [base, base[1:], base[8:], base[16:]]
+    return values
+
+
+VALUES = INTS + [0.5, 1.0, 16.0, True, False, None] + tensor_values()
+
+
+def triton_specialization(value, specialize):
+    return native_specialize_impl(CUDABackend, value, False, specialize, True)
+
+
+@pytest.mark.parametrize("specialize", [True, False])
+def test_value_key_is_at_least_as_fine_as_triton(specialize):
+    """Two arguments with equal keys must select the same compiled variant in triton."""
+    keyed = [(launch._value_key(v, specialize), v) for v in VALUES]
+    for (key_a, a), (key_b, b) in itertools.combinations(keyed, 2):
+        if key_a == key_b:
+            assert triton_specialization(a, specialize) == triton_specialization(b, specialize), (a, b)
+
+
+def test_value_key_tells_apart_what_triton_does():
+    """And the key is not coarser in the cases the kernels meet: alignment, dtype, % 16, == 1."""
+    t = torch.zeros(64, dtype=torch.float16)
+    pairs = [(t, t[1:]), (t, t.to(torch.bfloat16)), (16, 17), (1, 17), (2**31 - 16, 2**31)]
+    for a, b in pairs:
+        assert triton_specialization(a, True) != triton_specialization(b, True)
+        assert launch._value_key(a, True) != launch._value_key(b, True)
+
+
+@pytest.mark.parametrize("value", [np.int64(16), object()], ids=["numpy int", "object"])
+def test_value_key_leaves_other_kinds_to_triton(value):
+    with pytest.raises(launch._Unkeyed):
+        launch._value_key(value, True)
+
+
+def _kernel(X, n, scale, m, FLAG: tl.constexpr, BLOCK: tl.constexpr = 16):
+    pass
+
+
+class RecordingKernel(JITFunction):
+    """A JITFunction whose ``[grid](...)`` records the call and hands back a stand-in compiled kernel
+    whose ``run`` records the direct launches."""
+
+    def __init__(self, fn, **kwargs):
+        super().__init__(fn, **kwargs)
+        self.slow_calls, self.fast_calls = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.slow_calls.append((grid, args, kwargs))
+            compiled = type("Compiled", (), {})()
+            compiled.function, compiled.packed_metadata = "function", "metadata"
+            compiled.run = lambda *launch_args: self.fast_calls.append(launch_args)
+            return compiled
+
+        return run
+
+
+class FakeDriver:
+    """``triton.runtime.driver`` on a machine without a GPU: device 0, stream 77."""
+
+    class active:
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device: 77)
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    monkeypatch.setattr(launch, "driver", FakeDriver)
+    monkeypatch.setattr(launch, "_fast_path_available", lambda: True)
+    kernel = RecordingKernel(_kernel, do_not_specialize=["m"])
+    return kernel, launch.FastLaunch(kernel)
+
+
+def test_fast_launch_binds_arguments_in_signature_order(recording):
+    kernel, fast = recording
+    x = torch.zeros(32, dtype=torch.float16)
+    fast[(3,)](x, 32, 0.5, 7, FLAG=True, num_warps=4)
+    assert kernel.slow_calls == [((3,), (x, 32, 0.5, 7), {"FLAG": True, "num_warps": 4})]
+    fast[(5, 2)](x, 48, 0.25, 9, FLAG=True, num_warps=4)  # same variant: launched directly
+    assert len(kernel.slow_calls) == 1
+    (call,) = kernel.fast_calls
+    assert call[:9] == (5, 2, 1, 77, "function", "metadata", None, None, None)
+    assert call[9:] == (x, 48, 0.25, 9, True, 16)  # the BLOCK default filled in, num_warps left out
+
+
+@pytest.mark.parametrize("change", ["alignment", "dtype", "not % 16", "== 1", "constexpr", "num_warps"])
+def test_fast_launch_sends_a_new_variant_through_triton(recording, change):
+    kernel, fast = recording
+    x = torch.zeros(32, dtype=torch.float16)
+    args, kwargs = [x, 32, 0.5, 7], {"FLAG": True, "num_warps": 4}
+    fast[(1,)](*args, **kwargs)
+    if change == "alignment":
+        args[0] = x[1:]
+    elif change == "dtype":
+        args[0] = x.float()
+    elif change == "not % 16":
+        args[1] = 33
+    elif change == "== 1":
+        args[1] = 1
+    elif change == "constexpr":
+        kwargs["FLAG"] = 1  # equal to True, but another constexpr value for triton
+    else:
+        kwargs["num_warps"] = 8
+    fast[(1,)](*args, **kwargs)
+    assert len(kernel.slow_calls) == 2 and kernel.fast_calls == []
+
+
+def test_fast_launch_ignores_unspecialized_integer_values(recording):
+    kernel, fast = recording
+    x = torch.zeros(32, dtype=torch.float16)
+    for m in (7, 16, 1, 2**20):  # ``m`` is do_not_specialize: one variant for every value
+        fast[(1,)](x, 32, 0.5, m, FLAG=False)
+    assert len(kernel.slow_calls) == 1 and len(kernel.fast_calls) == 3
+
+
+def test_fast_launch_takes_triton_path_when_switched_off(recording, monkeypatch):
+    kernel, _ = recording
+    monkeypatch.undo()  # the real _fast_path_available: the interpreter (or FAST_LAUNCH) turns it off
+    monkeypatch.setattr(configs, "FAST_LAUNCH", False)
+    fast = launch.FastLaunch(kernel)
+    x = torch.zeros(32, dtype=torch.float16)
+    for _ in range(3):
+        fast[(1,)](x, 32, 0.5, 7, FLAG=False)
+    assert len(kernel.slow_calls) == 3 and kernel.fast_calls == []
+    assert not launch._fast_path_available()
+
+
+def test_fast_launch_sends_unkeyed_arguments_through_triton_every_time(recording):
+    kernel, fast = recording
+    x = torch.zeros(32, dtype=torch.float16)
+    for _ in range(2):
+        fast[(1,)](x, np.int64(32), 0.5, 7, FLAG=False)
+    assert len(kernel.slow_calls) == 2 and kernel.fast_calls == [] and fast.compiled == {}
+
+
+def test_specialization_key_tells_constexpr_types_apart():
+    kinds = (launch._CONSTEXPR,)
+    keys = {launch.specialization_key(kinds, [value], ()) for value in (True, 1, 1.0)}
+    assert len(keys) == 3
