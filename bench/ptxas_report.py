@@ -93,10 +93,10 @@ def gluon_report(spec: str) -> str:
         tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
         kernel = fwd_hopper._hopper_fwd_kernel
         types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n, boxes=True),
-                 "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16"}
+                 "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16", "work_counter": "*i32"}
         constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "BOUND_LEFT": window,
                       "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
-                      "SOFTCAP": softcap, "PINGPONG": tile.pingpong}
+                      "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue}
     else:
         kernel, block_n = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)

@@ -226,17 +226,24 @@ def test_sm_count_asks_torch_once_per_device(monkeypatch):
 
 
 def test_gluon_forward_program_count(monkeypatch):
-    """The Gluon forward's grid: one program per SM for unmasked calls with more work tiles than
-    SMs, one per work tile under a causal or window mask, with few tiles, or with
+    """The Gluon forward's grid ``(programs, queue)``: one program per SM when there are more work
+    tiles than SMs, taking them from the queue under a causal or window mask where the table
+    entry says ``queue``; one per work tile with few tiles, masked without ``queue``, or with
     configs.GLUON_FWD_PERSISTENT off."""
     from flashtile.ops import fwd_hopper
 
     monkeypatch.setattr(configs, "sm_count", lambda device: 132)
-    assert fwd_hopper.program_count(2048, False, "cuda") == 132
-    assert fwd_hopper.program_count(100, False, "cuda") == 100
-    assert fwd_hopper.program_count(2048, True, "cuda") == 2048
+    count = fwd_hopper.program_count
+    assert count(2048, False, False, "cuda") == (132, False)
+    assert count(100, False, False, "cuda") == (100, False)
+    assert count(2048, True, True, "cuda") == (132, True)
+    assert count(100, True, True, "cuda") == (100, False)
+    assert count(2048, True, False, "cuda") == (2048, False)
     monkeypatch.setattr(configs, "GLUON_FWD_PERSISTENT", False)
-    assert fwd_hopper.program_count(2048, False, "cuda") == 2048
+    assert count(2048, False, False, "cuda") == (2048, False)
+    assert count(2048, True, True, "cuda") == (2048, False)
+    # The masked entries that take the queue: head dim 128 (docs/performance.md, step 18).
+    assert [d for (d, masked), tile in configs.SM90_GLUON_FWD.items() if masked and tile.queue] == [128]
 
 
 def test_gluon_applies_rule_by_rule(monkeypatch):

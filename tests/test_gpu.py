@@ -144,21 +144,25 @@ PERSISTENT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("queue", [False, True], ids=["round-robin", "queue"])
 @pytest.mark.parametrize("programs", [1, 3])
 @pytest.mark.parametrize("shape, causal, window, softcap", PERSISTENT_CASES,
                          ids=[f"{case_id(*c[0])}-{'causal' if c[1] else 'w%d_%d' % c[2]}-cap{c[3]:g}"
                               for c in PERSISTENT_CASES])
-def test_gluon_forward_persistent_programs(shape, causal, window, softcap, programs, monkeypatch):
+def test_gluon_forward_persistent_programs(shape, causal, window, softcap, programs, queue, monkeypatch):
     """The persistent Gluon forward with fewer programs than work tiles (the launch gives one
     per SM, more than these shapes have tiles): each program runs many tiles of different key
     ranges in turn, carrying its K/V ring positions, the consumers' turn phases and the Q
-    buffer's barriers from one tile to the next. Forced to 1 and 3 programs; by the tolerance
-    rule on out, lse (and dq, dk, dv through the backward on that LSE)."""
+    buffer's barriers from one tile to the next; every G-th tile (round-robin) or the next one
+    from the work queue (the producer posting each tile's index to the consumers, then the
+    stop). Forced to 1 and 3 programs; by the tolerance rule on out, lse (and dq, dk, dv
+    through the backward on that LSE)."""
     from flashtile.ops import fwd_hopper
 
     calls = _count_gluon_calls(monkeypatch)
     counts = []
-    monkeypatch.setattr(fwd_hopper, "program_count", lambda n_work, *_: counts.append(n_work) or programs)
+    monkeypatch.setattr(fwd_hopper, "program_count",
+                        lambda n_work, *_: (counts.append(n_work) or programs, queue))
     q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
 
     def attn(q, k, v):

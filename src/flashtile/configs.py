@@ -113,9 +113,9 @@ SM90_LONG.update({(mode, small, causal): SM90_LONG[(mode, 64, causal)]
 # kernel's 494 / 485 and cuDNN's 610 / 593 in the same run. Set to False to time the tl kernel on
 # the same shapes.
 GLUON_FWD = True
-# The Gluon forward's grid without a causal or window mask: one program per SM, each running
-# work tiles in turn (True), or one program per work tile (False). Masked calls always take one
-# program per tile (ops/fwd_hopper.program_count; docs/performance.md, step 17).
+# The Gluon forward's persistent grid: one program per SM, each running work tiles in turn (True),
+# or one program per work tile (False). Causal and window calls take it where their table entry
+# says ``queue`` (ops/fwd_hopper.program_count; docs/performance.md, steps 17 and 18).
 GLUON_FWD_PERSISTENT = True
 
 
@@ -128,6 +128,9 @@ class GluonForwardTile:
     # The two consumer warpgroups take turns to issue their MMAs (FlashAttention-3's ping-pong);
     # False: each issues as soon as its tile is ready.
     pingpong: bool = True
+    # Masked entries: the persistent grid, each program taking the next work tile from a queue
+    # (an atomic counter) as it finishes one; False: one program per work tile.
+    queue: bool = False
 
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
@@ -144,11 +147,15 @@ SM90_GLUON_FWD = {
     # Non-causal started at 8192 keys (0.68 0.83 0.89 1.00 1.01 1.03 at 16:42) before the
     # persistent grid (GLUON_FWD_PERSISTENT), which short loops gain most from.
     (64, False): GluonForwardTile(128, 3, 3, 1024, pingpong=False),  # 0.97 1.03 1.04 1.05 1.03 1.05
+    # The queue (step 18, queue / one program per tile, 21:35 UTC, causal 8192 / 16384, window
+    # (1024, 0) at 8192): head dim 64 1.023 / 1.028, window 0.978; 256 (512 ... 16384) 0.92 1.04 1.00
+    # 1.00 1.01 1.00, window 0.986: within the noise but for 256 at 512, so only head dim 128 takes it.
     (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.58 0.68 0.84 0.98 1.04 1.07
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
     (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.31 1.26 1.23 1.19 1.10 1.20
-    (128, True): GluonForwardTile(128, 3, 3, 1024),  # 0.91 1.03 1.13 1.14 1.19 1.10
+    # Queue / one program per tile at 1024 ... 16384: 1.15 1.11 1.07 1.02 1.04, window 1.03.
+    (128, True): GluonForwardTile(128, 3, 3, 1024, queue=True),  # 0.91 1.03 1.13 1.14 1.19 1.10
     # 64-key tiles, 2 slots each: 128-key tiles would need 128 KB per K/V pair. Separate K and V
     # barriers took this entry from 1.02-1.08x the tl kernel (14:14) to 1.29-1.54x; K 3 / V 2 and
     # no ping-pong were within -13% / +15% of it, no consistent winner (--tiles).

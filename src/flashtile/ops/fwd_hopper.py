@@ -1,10 +1,13 @@
 """Hopper forward in Gluon (``triton.experimental.gluon``): FlashAttention-3's ping-pong schedule.
 
-A work tile is 128 query rows of one head. Without a causal or window mask the grid is
-persistent: one program per SM runs every G-th work tile in turn, its producer loading the next
-tile's Q and first K/V tiles while the consumers finish the last one (+5-18% at 512-2048 tokens
-at head dim 128, +2-7% at 256); masked calls launch one program per work tile, whose lengths differ
-(``program_count``). Three partitions (warp specialization):
+A work tile is 128 query rows of one head. The grid is persistent: one program per SM runs work
+tiles in turn, its producer loading the next tile's Q and first K/V tiles while the consumers
+finish the last one. Without a mask each program runs every G-th tile (+5-18% at 512-2048 tokens
+at head dim 128, +2-7% at 256); under a causal or window mask, whose tiles differ in length, the
+producer takes the next tile from a queue (an atomic counter) and posts its index to the
+consumers in shared memory (+7-15% at 1024-4096 tokens, causal head dim 128), or, where the
+table entry does not take the queue, one program per work tile is launched (``program_count``).
+Three partitions (warp specialization):
 
 * a 1-warp producer loads each work tile's Q (once both consumers have released the last one)
   and streams K and V tiles (``block_n`` keys) by TMA into two rings of
@@ -60,8 +63,8 @@ def tanh_approx(x):
 
 @gluon.jit
 def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-             seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group, lo_off, hi_off,
-             BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr):
+             work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group,
+             lo_off, hi_off, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, QUEUE: gl.constexpr):
     """For each of the program's work tiles (``_work``): its two Q halves (once both consumers
     have released the last tile's: ``q_empty``) and its K/V tiles into their rings (K and V each
     with its own depth and mbarriers: a K slot is free once both consumers' S = Q K^T has run, a
@@ -74,18 +77,50 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
     D: gl.constexpr = q_desc.block_type.shape[1]
     ring = 0  # K/V tiles loaded so far
     done = 0  # work tiles so far
-    for work in range(gl.program_id(0), n_work, gl.num_programs(0)):
+    work = gl.program_id(0)
+    while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N)
         q_row0 = b * seqlen_q + first_row
         mbarrier.wait(q_empty, (done & 1) ^ 1, pred=done > 0)
+        if QUEUE:  # the consumers read the tile's index once Q has arrived (q_ready orders the store)
+            _post_work(work_slot, work)
         mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row0, h * D], q_ready, q_smem.index(0))
         tma.async_copy_global_to_shared(q_desc, [q_row0 + HALF, h * D], q_ready, q_smem.index(1))
         ring = _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b,
                            (h // group_size) * D, first_tile, end_tile - first_tile, ring)
         done += 1
+        work = _next_work(work, work_counter, QUEUE)
+    if QUEUE:  # no tile left: the consumers read n_work and stop
+        mbarrier.wait(q_empty, (done & 1) ^ 1, pred=done > 0)
+        _post_work(work_slot, n_work)
+        mbarrier.arrive(q_ready, count=1)
+
+
+@gluon.jit
+def _next_work(work, work_counter, QUEUE: gl.constexpr):
+    """The producer's next work tile: G on (G programs, each starting at its own index), or with
+    QUEUE the next one no program has taken yet (``work_counter`` counts those taken past the
+    first G): programs that drew short tiles come back sooner, and tiles still start in order."""
+    if QUEUE:
+        return gl.num_programs(0) + gl.atomic_add(work_counter, 1)
+    return work + gl.num_programs(0)
+
+
+@gluon.jit
+def _post_work(work_slot, work):
+    """The producer (one warp) writes a work tile's index to the shared slot the consumers read."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    work_slot.store(gl.full([1], work, gl.int32, layout))
+
+
+@gluon.jit
+def _read_work(work_slot):
+    """A consumer warpgroup reads the index ``_post_work`` wrote."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    return gl.max(work_slot.load(layout), axis=0)
 
 
 @gluon.jit
@@ -221,20 +256,26 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-             out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale,
-             softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
-             KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
+             work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off,
+             hi_off, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
+             KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr,
+             QUEUE: gl.constexpr):
     """Consumer warpgroup C over the program's work tiles (``_work``), in the producer's order:
     ``ring`` counts the K/V tiles consumed so far (ring positions), ``done`` the work tiles; each
     tile of n key tiles runs n - 1 loop iterations, each one phase of the turn barriers."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     ring = 0
     done = 0
-    for work in range(gl.program_id(0), n_work, gl.num_programs(0)):
+    work = gl.program_id(0)
+    if QUEUE:
+        mbarrier.wait(q_ready, 0)
+        work = _read_work(work_slot)
+    while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N)
-        mbarrier.wait(q_ready, done & 1)
+        if not QUEUE:
+            mbarrier.wait(q_ready, done & 1)
         _attend(C, ring, ring - done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
                 out_ptr, lse_ptr, b * seqlen_q + first_row, h * D, n_heads * D,
                 (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off, seqlen_k,
@@ -242,6 +283,11 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
                 KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
         ring += end_tile - first_tile
         done += 1
+        if QUEUE:
+            mbarrier.wait(q_ready, done & 1)  # the next tile's Q, or the producer's stop
+            work = _read_work(work_slot)
+        else:
+            work += gl.num_programs(0)
 
 
 @gluon.jit
@@ -366,15 +412,15 @@ def _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT: gl.constexpr, BO
 
 
 @gluon.jit
-def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, group_size,
-                       num_m_blocks, n_work, head_group, qk_scale, softcap_in, window_left, window_right,
+def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, seqlen_q, seqlen_k, n_heads,
+                       group_size, num_m_blocks, n_work, head_group, qk_scale, softcap_in, window_left, window_right,
                        D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
                        BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
-                       SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
+                       SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr):
     # Program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks * batch *
-    # n_heads (G programs: one per SM for unmasked calls, one per work tile otherwise;
-    # program_count), the producer loading a tile's Q and first K/V while the consumers finish
-    # the previous one. q is viewed as 2-D
+    # n_heads, or with QUEUE tile p and then the next untaken one (work_counter counts those past
+    # the first G), G programs (program_count), the producer loading a tile's Q and first K/V
+    # while the consumers finish the previous one. q is viewed as 2-D
     # (B * S, H * D), k and v as 3-D (B, S, H * D). Row i sees keys i + diag - window_left ..
     # i + diag + window_right (bottom-right aligned, diag = seqlen_k - seqlen_q; BOUND_LEFT /
     # BOUND_RIGHT: the bound is set). KEY_TAIL: seqlen_k is not a multiple of the key tile.
@@ -396,6 +442,7 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    work_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(K_SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # released by both consumers
@@ -410,15 +457,17 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, seqlen_q, seqle
     mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
 
     gl.warp_specialize([
-        (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr,
-                    lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale,
-                    softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)),
-        (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr,
-                    lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale,
-                    softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)),
+        (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                    work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
+                    lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                    PINGPONG, QUEUE)),
+        (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                    work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
+                    lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                    PINGPONG, QUEUE)),
         (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                    v_empty, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group, lo_off,
-                    hi_off, BOUND_LEFT, BOUND_RIGHT)),
+                    v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work,
+                    head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -441,17 +490,20 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim))
 
 
-def program_count(n_work: int, masked: bool, device) -> int:
-    """Programs of the grid: one per SM (each runs every G-th work tile in turn) for unmasked
-    attention, whose work tiles are all equally long; one per work tile (the hardware hands each
-    SM the next program as one ends) under a causal or window mask, where a fixed G-th share of
-    tiles of unequal length measured up to 33% slower; one per tile with
+def program_count(n_work: int, masked: bool, queue: bool, device) -> tuple[int, bool]:
+    """``(programs, queue)`` of the grid. Unmasked attention, whose work tiles are all equally
+    long: one program per SM, each running every G-th tile in turn. Under a causal or window
+    mask tiles differ in length, and a fixed G-th share measured up to 33% slower (the shares
+    sample a periodic pattern of lengths, so some programs draw mostly long tiles): one program
+    per SM taking tiles from a queue where the table entry says ``queue``, else one program per
+    work tile (the hardware hands each SM the next as one ends). One program per tile with
     ``configs.GLUON_FWD_PERSISTENT`` off."""
     from flashtile import configs
 
-    if masked or not configs.GLUON_FWD_PERSISTENT:
-        return n_work
-    return min(n_work, configs.sm_count(device))
+    if not configs.GLUON_FWD_PERSISTENT or (masked and not queue):
+        return n_work, False
+    programs = min(n_work, configs.sm_count(device))
+    return programs, masked and programs < n_work
 
 
 def hopper_fwd(q, k, v, features):
@@ -479,8 +531,11 @@ def hopper_fwd(q, k, v, features):
     guard = bound_left or (bound_right and seqlen_k - seqlen_q + right < 0)
     order_group = head_group(bound_right, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
     n_work = num_m_blocks * batch * n_heads
-    _hopper_fwd_kernel[(program_count(n_work, bound_left or bound_right, q.device),)](
-        q_desc, k_desc, v_desc, out, lse, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, order_group,
-        *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left, bound_right,
-        seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, num_warps=4)
+    programs, queue = program_count(n_work, bound_left or bound_right, tile.queue, q.device)
+    # The queue's counter: tiles taken past each program's first (zeroed per call).
+    work_counter = torch.zeros(1, dtype=torch.int32, device=q.device) if queue else lse
+    _hopper_fwd_kernel[(programs,)](
+        q_desc, k_desc, v_desc, out, lse, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work,
+        order_group, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left,
+        bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue, num_warps=4)
     return out, lse
