@@ -110,9 +110,22 @@ def main():
                  "flash_attn_func forward + autograd.grad", "flash_attn_with_kvcache, index checks off"):
         print(f"{name:46s} {per_call_us(rows[name]):7.1f} us/call")
     configs.FAST_LAUNCH = True
+    print_fast_launch_caches()
     if args.profile:
         profile(fwd_bwd)
         trace(fwd_bwd)
+
+
+def print_fast_launch_caches():
+    """Compiled variants each FastLaunch holds after the rows above: a handful each (one per shape
+    class and mask), or its key misses on every call and every launch takes triton's path."""
+    from flashtile.ops import append, decode, fwd
+    from flashtile.ops.launch import FastLaunch
+
+    for module in (fwd, bwd, decode, append):
+        for name, value in vars(module).items():
+            if isinstance(value, FastLaunch):
+                print(f"FastLaunch {module.__name__}.{name}: {len(value.compiled)} compiled variants cached")
 
 
 def trace(fn, calls=200):

@@ -135,7 +135,7 @@ class GluonForwardTile:
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
 # runs at least as fast as the tl kernel at that length and every longer one (bench/common.py
-# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 20:11 UTC,
+# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 21:31 UTC,
 # bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Shared memory: Q 128 x D
 # plus (k_slots + v_slots) x block_n x D, 16-bit, within an H100 SM's 227 KB. The ring depths and
@@ -144,23 +144,25 @@ class GluonForwardTile:
 SM90_GLUON_FWD = {
     # Head dim 64 is bound by the exponentials (as many per score as at 128, half the MMA work):
     # without ping-pong +1.0-3.1% in all six cells of --tiles (4-deep rings: -0.5% to +1.1%).
-    # Non-causal started at 8192 keys (0.68 0.83 0.89 1.00 1.01 1.03 at 16:42) before the
-    # persistent grid (GLUON_FWD_PERSISTENT), which short loops gain most from.
-    (64, False): GluonForwardTile(128, 3, 3, 1024, pingpong=False),  # 0.97 1.03 1.04 1.05 1.03 1.05
+    # Non-causal: 8192 keys at 16:42 (0.68 0.83 0.89 1.00 1.01 1.03), 1024 at 20:11 on the persistent
+    # grid (0.97 1.03 1.04 1.05 1.03 1.05), 16384 at 21:31 (one cell at 0.99): a tie with tl from
+    # 1024 keys, which the rule tips either way run to run.
+    (64, False): GluonForwardTile(128, 3, 3, 16384, pingpong=False),  # 0.98 1.02 1.04 1.01 0.99 1.03
     # The queue (step 18, queue / one program per tile, 21:35 UTC, causal 8192 / 16384, window
     # (1024, 0) at 8192): head dim 64 1.023 / 1.028, window 0.978; 256 (512 ... 16384) 0.92 1.04 1.00
     # 1.00 1.01 1.00, window 0.986: within the noise but for 256 at 512, so only head dim 128 takes it.
-    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.58 0.68 0.84 0.98 1.04 1.07
+    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.58 0.69 0.87 0.98 1.02 1.09
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
-    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.31 1.26 1.23 1.19 1.10 1.20
-    # Queue / one program per tile at 1024 ... 16384: 1.15 1.11 1.07 1.02 1.04, window 1.03.
-    (128, True): GluonForwardTile(128, 3, 3, 1024, queue=True),  # 0.91 1.03 1.13 1.14 1.19 1.10
+    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.34 1.26 1.33 1.22 1.16 1.09
+    # Queue / one program per tile at 1024 ... 16384: 1.15 1.11 1.07 1.02 1.04, window 1.03; with
+    # the queue the entry starts at 512 keys (was 1024: 0.91 1.03 1.13 1.14 1.19 1.10 at 20:11).
+    (128, True): GluonForwardTile(128, 3, 3, 512, queue=True),  # 1.11 1.19 1.23 1.19 1.20 1.13
     # 64-key tiles, 2 slots each: 128-key tiles would need 128 KB per K/V pair. Separate K and V
     # barriers took this entry from 1.02-1.08x the tl kernel (14:14) to 1.29-1.54x; K 3 / V 2 and
     # no ping-pong were within -13% / +15% of it, no consistent winner (--tiles).
-    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.41 1.54 1.56 1.54 1.37 1.62
-    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.22 1.37 1.45 1.50 1.48 1.51
+    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.42 1.52 1.59 1.56 1.57 1.47
+    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.23 1.37 1.44 1.47 1.55 1.45
 }
 
 # Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile
