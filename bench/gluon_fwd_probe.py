@@ -12,7 +12,8 @@ schedule one technique at a time, non-causal, head dim 128, bf16, against the tl
 of ``configs.SM90_GLUON_FWD``, causal and not, seqlen 512..16384 (batch x seqlen = 16384, heads
 x head dim = 2048): what decides the head dims and the minimum key length it is dispatched for.
 ``--tiles`` times each head dim's table tile against other ring depths and without ping-pong
-(``TILE_CANDIDATES``); ``--windows`` times sliding windows against the tl kernel.
+(``TILE_CANDIDATES``) and, causal, with its ``queue`` switched; ``--windows`` times sliding
+windows against the tl kernel.
 
     PYTHONPATH=src python3 bench/gluon_fwd_probe.py [--coverage | --tiles | --windows] [--out results.json]
 """
@@ -255,8 +256,9 @@ TILE_CANDIDATES = {
 
 
 def tiles(out_path, seqlens=(1024, 4096, 16384)):
-    """Each head dim's table tile against the candidates above (ring depths, ping-pong or not), in
-    one process with SDPA cuDNN: TFLOP/s and time ratios to the table's tile."""
+    """Each head dim's table tile against the candidates above (ring depths, ping-pong or not) and,
+    causal, against its own tile with the work queue switched (``queue``), in one process with SDPA
+    cuDNN: TFLOP/s and time ratios to the table's tile."""
     import dataclasses
 
     from common import attention_flops, environment, median_ms, sdpa, write_json
@@ -267,6 +269,8 @@ def tiles(out_path, seqlens=(1024, 4096, 16384)):
         for causal in (False, True):
             table_tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
             variants = [table_tile] + [dataclasses.replace(table_tile, **c) for c in candidates]
+            if causal:
+                variants.append(dataclasses.replace(table_tile, queue=not table_tile.queue))
             for seqlen in seqlens:
                 batch = 16384 // seqlen
                 torch.manual_seed(0)
@@ -288,7 +292,8 @@ def tiles(out_path, seqlens=(1024, 4096, 16384)):
                 configs.SM90_GLUON_FWD[(head_dim, causal)] = table_tile
                 mask = "causal" if causal else "full  "
                 print(f"d{head_dim} {mask} S{seqlen:<5} cuDNN {flops / cudnn_ms / 1e9:.0f} | "
-                      + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'} "
+                      + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'}"
+                                   f"{'/queue' if t.queue and causal else ''} "
                                    f"{flops / ms / 1e9:.0f} ({times[0] / ms:.3f})" for t, ms in zip(variants, times)),
                       flush=True)
     write_json(out_path, {"env": environment(), "rows": rows})

@@ -151,6 +151,9 @@ SM90_GLUON_FWD = {
     # The queue (step 18, queue / one program per tile, 21:35 UTC, causal 8192 / 16384, window
     # (1024, 0) at 8192): head dim 64 1.023 / 1.028, window 0.978; 256 (512 ... 16384) 0.92 1.04 1.00
     # 1.00 1.01 1.00, window 0.986: within the noise but for 256 at 512, so only head dim 128 takes it.
+    # --tiles at 22:35 (bench/results/h100_gluon_fwd_tiles_2235.json, causal 1024 / 4096 / 16384, the
+    # Gluon kernel forced): 64 1.22 / 1.05 / 0.99 (it runs from 8192 only), 128 1.14 / 1.03 / 0.99,
+    # 256 1.03 / 1.01 / 1.00.
     (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.58 0.69 0.87 0.98 1.02 1.09
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
