@@ -148,10 +148,10 @@ SM90_GLUON_FWD = {
     # grid (0.97 1.03 1.04 1.05 1.03 1.05), 16384 at 21:31 (one cell at 0.99): a tie with tl from
     # 1024 keys, which the rule tips either way run to run.
     (64, False): GluonForwardTile(128, 3, 3, 16384, pingpong=False),  # 0.98 1.02 1.04 1.01 0.99 1.03
-    # The queue (step 18, queue / one program per tile, 21:35 UTC, causal 8192 / 16384, window
+    # The queue (step 18, queue / one program per tile, 21:29 UTC, causal 8192 / 16384, window
     # (1024, 0) at 8192): head dim 64 1.023 / 1.028, window 0.978; 256 (512 ... 16384) 0.92 1.04 1.00
     # 1.00 1.01 1.00, window 0.986: within the noise but for 256 at 512, so only head dim 128 takes it.
-    # --tiles at 22:35 (bench/results/h100_gluon_fwd_tiles_2235.json, causal 1024 / 4096 / 16384, the
+    # --tiles at 22:15 (bench/results/h100_gluon_fwd_tiles_2215.json, causal 1024 / 4096 / 16384, the
     # Gluon kernel forced): 64 1.22 / 1.05 / 0.99 (it runs from 8192 only), 128 1.14 / 1.03 / 0.99,
     # 256 1.03 / 1.01 / 1.00.
     (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.58 0.69 0.87 0.98 1.02 1.09
