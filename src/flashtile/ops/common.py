@@ -19,11 +19,16 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 GLUON_TRITON = (3, 6)
 
 
+def on_gluon_triton() -> bool:
+    """Whether the installed triton is the GLUON_TRITON release line (read at each call)."""
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) == GLUON_TRITON
+
+
 def load_gluon_module(name: str):
     """``flashtile.ops.<name>``, a Gluon kernel module, or None where the installed triton is not
     the GLUON_TRITON line or has no usable Gluon (flashtile supports triton 3.2 and later):
     every call then takes the ``tl`` kernels."""
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) != GLUON_TRITON:
+    if not on_gluon_triton():
         return None
     try:
         return importlib.import_module(f"flashtile.ops.{name}")

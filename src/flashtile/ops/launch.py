@@ -20,12 +20,11 @@ installed (profilers such as proton hang off it), and where ``configs.FAST_LAUNC
 """
 
 import torch
-import triton
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from flashtile import configs
-from flashtile.ops.common import GLUON_TRITON
+from flashtile.ops.common import on_gluon_triton
 
 _INT32_MIN, _INT32_END, _UINT64_MIN = -(2**31), 2**31, 2**63
 # Parameter kinds, as triton specializes them.
@@ -78,7 +77,7 @@ def specialization_key(kinds: tuple, values, options: tuple) -> tuple:
 
 # The compiled kernel's launch interface is internal to triton: the fast path is written against
 # one release line (the Gluon kernels' line, ops/common.GLUON_TRITON).
-_RELEASE_SUPPORTED = tuple(int(part) for part in triton.__version__.split(".")[:2]) == GLUON_TRITON
+_RELEASE_SUPPORTED = on_gluon_triton()
 if _RELEASE_SUPPORTED:
     from triton import knobs
 
