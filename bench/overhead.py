@@ -102,33 +102,64 @@ def main():
         Identity.apply(qg), (qg,), q)
     rows["SDPA flash forward + autograd.grad"] = lambda: torch.autograd.grad(
         sdpa("sdpa_flash")(qhg, khg, vhg, True), (qhg, khg, vhg), qh)
+    gluon = gluon_rows()
+    rows.update(gluon)
     for name, fn in rows.items():
-        print(f"{name:46s} {per_call_us(fn):7.1f} us/call")
+        print(f"{name:52s} {per_call_us(fn):7.1f} us/call")
     print("through triton's launch path (configs.FAST_LAUNCH = False):")
     configs.FAST_LAUNCH = False
     for name in ("flash_fwd launcher (kernel launch only)", "flash_attn_func, no grad",
-                 "flash_attn_func forward + autograd.grad", "flash_attn_with_kvcache, index checks off"):
-        print(f"{name:46s} {per_call_us(rows[name]):7.1f} us/call")
+                 "flash_attn_func forward + autograd.grad", "flash_attn_with_kvcache, index checks off", *gluon):
+        print(f"{name:52s} {per_call_us(rows[name]):7.1f} us/call")
     configs.FAST_LAUNCH = True
     print_fast_launch_caches()
     if args.profile:
-        profile(fwd_bwd)
-        trace(fwd_bwd)
+        for name in ("flash_attn_func forward + autograd.grad", *list(gluon)[-1:]):
+            profile(name, rows[name])
+            trace(name, rows[name])
+
+
+def gluon_rows() -> dict:
+    """The Gluon kernels' launchers on one 1024-token head of dim 128 (both Gluon tables take it
+    from 1024 keys; a few microseconds of GPU work): their host cost. Empty off Hopper."""
+    from flashtile.ops import bwd_hopper, fwd_hopper
+
+    q, k, v = (torch.randn(1, 1024, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    features = Features(128**-0.5)
+    if not (fwd_hopper.hopper_fwd_eligible(q, k, v, features, None)
+            and bwd_hopper.hopper_bwd_eligible(q, k, v, q, features, None)):
+        print("(no Gluon rows: this GPU or these shapes do not take the Gluon kernels)")
+        return {}
+    out, lse = fwd_hopper.hopper_fwd(q, k, v, features)
+    delta = torch.empty_like(lse)
+    bwd.launch_delta(out, q, delta)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def fwd_bwd():
+        torch.autograd.grad(flashtile.flash_attn_func(qg, kg, vg), (qg, kg, vg), q)
+
+    return {
+        "hopper_fwd launcher (Gluon, 1024 keys, d128)": lambda: fwd_hopper.hopper_fwd(q, k, v, features),
+        "hopper_bwd launcher (Gluon, 1024 keys, d128)": lambda: bwd_hopper.hopper_bwd(q, q, k, v, lse, delta,
+                                                                                      features),
+        "Gluon flash_attn_func forward + autograd.grad": fwd_bwd,
+    }
 
 
 def print_fast_launch_caches():
     """Compiled variants each FastLaunch holds after the rows above: a handful each (one per shape
     class and mask), or its key misses on every call and every launch takes triton's path."""
-    from flashtile.ops import append, decode, fwd
+    from flashtile.ops import append, bwd_hopper, bwd_hopper_wide, decode, fwd, fwd_hopper
     from flashtile.ops.launch import FastLaunch
 
-    for module in (fwd, bwd, decode, append):
+    for module in (fwd, bwd, decode, append, fwd_hopper, bwd_hopper, bwd_hopper_wide):
         for name, value in vars(module).items():
-            if isinstance(value, FastLaunch):
-                print(f"FastLaunch {module.__name__}.{name}: {len(value.compiled)} compiled variants cached")
+            launch = value.launch if isinstance(value, bwd_hopper.BackwardKernel) else value
+            if isinstance(launch, FastLaunch):
+                print(f"FastLaunch {module.__name__}.{name}: {len(launch.compiled)} compiled variants cached")
 
 
-def trace(fn, calls=200):
+def trace(name, fn, calls=200):
     """torch.profiler over ``calls`` calls: host time per op (self), and the kernels' device time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -139,12 +170,12 @@ def trace(fn, calls=200):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    print(f"\n--- torch.profiler, {calls} calls ---")
+    print(f"\n--- torch.profiler, {calls} calls of {name} ---")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
 
 
-def profile(fn, calls=500):
+def profile(name, fn, calls=500):
     """cProfile of ``calls`` calls: the functions with the most own time, then the most cumulative."""
     for _ in range(50):
         fn()
@@ -155,7 +186,7 @@ def profile(fn, calls=500):
     torch.cuda.synchronize()
     profiler.disable()
     stats = pstats.Stats(profiler).strip_dirs()
-    print(f"\n--- {calls} calls of flash_attn_func forward + autograd.grad, by own time ---")
+    print(f"\n--- {calls} calls of {name}, by own time ---")
     stats.sort_stats("tottime").print_stats(30)
     print("--- by cumulative time ---")
     stats.sort_stats("cumulative").print_stats(40)

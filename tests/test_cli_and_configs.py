@@ -169,13 +169,15 @@ def test_causal_gluon_grids_take_heads_in_groups_sized_to_l2():
     assert head_group(True, 64, 0) == 64
 
 
-def test_gluon_backward_splits_the_dq_buffer_only_where_the_gpu_stays_full():
+def test_gluon_backward_splits_the_dq_buffer_only_for_long_sequences_that_keep_the_gpu_full():
     from flashtile.ops.bwd_hopper import head_chunks
 
-    assert head_chunks(16, 128, 132) == [(0, 8), (8, 8)]  # B1 H16 at 16k keys: 128 programs per head
-    assert head_chunks(16, 16, 132) == [(0, 16)]  # 8 x 16 programs per half: under two per SM
-    assert head_chunks(15, 1000, 132) == [(0, 15)]  # odd KV head count
-    assert head_chunks(1, 1000, 132) == [(0, 1)]
+    long = configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN
+    assert head_chunks(16, 128, 132, long) == [(0, 8), (8, 8)]  # B1 H16 at 16k keys: 128 programs per head
+    assert head_chunks(16, 128, 132, long - 64) == [(0, 16)]  # shorter: one launch
+    assert head_chunks(16, 16, 132, long) == [(0, 16)]  # 8 x 16 programs per half: under two per SM
+    assert head_chunks(15, 1000, 132, long) == [(0, 15)]  # odd KV head count
+    assert head_chunks(1, 1000, 132, long) == [(0, 1)]
 
 
 def test_gluon_tables_are_what_their_probes_measured():

@@ -174,6 +174,41 @@ def test_gluon_forward_persistent_programs(shape, causal, window, softcap, progr
     assert calls and min(counts) > 3 * programs, "each program should have run several work tiles"
 
 
+def test_gluon_forward_queue_counter_is_zero_for_every_launch(monkeypatch):
+    """The work queue's counter is kept per stream and reset by each launch's last take: launches
+    of different tile counts in turn on one stream, on a side stream, and replays of a CUDA graph
+    (which zero-fills its own counter) all run every tile once. The forward is deterministic, so
+    each result equals the first bitwise; the first is held to the oracle."""
+    from flashtile.ops import fwd_hopper
+
+    calls = _count_gluon_calls(monkeypatch)
+    monkeypatch.setattr(fwd_hopper, "program_count", lambda n_work, *_: (3, True))
+    big = make_qkv(2, 1024, 1024, 4, 2, 128, dtype=torch.bfloat16, device="cuda", grad=False)
+    small = make_qkv(1, 256, 512, 2, 2, 128, dtype=torch.bfloat16, device="cuda", grad=False)
+    run = attention(True)
+    first = run(*big)
+    check_against_oracle(lambda *_: first, *big, causal=True, grads=False)
+    small_first = run(*small)
+    for inputs, expected in ((big, first), (small, small_first), (big, first)):
+        assert all(torch.equal(a, b) for a, b in zip(run(*inputs), expected))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = run(*big)
+    torch.cuda.current_stream().wait_stream(side)
+    assert all(torch.equal(a, b) for a, b in zip(on_side, first))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(*big)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, first))
+    torch.cuda.synchronize()
+    assert len(fwd_hopper._work_counters) >= 2 and all(c.item() == 0 for c in fwd_hopper._work_counters.values())
+    assert len(calls) >= 7
+
+
 GLUON_WINDOW_CASES = [
     # (shape, window): left edges mid-tile, both bounds, one key, right bound only, left bound only,
     # key tails, Sq > Sk with causal (the first rows see no key: out 0, LSE +inf), GQA
@@ -365,7 +400,7 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
     eligible = bwd_hopper.hopper_bwd_eligible
     for (head_dim, masked), min_seqlen_k in configs.SM90_GLUON_BWD.items():
         features = causal if masked else plain
-        block_n = bwd_hopper._kernel_for(head_dim)[1]
+        block_n = bwd_hopper._kernel_for(head_dim).block_n
         shortest = max(min_seqlen_k, 128)  # causal needs Sk >= Sq = 128
         assert eligible(*tensors(128, shortest, head_dim), features, None)
         if min_seqlen_k > 128:

@@ -28,7 +28,25 @@ def tensor_values():
     return values
 
 
-VALUES = INTS + [0.5, 1.0, 16.0, True, False, None] + tensor_values()
+def descriptor_values():
+    """Gluon TMA descriptors of three dtypes, three boxes and two layouts each, over two views
+    (different base pointer, shape and strides: launch-time values, not specialized)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from flashtile.ops.descriptors import shared_layout
+
+    values = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        base = torch.zeros(256, 512, dtype=dtype)
+        for block in ((64, 32), (64, 64), (128, 64)):
+            narrow = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8 * dtype.itemsize, rank=2)
+            for layout in (shared_layout(block, dtype), narrow):
+                values += [TensorDescriptor.from_tensor(view, list(block), layout) for view in (base, base[:128, 64:])]
+    return values
+
+
+VALUES = INTS + [0.5, 1.0, 16.0, True, False, None] + tensor_values() + descriptor_values()
 
 
 def triton_specialization(value, specialize):
@@ -45,9 +63,12 @@ def test_value_key_is_at_least_as_fine_as_triton(specialize):
 
 
 def test_value_key_tells_apart_what_triton_does():
-    """And the key is not coarser in the cases the kernels meet: alignment, dtype, % 16, == 1."""
+    """And the key is not coarser in the cases the kernels meet: alignment, dtype, % 16, == 1;
+    a descriptor's dtype, box and layout."""
     t = torch.zeros(64, dtype=torch.float16)
     pairs = [(t, t[1:]), (t, t.to(torch.bfloat16)), (16, 17), (1, 17), (2**31 - 16, 2**31)]
+    descriptors = descriptor_values()  # dtype-major, then box, layout, view
+    pairs += [(descriptors[0], descriptors[12]), (descriptors[0], descriptors[4]), (descriptors[0], descriptors[2])]
     for a, b in pairs:
         assert triton_specialization(a, True) != triton_specialization(b, True)
         assert launch._value_key(a, True) != launch._value_key(b, True)

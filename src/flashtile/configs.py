@@ -200,6 +200,14 @@ SM90_GLUON_BWD_WINDOW_MIN_KEYS = {
 # dim 256 at 1024 before its split-role kernel. Set GLUON_BWD to False to time the tl kernels on
 # the same shapes; deterministic=True always takes them.
 GLUON_BWD = True
+# The Gluon backward's float32 dQ buffer (4 bytes per element of q) is split over two launches of
+# half the heads each from this many query rows (bwd_hopper.head_chunks). H100, bf16, batch x
+# seqlen = 16384, heads x head dim = 2048, 2026-11-24 23:02-23:05 UTC: extra peak memory of a
+# forward + backward 386 MiB in one launch, 322 MiB split (cuDNN 387), the same at 1024 and 16384
+# tokens; one launch's backward kernels 1.00-1.06x as fast at 2048-8192 tokens (head dims 64, 128,
+# 256) and 1.00-1.01x at 16384, and at 512-1024 tokens the split's second launch, zero fill and
+# slice copy cost 0.35-0.5 ms of host time per call (bench/host_bound.py, 22:59).
+GLUON_BWD_SPLIT_DQ_MIN_SEQLEN = 16384
 SM90_GLUON_BWD = {
     (64, False): 1024,  # 0.93 1.05 1.17 1.24 1.26 1.26
     (64, True): 2048,  # 0.76 0.95 1.11 1.20 1.27 1.27

@@ -38,6 +38,8 @@ edge cuts: ``_mask_window``), no ALiBi/dropout, dense contiguous batches with ``
 and ``Sk`` a multiple of the kernel's keys per program (128; 64 at head dim 256).
 """
 
+from typing import NamedTuple
+
 import torch
 from triton._C.libtriton import ir
 from triton.experimental import gluon
@@ -46,10 +48,11 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
+from flashtile.ops.descriptors import descriptor
 from flashtile.ops.fwd_hopper import tanh_approx
+from flashtile.ops.launch import FastLaunch
 from flashtile.ops.hopper_order import head_and_rank, head_group
 
 LOG2E = gl.constexpr(_LOG2E)
@@ -360,7 +363,7 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
         return False
     if features.softcap > 0 and (head_dim, features.masked) in configs.SM90_GLUON_BWD_NO_SOFTCAP:
         return False
-    block_n = _kernel_for(head_dim)[1]
+    block_n = _kernel_for(head_dim).block_n
     if not (seqlen_q % BLOCK_M == 0 and seqlen_k % block_n == 0 and seqlen_k >= block_n
             and seqlen_q * n_heads * head_dim < 2**31):
         return False
@@ -369,22 +372,34 @@ def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS.get(head_dim))
 
 
-def _kernel_for(head_dim: int):
-    """``(kernel, keys per program)``: head dim 256 takes ``bwd_hopper_wide``'s kernel (whole dK
-    and dV rows of 64 keys would not fit one warpgroup's registers)."""
+class BackwardKernel(NamedTuple):
+    kernel: object  # the Gluon kernel
+    launch: FastLaunch  # launches it
+    block_n: int  # keys per program
+
+
+_HOPPER_BWD = BackwardKernel(_hopper_bwd_kernel, FastLaunch(_hopper_bwd_kernel), BLOCK_N)
+
+
+def _kernel_for(head_dim: int) -> BackwardKernel:
+    """Head dim 256 takes ``bwd_hopper_wide``'s kernel (whole dK and dV rows of 64 keys would not
+    fit one warpgroup's registers), the others this module's."""
     if head_dim == 256:
         from flashtile.ops import bwd_hopper_wide
 
-        return bwd_hopper_wide._wide_bwd_kernel, bwd_hopper_wide.BLOCK_N
-    return _hopper_bwd_kernel, BLOCK_N
+        return bwd_hopper_wide.WIDE_BWD
+    return _HOPPER_BWD
 
 
-def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int) -> list[tuple[int, int]]:
+def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int, seqlen_q: int) -> list[tuple[int, int]]:
     """``(first KV head, KV heads)`` per launch. The float32 dQ buffer covers one launch's heads:
-    two halves where each half still gives every SM two programs (peak memory: at seqlen 16384
-    the whole buffer would take flashtile's extra peak past cuDNN's), otherwise one launch."""
+    two halves from ``configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN`` query rows where each half still
+    gives every SM two programs, otherwise one launch (see the constant for what each costs)."""
+    from flashtile import configs
+
     half = n_kv_heads // 2
-    if n_kv_heads % 2 == 0 and half * programs_per_kv_head >= 2 * sm_count:
+    if (seqlen_q >= configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN and n_kv_heads % 2 == 0
+            and half * programs_per_kv_head >= 2 * sm_count):
         return [(0, half), (half, half)]
     return [(0, n_kv_heads)]
 
@@ -397,36 +412,36 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     group_size = n_heads // n_kv_heads
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    kernel, block_n = _kernel_for(head_dim)
-    q_block, kv_block = [BLOCK_M, head_dim], [block_n, head_dim]
-    q_layout = gl.NVMMASharedLayout.get_default_for(q_block, dtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_block, dtype)
+    _, launch, block_n = _kernel_for(head_dim)
+    q_block, kv_block = (BLOCK_M, head_dim), (block_n, head_dim)
     q_rows = (batch * seqlen_q, n_heads * head_dim)
-    dq_block = [BLOCK_M, 32]  # 32 dQ columns: float32 rows of 128 bytes, the swizzle's width
-    dq_layout = gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)
+    dq_block = (BLOCK_M, 32)  # 32 dQ columns: float32 rows of 128 bytes, the swizzle's width
     kv_rows = (batch * seqlen_k, n_kv_heads * head_dim)
-    q_desc = TensorDescriptor.from_tensor(q.view(q_rows), q_block, q_layout)
-    do_desc = TensorDescriptor.from_tensor(dout.view(q_rows), q_block, q_layout)
-    k_desc = TensorDescriptor.from_tensor(k.view(kv_rows), kv_block, kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v.view(kv_rows), kv_block, kv_layout)
+    q_desc = descriptor(q, q_rows, q_block)
+    do_desc = descriptor(dout, q_rows, q_block)
+    k_desc = descriptor(k, kv_rows, kv_block)
+    v_desc = descriptor(v, kv_rows, kv_block)
     num_n_blocks = seqlen_k // block_n
     sm_count = configs.sm_count(q.device)
     q_do_bytes = 2 * group_size * seqlen_q * head_dim * q.element_size()  # streamed per program's KV head
-    for kv_head0, chunk in head_chunks(n_kv_heads, num_n_blocks * batch, sm_count):
+    chunks = head_chunks(n_kv_heads, num_n_blocks * batch, sm_count, seqlen_q)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if len(chunks) > 1 else None
+    for kv_head0, chunk in chunks:
         order_group = head_group(features.masked, batch * chunk, q_do_bytes)
         heads = slice(kv_head0 * group_size, (kv_head0 + chunk) * group_size)
         dq_acc = torch.zeros((batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
-        dq_desc = TensorDescriptor.from_tensor(dq_acc.view(batch * seqlen_q, -1), dq_block, dq_layout)
-        kernel[(num_n_blocks * batch * chunk,)](
+        dq_desc = descriptor(dq_acc, (batch * seqlen_q, chunk * group_size * head_dim), dq_block)
+        launch[(num_n_blocks * batch * chunk,)](
             q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk, dv, seqlen_q, seqlen_k, n_heads,
             group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features), features.softmax_scale,
             features.window_left, features.window_right, head_dim, features.window_left >= 0,
             features.window_right >= 0, features.softcap > 0, num_warps=NUM_WARPS)
-        dq[:, :, heads] = dq_acc
+        if dq is None:  # one launch for every head: dQ is its buffer, cast (no slice assignment)
+            dq = dq_acc.to(q.dtype)
+        else:
+            dq[:, :, heads] = dq_acc
         # Before the next chunk's buffer is allocated, or both would be alive at once (the
         # descriptor holds a reference to its tensor).
         del dq_acc, dq_desc

@@ -42,8 +42,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.bwd_hopper import (
-    CONSUMER_REGS, LOG2E, SLOTS, _key_tile, _mask_window, _produce_q_do, _row_vector, _start, _tma_reduce_add,
+    CONSUMER_REGS, LOG2E, SLOTS, BackwardKernel, _key_tile, _mask_window, _produce_q_do, _row_vector, _start,
+    _tma_reduce_add,
 )
+from flashtile.ops.launch import FastLaunch
 
 BLOCK_N = 64  # keys per program
 
@@ -231,3 +233,6 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
+
+
+WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N)

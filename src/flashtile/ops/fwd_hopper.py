@@ -43,10 +43,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime import driver
 
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
+from flashtile.ops.descriptors import descriptor
 from flashtile.ops.hopper_order import head_and_rank, head_group
+from flashtile.ops.launch import FastLaunch
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two per program)
@@ -92,7 +94,7 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
         ring = _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b,
                            (h // group_size) * D, first_tile, end_tile - first_tile, ring)
         done += 1
-        work = _next_work(work, work_counter, QUEUE)
+        work = _next_work(work, work_counter, n_work, QUEUE)
     if QUEUE:  # no tile left: the consumers read n_work and stop
         mbarrier.wait(q_empty, (done & 1) ^ 1, pred=done > 0)
         _post_work(work_slot, n_work)
@@ -100,12 +102,18 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
 
 
 @gluon.jit
-def _next_work(work, work_counter, QUEUE: gl.constexpr):
+def _next_work(work, work_counter, n_work, QUEUE: gl.constexpr):
     """The producer's next work tile: G on (G programs, each starting at its own index), or with
     QUEUE the next one no program has taken yet (``work_counter`` counts those taken past the
     first G): programs that drew short tiles come back sooner, and tiles still start in order."""
     if QUEUE:
-        return gl.num_programs(0) + gl.atomic_add(work_counter, 1)
+        taken = gl.atomic_add(work_counter, 1)
+        # A launch takes from the counter n_work times in all (the tiles past the programs' first,
+        # then one take past the end per program): the last take resets it, so the next launch
+        # on the stream finds it at zero (hopper_fwd keeps one per stream).
+        if taken == n_work - 1:
+            gl.atomic_xchg(work_counter, 0)
+        return gl.num_programs(0) + taken
     return work + gl.num_programs(0)
 
 
@@ -471,6 +479,7 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
+_hopper_fwd_launch = FastLaunch(_hopper_fwd_kernel)
 _ROWS = 2 * HALF_M.value  # query rows per program
 
 
@@ -506,6 +515,25 @@ def program_count(n_work: int, masked: bool, queue: bool, device) -> tuple[int, 
     return programs, masked and programs < n_work
 
 
+# The queue's counters (tiles taken past each program's first), one per (device, stream): zero
+# before every launch, as each launch's last take resets its counter. PyTorch draws streams from
+# a fixed pool per device, so there are few; none is freed (a launch may still be using it).
+_work_counters = {}
+
+
+def _work_counter(device) -> torch.Tensor:
+    """The queue counter for a launch on ``device``'s current stream. Launches on different
+    streams may overlap, so each stream has its own; while a CUDA graph is being captured a new
+    zeroed one (the graph's replays may run on any stream; the zero fill is part of the graph)."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (device.index, driver.active.get_current_stream(device.index))
+    counter = _work_counters.get(key)
+    if counter is None:
+        counter = _work_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
 def hopper_fwd(q, k, v, features):
     """``(out, lse)`` for an eligible call (``hopper_fwd_eligible``)."""
     from flashtile import configs
@@ -516,13 +544,10 @@ def hopper_fwd(q, k, v, features):
     tile = configs.SM90_GLUON_FWD[(head_dim, features.masked)]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_block, kv_box = [HALF_M.value, head_dim], [1, tile.block_n, head_dim]
-    q_layout = gl.NVMMASharedLayout.get_default_for(q_block, dtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_box, dtype)
-    q_desc = TensorDescriptor.from_tensor(q.view(batch * seqlen_q, n_heads * head_dim), q_block, q_layout)
-    k_desc = TensorDescriptor.from_tensor(k.view(batch, seqlen_k, n_kv_heads * head_dim), kv_box, kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v.view(batch, seqlen_k, n_kv_heads * head_dim), kv_box, kv_layout)
+    q_block, kv_box = (HALF_M.value, head_dim), (1, tile.block_n, head_dim)
+    q_desc = descriptor(q, (batch * seqlen_q, n_heads * head_dim), q_block)
+    k_desc = descriptor(k, (batch, seqlen_k, n_kv_heads * head_dim), kv_box)
+    v_desc = descriptor(v, (batch, seqlen_k, n_kv_heads * head_dim), kv_box)
     num_m_blocks = seqlen_q // _ROWS
     group_size = n_heads // n_kv_heads
     bound_left, bound_right = left >= 0, right >= 0
@@ -532,9 +557,8 @@ def hopper_fwd(q, k, v, features):
     order_group = head_group(bound_right, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
     n_work = num_m_blocks * batch * n_heads
     programs, queue = program_count(n_work, bound_left or bound_right, tile.queue, q.device)
-    # The queue's counter: tiles taken past each program's first (zeroed per call).
-    work_counter = torch.zeros(1, dtype=torch.int32, device=q.device) if queue else lse
-    _hopper_fwd_kernel[(programs,)](
+    work_counter = _work_counter(q.device) if queue else lse
+    _hopper_fwd_launch[(programs,)](
         q_desc, k_desc, v_desc, out, lse, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work,
         order_group, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left,
         bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue, num_warps=4)

@@ -9,8 +9,8 @@ launches three kernels.
 
 ``FastLaunch(kernel)[grid](...)`` takes the same arguments. It keys its own cache on what
 triton's specialization reads (``specialization_key``: per argument its Python type, and for
-tensors the dtype and alignment, for integers the size class, == 1 and divisibility by 16),
-asks triton for the compiled kernel the first time a key is seen, and from then on calls the
+tensors the dtype and alignment, for integers the size class, == 1 and divisibility by 16, for
+Gluon tensor descriptors the element type, box and shared layout), asks triton for the compiled kernel the first time a key is seen, and from then on calls the
 compiled kernel's launcher directly. The key is at least as fine as triton's own (a CPU test
 holds it against triton's specializer), so a hit always runs the variant triton would have.
 
@@ -40,7 +40,8 @@ def _value_key(value, specialize: bool):
 
     Integers: size class (i32 / i64 / u64 boundaries), and where specialized, == 1 (turns the
     argument into a constant) and divisibility by 16. Tensors: dtype and data pointer % 16.
-    Floats, bools and None: their type alone. Anything else raises ``_Unkeyed``."""
+    Floats, bools and None: their type alone. Gluon tensor descriptors: element type, box,
+    layout (and padding). Anything else raises ``_Unkeyed``."""
     kind = type(value)
     if kind is int:
         size = 0 if _INT32_MIN <= value < _INT32_END else (1 if value < _UINT64_MIN else 2)
@@ -49,6 +50,11 @@ def _value_key(value, specialize: bool):
         return value.dtype, value.data_ptr() % 16 == 0
     if kind is float or kind is bool or value is None:
         return kind
+    if kind is _GluonDescriptor:
+        # What the specializer writes into the descriptor's type: element type, box and layout
+        # (the base pointer, shape and strides reach the launcher as values; the descriptor's
+        # checks require a 16-byte aligned base). Padding too, for safety.
+        return value.base.dtype, tuple(value.block_shape), value.layout, value.padding
     raise _Unkeyed
 
 
@@ -80,6 +86,10 @@ def specialization_key(kinds: tuple, values, options: tuple) -> tuple:
 _RELEASE_SUPPORTED = on_gluon_triton()
 if _RELEASE_SUPPORTED:
     from triton import knobs
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
+else:
+    class _GluonDescriptor:  # never instantiated: no argument is keyed as a descriptor
+        pass
 
 
 def _fast_path_available() -> bool:
@@ -93,8 +103,8 @@ def _fast_path_available() -> bool:
 
 class FastLaunch:
     """``FastLaunch(kernel)[grid](*args, **kwargs)`` launches like ``kernel[grid](...)``. For
-    kernels whose arguments are tensors, numbers, None and constexprs (a tensor descriptor, for
-    one, is not keyed: such launches take triton's path every time)."""
+    kernels whose arguments are tensors, numbers, None, constexprs and Gluon tensor descriptors
+    (any other argument type takes triton's path every time)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
