@@ -52,8 +52,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.descriptors import descriptor
 from flashtile.ops.fwd_hopper import tanh_approx
-from flashtile.ops.launch import FastLaunch
 from flashtile.ops.hopper_order import head_and_rank, head_group
+from flashtile.ops.launch import FastLaunch
 
 LOG2E = gl.constexpr(_LOG2E)
 HALF_N = gl.constexpr(64)  # keys per consumer warpgroup (two per program)
