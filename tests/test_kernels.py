@@ -115,6 +115,24 @@ def test_empty_inputs(shape):
         assert torch.equal(g, torch.zeros_like(g))
 
 
+def test_delta_kernel_zero_fills_the_dq_accumulator():
+    """``launch_delta``'s zero fill (the Gluon backward's float32 dQ accumulator, zeroed in the
+    pass that computes delta): every element zero, partial row blocks and padded head dims too,
+    and delta as without it."""
+    from flashtile.ops.bwd import launch_delta
+
+    dtype = DTYPES[0]
+    out, dout = (torch.randn(2, 40, 3, 24, device=DEVICE).to(dtype) for _ in range(2))
+    zero = torch.full(out.shape, float("nan"), dtype=torch.float32, device=DEVICE)
+    delta, plain = (torch.full((2, 3, 40), float("nan"), device=DEVICE) for _ in range(2))
+    with kernels():
+        launch_delta(out, dout, delta, zero=zero)
+        launch_delta(out, dout, plain)
+    assert torch.equal(zero, torch.zeros_like(zero))
+    assert torch.equal(delta, plain)
+    torch.testing.assert_close(delta, (out.float() * dout.float()).sum(-1).transpose(1, 2))
+
+
 def test_backward_is_bitwise_reproducible():
     q, k, v = make_qkv(2, 70, 90, 6, 2, 48, dtype=torch.float16, device=DEVICE)
     dout = torch.randn(2, 70, 6, 48, device=DEVICE, dtype=torch.float16)

@@ -404,10 +404,11 @@ def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int, seqle
     return [(0, n_kv_heads)]
 
 
-def hopper_bwd(dout, q, k, v, lse, delta, features):
-    """``(dq, dk, dv)`` for an eligible call; ``delta`` = rowsum(dO * O) as ``bwd.launch_delta``
-    computes it."""
+def hopper_bwd(dout, q, k, v, out, lse, features):
+    """``(dq, dk, dv)`` for an eligible call (``hopper_bwd_eligible``); ``out`` and ``lse`` are the
+    forward's."""
     from flashtile import configs
+    from flashtile.ops.bwd import launch_delta
 
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
@@ -427,11 +428,17 @@ def hopper_bwd(dout, q, k, v, lse, delta, features):
     sm_count = configs.sm_count(q.device)
     q_do_bytes = 2 * group_size * seqlen_q * head_dim * q.element_size()  # streamed per program's KV head
     chunks = head_chunks(n_kv_heads, num_n_blocks * batch, sm_count, seqlen_q)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if len(chunks) > 1 else None
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    # One launch for every head: its float32 dQ accumulator is zeroed by the delta kernel, in the
+    # pass that reads O and dO anyway. Split launches zero each chunk's as it is allocated.
+    whole = torch.empty(q.shape, dtype=torch.float32, device=q.device) if len(chunks) == 1 else None
+    launch_delta(out, dout, delta, zero=whole)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if whole is None else None
     for kv_head0, chunk in chunks:
         order_group = head_group(features.masked, batch * chunk, q_do_bytes)
         heads = slice(kv_head0 * group_size, (kv_head0 + chunk) * group_size)
-        dq_acc = torch.zeros((batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
+        dq_acc = whole if whole is not None else torch.zeros(
+            (batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
         dq_desc = descriptor(dq_acc, (batch * seqlen_q, chunk * group_size * head_dim), dq_block)
         launch[(num_n_blocks * batch * chunk,)](
             q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk, dv, seqlen_q, seqlen_k, n_heads,
