@@ -26,8 +26,9 @@ With softcap the scores are ``cap * tanh(S * scale / cap)``: S becomes ``tanh(S 
 
 The dQ sums first went out as ``red.global.add.v4.f32`` instructions from every thread (480-506
 TFLOP/s at head dim 128); a TMA bulk reduction per 32 columns (``_tma_reduce_add``) replaced them
-(docs/performance.md). ``dQ_acc`` is float32 and zero-filled; the launcher casts it to the input
-dtype, half of the heads at a time where that still fills the GPU (peak memory). The sums depend
+(docs/performance.md). ``dQ_acc`` is float32 and zero-filled (by the delta kernel, which runs
+first); the launcher casts it to the input dtype, half of the heads at a time from
+``configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN`` query rows (peak memory). The sums depend
 on their order, so this path is not bitwise reproducible: calls with ``deterministic=True`` take
 the ``tl`` kernels. Covers what ``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim,
 causal) entries of ``configs.SM90_GLUON_BWD`` (head dims 64, 128 and 256, each from the key
