@@ -10,8 +10,9 @@ launches three kernels.
 ``FastLaunch(kernel)[grid](...)`` takes the same arguments. It keys its own cache on what
 triton's specialization reads (``specialization_key``: per argument its Python type, and for
 tensors the dtype and alignment, for integers the size class, == 1 and divisibility by 16, for
-Gluon tensor descriptors the element type, box and shared layout), asks triton for the compiled kernel the first time a key is seen, and from then on calls the
-compiled kernel's launcher directly. The key is at least as fine as triton's own (a CPU test
+Gluon tensor descriptors the element type, box and shared layout), asks triton for the compiled
+kernel the first time a key is seen, and from then on calls the compiled kernel's launcher
+directly. The key is at least as fine as triton's own (a CPU test
 holds it against triton's specializer), so a hit always runs the variant triton would have.
 
 Triton's own path is taken under the interpreter, on triton releases other than the one this
