@@ -3,6 +3,10 @@ bench_attention.py), the GPU's kernel time (torch.profiler, summed over the call
 the host's time to issue the call (while a sleep kernel holds the GPU, so nothing waits on it).
 
     PYTHONPATH=src python3 bench/host_bound.py [--seqlens 512,1024] [--head-dims 64,128,256]
+    PYTHONPATH=src python3 bench/host_bound.py --seqlens 2048,16384 --modes bwd --kernels
+
+``--kernels`` also lists each cell's kernels with their device time per call (where a kernel-bound
+cell's time goes: the attention kernel, or the passes around it).
 
 A cell whose measured time is well above its kernel time and near its host time is host-bound:
 a faster kernel would not show there, a cheaper launch path would.
@@ -21,15 +25,18 @@ from bench_attention import METHODS, make_inputs  # noqa: E402
 from common import banner, environment, median_ms  # noqa: E402
 
 
-def kernel_ms(fn, calls=20) -> float:
-    """GPU kernel time per call: every kernel's device time, summed (no L2 flush between calls)."""
+def kernel_times(fn, calls=20) -> dict[str, float]:
+    """Device time per call of each kernel ``fn`` runs, in ms, longest first (torch.profiler, no
+    L2 flush between calls)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / calls / 1e3
+    times = {event.key: event.self_device_time_total / calls / 1e3 for event in prof.key_averages()
+             if event.self_device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
 def host_ms(fn, calls=20) -> float:
@@ -61,6 +68,8 @@ def main():
     parser.add_argument("--seqlens", default="512,1024")
     parser.add_argument("--head-dims", default="64,128,256")
     parser.add_argument("--methods", default="flashtile,sdpa_cudnn")
+    parser.add_argument("--modes", default="fwd,bwd,fwd_bwd")
+    parser.add_argument("--kernels", action="store_true", help="list each cell's kernels and their time")
     args = parser.parse_args()
     print(banner(environment()))
     print(f"{'method':11s} {'D':>4s} {'causal':>6s} {'S':>6s} {'mode':>8s} {'bench ms':>9s} {'kernels':>8s} "
@@ -73,8 +82,14 @@ def main():
                     q, k, v = make_inputs(method, batch, heads, seqlen, head_dim)
                     dout = torch.randn_like(q)
                     for mode, fn in modes(method, q, k, v, dout, causal).items():
+                        if mode not in args.modes.split(","):
+                            continue
+                        kernels = kernel_times(fn)
                         print(f"{method:11s} {head_dim:4d} {'y' if causal else 'n':>6s} {seqlen:6d} {mode:>8s} "
-                              f"{median_ms(fn):9.3f} {kernel_ms(fn):8.3f} {host_ms(fn):7.3f}", flush=True)
+                              f"{median_ms(fn):9.3f} {sum(kernels.values()):8.3f} {host_ms(fn):7.3f}", flush=True)
+                        if args.kernels:
+                            for name, ms in kernels.items():
+                                print(f"{'':13s}{ms:9.3f}  {name[:110]}")
                     del q, k, v, dout
                     torch.cuda.empty_cache()
 

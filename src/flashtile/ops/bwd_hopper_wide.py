@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.bwd_hopper import (
     CONSUMER_REGS, LOG2E, SLOTS, BackwardKernel, _key_tile, _mask_window, _produce_q_do, _row_vector, _start,
-    _tma_reduce_add,
+    _tile_row, _tma_reduce_add,
 )
 from flashtile.ops.launch import FastLaunch
 
@@ -56,39 +56,54 @@ def _mma_layout(columns):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
 
 
+@gluon.constexpr_function
+def _dq_width(D, masked):
+    """Columns per dQ product (``_dq_half``): 32 in masked kernels, else D / 4."""
+    return 32 if masked else D // 4
+
+
 @gluon.jit
-def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constexpr):
+def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constexpr, WIDTH: gl.constexpr):
     """``dQ_acc[row:, col:] += scale * dS K[:, C D/2 + [0, D/2)]`` from dS in registers (the
-    MMA's A operand): two 64-column products, each reduced in two 32-column pieces through
-    ``staging`` (its previous reduction waited for first)."""
+    MMA's A operand), as products of WIDTH columns, each reduced in 32-column pieces through
+    ``staging`` (its previous reduction waited for first). At most two products are in flight:
+    the next runs while this one is reduced. WIDTH 64 holds 64 accumulator registers per thread,
+    32 holds 32: masked kernels, whose mask takes registers too, spilled in their loop with 64
+    and ran 13-15% faster with 32; unmasked ones ran 2-3% slower with 32 (docs/performance.md,
+    step 21)."""
     BLOCK_M: gl.constexpr = staging.shape[0]
     PIECE: gl.constexpr = staging.shape[1]
     D: gl.constexpr = k_s.shape[1]
-    HALF_D: gl.constexpr = D // 2
-    QUARTER: gl.constexpr = D // 4
-    acc_layout: gl.constexpr = ds_a.type.layout.parent
-    zero = gl.zeros([BLOCK_M, QUARTER], gl.float32, layout=acc_layout)
-    a_tok = warpgroup_mma(ds_a, k_s.slice(C * HALF_D, QUARTER, dim=1), zero, use_acc=False, is_async=True)
-    b_tok = warpgroup_mma(ds_a, k_s.slice(C * HALF_D + QUARTER, QUARTER, dim=1), zero, use_acc=False,
-                          is_async=True)
-    dqa, dqb = warpgroup_mma_wait(0, deps=[a_tok, b_tok])
-    for i in gl.static_range(2):
-        dq = dqa if i == 0 else dqb
-        # The 64 columns in registers as two 32-column halves (a register-local split: the
-        # high column bit is a register index of the MMA layout).
-        lo, hi = gl.split(gl.permute(gl.reshape(dq * softmax_scale, [BLOCK_M, 2, PIECE]), (0, 2, 1)))
-        for j in gl.static_range(2):
+    PRODUCTS: gl.constexpr = D // 2 // WIDTH
+    zero = gl.zeros([BLOCK_M, WIDTH], gl.float32, layout=_mma_layout(WIDTH))
+    tok = warpgroup_mma(ds_a, k_s.slice(C * (D // 2), WIDTH, dim=1), zero, use_acc=False, is_async=True)
+    for i in gl.static_range(PRODUCTS):
+        if i + 1 < PRODUCTS:
+            next_tok = warpgroup_mma(ds_a, k_s.slice(C * (D // 2) + (i + 1) * WIDTH, WIDTH, dim=1), zero,
+                                     use_acc=False, is_async=True)
+            dq = warpgroup_mma_wait(1, deps=[tok])
+            tok = next_tok
+        else:
+            dq = warpgroup_mma_wait(0, deps=[tok])
+        dq = dq * softmax_scale
+        for j in gl.static_range(WIDTH // PIECE):
+            if WIDTH == PIECE:
+                piece = dq
+            else:  # 64 columns as two 32-column halves (register-local: the high column bit is a
+                # register index of the MMA layout)
+                lo, hi = gl.split(gl.permute(gl.reshape(dq, [BLOCK_M, 2, PIECE]), (0, 2, 1)))
+                piece = lo if j == 0 else hi
             tma.store_wait(0)
-            staging.store(lo if j == 0 else hi)
+            staging.store(piece)
             fence_async_shared()
-            _tma_reduce_add(dq_desc, [row, col + (2 * i + j) * PIECE], staging)
+            _tma_reduce_add(dq_desc, [row, col + i * WIDTH + j * PIECE], staging)
 
 
 @gluon.jit
 def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
-            lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads,
+            lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, first, group_size, n_heads,
             seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
-            BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
+            BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, DQ_WIDTH: gl.constexpr):
     """Warpgroup 0: S and P, dV for the program's keys, dQ's first D/2 columns."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     N: gl.constexpr = k_s.shape[0]
@@ -103,8 +118,8 @@ def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_fr
         slot = t % SLOTS
         phase = t & 1
         q_s = q_ring.index(slot)
-        m0 = m_begin + (t % n_m) * BLOCK_M
-        lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+        m0 = _tile_row(t, m_begin, n_m, first, BLOCK_M)
+        lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M,
                            gl.SliceLayout(1, mn_layout)) * LOG2E
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout),
@@ -125,7 +140,7 @@ def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_fr
         mbarrier.wait(ds_full, phase)
         ds_a = ds_s.load(ds_layout)
         mbarrier.arrive(ds_done, count=1)
-        _dq_half(ds_a, k_s, staging, dq_desc, b * seqlen_q + m0, (dq_h0 + t // n_m) * D, softmax_scale, 0)
+        _dq_half(ds_a, k_s, staging, dq_desc, b * seqlen_q + m0, (dq_h0 + t // n_m) * D, softmax_scale, 0, DQ_WIDTH)
         dv = warpgroup_mma_wait(0, deps=[dv_tok])
         mbarrier.arrive(empty.index(slot), count=1)
     tma.store_wait(0)  # the last reductions have read shared memory before the program ends
@@ -134,8 +149,8 @@ def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_fr
 
 @gluon.jit
 def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
-             delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
-             softmax_scale, D: gl.constexpr, SOFTCAP: gl.constexpr):
+             delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, first, group_size, n_heads, seqlen_q, seqlen_k,
+             softmax_scale, D: gl.constexpr, SOFTCAP: gl.constexpr, DQ_WIDTH: gl.constexpr):
     """Warpgroup 1: dP and dS, dK for the program's keys, dQ's last D/2 columns."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     N: gl.constexpr = k_s.shape[0]
@@ -150,8 +165,8 @@ def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full
         slot = t % SLOTS
         phase = t & 1
         q_s = q_ring.index(slot)
-        m0 = m_begin + (t % n_m) * BLOCK_M
-        delta = _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+        m0 = _tile_row(t, m_begin, n_m, first, BLOCK_M)
+        delta = _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M,
                             gl.SliceLayout(1, mn_layout))
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         dp_tok = warpgroup_mma(do_ring.index(slot), v_s.permute((1, 0)),
@@ -170,7 +185,7 @@ def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full
         mbarrier.arrive(ds_full, count=1)
         dk_tok = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
         _dq_half(gl.convert_layout(ds, ds_layout), k_s, staging, dq_desc, b * seqlen_q + m0,
-                 (dq_h0 + t // n_m) * D + D // 2, softmax_scale, 1)
+                 (dq_h0 + t // n_m) * D + D // 2, softmax_scale, 1, DQ_WIDTH)
         dk = warpgroup_mma_wait(0, deps=[dk_tok])
         if SOFTCAP:  # the dS buffer is free for the next tile's F only now
             mbarrier.arrive(p_free, count=1)
@@ -194,14 +209,14 @@ def _store_rows(ptr, acc, b, kv_h, n0, group_size, n_heads, seqlen_k):
 @gluon.jit
 def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
                      seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
-                     head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
+                     head_group, stagger, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
                      BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     # Grid and views as bwd_hopper._hopper_bwd_kernel's, with 64-key programs.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     N: gl.constexpr = k_desc.block_type.shape[0]
-    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m = _key_tile(
-        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M, N,
-        BOUND_LEFT, BOUND_RIGHT)
+    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m, first = _key_tile(
+        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, stagger,
+        BLOCK_M, N, BOUND_LEFT, BOUND_RIGHT)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -219,20 +234,21 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
         mbarrier.init(exchange.index(i), count=1)
     _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
 
+    DQ_WIDTH: gl.constexpr = _dq_width(D, BOUND_LEFT or BOUND_RIGHT)
     p_full, ds_full, p_free, ds_done = exchange.index(0), exchange.index(1), exchange.index(2), exchange.index(3)
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_s_side, (q_ring, do_ring, k_s, p_s, ds_s, staging.index(0), ready, empty, p_full, p_free, ds_full, ds_done,
-                   kv_bar, lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                   kv_bar, lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, first,
                    group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
-                   BOUND_RIGHT, SOFTCAP)),
+                   BOUND_RIGHT, SOFTCAP, DQ_WIDTH)),
         (_dp_side, (q_ring, do_ring, k_s, v_s, p_s, ds_s, staging.index(1), ready, empty, p_full, p_free, ds_full,
-                    ds_done, kv_bar, delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, group_size,
-                    n_heads, seqlen_q, seqlen_k, softmax_scale, D, SOFTCAP)),
-        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
+                    ds_done, kv_bar, delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, first, group_size,
+                    n_heads, seqlen_q, seqlen_k, softmax_scale, D, SOFTCAP, DQ_WIDTH)),
+        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m, first,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
-WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N)
+WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N, stagger=True)
