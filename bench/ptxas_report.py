@@ -98,7 +98,7 @@ def gluon_report(spec: str) -> str:
                       "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
                       "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue}
     else:
-        kernel, _, block_n, _ = bwd_hopper._kernel_for(head_dim)
+        kernel, _, block_n = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
         dq_block = [bwd_hopper.BLOCK_M, 32]
         dq_type = mangle_type(TensorDescriptor.from_tensor(

@@ -319,22 +319,6 @@ def test_gluon_backward_in_head_chunks(causal, head_dim, monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_gluon_backward_staggered_start(head_dim, monkeypatch):
-    """Each kernel with its ``stagger`` setting flipped (head dim 256 staggers, 64 and 128 do not):
-    unmasked programs starting from the Q tile level with their keys and wrapping around (here
-    past the 5 Q tiles, with more key tiles than Q tiles, GQA) still visit every Q tile once."""
-    from flashtile.ops import bwd_hopper
-
-    calls = _count_gluon_bwd_calls(monkeypatch)
-    kernel_for = bwd_hopper._kernel_for
-    flipped = kernel_for(head_dim)._replace(stagger=not kernel_for(head_dim).stagger)
-    monkeypatch.setattr(bwd_hopper, "_kernel_for", lambda d: flipped if d == head_dim else kernel_for(d))
-    q, k, v = make_qkv(2, 320, 1152, 4, 2, head_dim, dtype=torch.bfloat16, device="cuda")
-    check_against_oracle(attention(False), q, k, v)
-    assert calls, "the Gluon backward did not run"
-
-
 GLUON_SOFTCAP_SHAPES = [(2, 1024, 1024, 4, 2, 64), (1, 256, 1152, 4, 4, 128), (1, 384, 768, 2, 1, 256)]
 
 

@@ -88,12 +88,12 @@ def _reduce_dq(dq_desc, dq, staging, row, col):
 
 
 @gluon.jit
-def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_begin, n_m, first, total, h0):
+def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_begin, n_m, total, h0):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     for t in range(total):
         slot = t % SLOTS
-        row = q_row0 + _tile_row(t, m_begin, n_m, first, BLOCK_M)
+        row = q_row0 + m_begin + (t % n_m) * BLOCK_M
         col = (h0 + t // n_m) * D
         mbarrier.wait(empty.index(slot), ((t // SLOTS) & 1) ^ 1, pred=t >= SLOTS)  # both consumers released it
         mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -102,30 +102,21 @@ def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_begi
 
 
 @gluon.jit
-def _tile_row(t, m_begin, n_m, first, BLOCK_M: gl.constexpr):
-    """The first row of a program's Q tile t: the program visits its Q tiles ``m_begin + [0, n_m)
-    * BLOCK_M`` (each query head of its group in turn) starting from tile ``first`` and wrapping
-    around (``_key_tile``)."""
-    return m_begin + (t % n_m + first) % n_m * BLOCK_M
-
-
-@gluon.jit
-def _row_vector(ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M: gl.constexpr,
-                layout: gl.constexpr):
+def _row_vector(ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr, layout: gl.constexpr):
     """Q tile t's rows of a (B, H, Sq) float32 vector (LSE or delta), zeros past the last tile,
     in ``layout``."""
     row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q
-    rows = _tile_row(t, m_begin, n_m, first, BLOCK_M) + gl.arange(0, BLOCK_M, layout=layout)
+    rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
     valid = (rows * 0 + t) < total  # the scalar test t < total as a mask in the rows' layout
     return gl.load(ptr + row_base + rows, mask=valid, other=0.0)
 
 
 @gluon.jit
-def _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M: gl.constexpr,
+def _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr,
                layout: gl.constexpr):
     """Base-2 LSE and delta of Q tile t's rows (zeros past the last tile), in ``layout``."""
-    lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M, layout) * LOG2E
-    return lse2, _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M, layout)
+    lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, layout) * LOG2E
+    return lse2, _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, layout)
 
 
 @gluon.jit
@@ -167,7 +158,7 @@ def _mask_window(p, m0, key_pos0, left_pos0, BOUND_LEFT: gl.constexpr, BOUND_RIG
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
                  dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
-                 seqlen_q, m_begin, n_m, first, key_pos0, left_pos0, qk_scale, softcap_in, softmax_scale,
+                 seqlen_q, m_begin, n_m, key_pos0, left_pos0, qk_scale, softcap_in, softmax_scale,
                  BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``C D/2 + [0, D/2)``
     of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
@@ -185,7 +176,7 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     slot = t % SLOTS
     q_s = q_ring.index(slot)
     do_s = do_ring.index(slot)
-    m0 = _tile_row(t, m_begin, n_m, first, BLOCK_M)
+    m0 = m_begin + (t % n_m) * BLOCK_M
     dp_tok = warpgroup_mma(do_s, v_w.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
     if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
         s = tanh_approx(s * softcap_in)
@@ -216,7 +207,7 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
                            use_acc=False, is_async=True)
     s_tok = _scores(t + 1, total, q_ring, k_w, ready, mn_layout)
     next_lse2, next_delta = _row_stats(t + 1, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m,
-                                       first, BLOCK_M, row_layout)
+                                       BLOCK_M, row_layout)
     dv, dk, dq = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok])  # tile t + 1's S may still run
     mbarrier.arrive(empty.index(slot), count=1)
     # The warpgroup's dQ columns reach L2 by TMA reductions from shared memory; the previous
@@ -229,7 +220,7 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-             dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, first,
+             dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
              group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr,
              BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
@@ -250,7 +241,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     total = group_size * n_m
     mbarrier.wait(kv_bar, 0)
     s_tok = _scores(0, total, q_ring, k_w, ready, mn_layout)
-    lse2, delta = _row_stats(0, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M,
+    lse2, delta = _row_stats(0, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
                              gl.SliceLayout(1, mn_layout))
     s = warpgroup_mma_wait(0, deps=[s_tok])
     # Tiles t = g * n_m + i: the group's query heads g, each over its Q tiles i. Under causal
@@ -260,7 +251,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
         dk, dv, s, lse2, delta = _fold_q_tile(
             C, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
             dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
-            seqlen_q, m_begin, n_m, first, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
+            seqlen_q, m_begin, n_m, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
             BOUND_RIGHT, SOFTCAP)
     tma.store_wait(0)  # the last reduction has read dq_s before the program ends
 
@@ -288,19 +279,13 @@ def _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, row, col):
 
 @gluon.jit
 def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group,
-              stagger, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BOUND_LEFT: gl.constexpr,
-              BOUND_RIGHT: gl.constexpr):
-    """This program's ``(b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m, first)``: batch, KV head,
-    first key, the first row that sees that key under the right bound (causal: its diagonal row)
-    and the last under the left bound, the Q tiles ``m_begin + [0, n_m) * BLOCK_M`` that see any
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr):
+    """This program's ``(b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m)``: batch, KV head, first
+    key, the first row that sees that key under the right bound (causal: its diagonal row) and
+    the last under the left bound, and the Q tiles ``m_begin + [0, n_m) * BLOCK_M`` that see any
     of the program's keys (row i sees key k iff ``i + diag - window_left <= k <= i + diag +
-    window_right``, each bound only where set; diag = seqlen_k - seqlen_q), and the one of them
-    the program starts from (``_tile_row``). Programs in hopper_order's order.
-
-    Without a bound every program of a head visits all its Q tiles. In the same order, the
-    programs running together would add into the same dQ rows at the same time; with
-    ``stagger`` (1) each starts from the Q tile level with its keys (as a causal program does),
-    so their reductions go to different rows."""
+    window_right``, each bound only where set; diag = seqlen_k - seqlen_q). Programs in
+    hopper_order's order."""
     pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group)
     n0 = n_rank * BLOCK_N
     b = pid_bkv // chunk_kv_heads
@@ -313,26 +298,22 @@ def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_
         m_begin = gl.minimum(gl.maximum(key_pos0, 0), seqlen_q) // BLOCK_M * BLOCK_M
     if BOUND_LEFT:
         m_end = gl.maximum(gl.minimum(left_pos0 + BLOCK_N, seqlen_q), m_begin)
-    n_m = (m_end - m_begin + BLOCK_M - 1) // BLOCK_M
-    first = 0
-    if not (BOUND_LEFT or BOUND_RIGHT):
-        first = stagger * (n0 // BLOCK_M) % n_m
-    return b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m, first
+    return b, kv_h, n0, key_pos0, left_pos0, m_begin, (m_end - m_begin + BLOCK_M - 1) // BLOCK_M
 
 
 @gluon.jit
 def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
                        seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
-                       head_group, stagger, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
+                       head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
                        BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads)
     # in hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most
     # rows see) first. q/dO are viewed as 2-D (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_desc is
     # float32 (B * Sq, chunk_kv_heads * group_size * D).
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m, first = _key_tile(
-        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, stagger,
-        BLOCK_M, 2 * HALF_N, BOUND_LEFT, BOUND_RIGHT)
+    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m = _key_tile(
+        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M,
+        2 * HALF_N, BOUND_LEFT, BOUND_RIGHT)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -357,14 +338,14 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, first,
+                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
                     group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
                     BOUND_RIGHT, SOFTCAP)),
         (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, first,
+                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
                     group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
                     BOUND_RIGHT, SOFTCAP)),
-        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m, first,
+        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -396,9 +377,6 @@ class BackwardKernel(NamedTuple):
     kernel: object  # the Gluon kernel
     launch: FastLaunch  # launches it
     block_n: int  # keys per program
-    # Unmasked programs start from the Q tile level with their keys (``_key_tile``): measured per
-    # kernel (docs/performance.md, step 21).
-    stagger: bool = False
 
 
 _HOPPER_BWD = BackwardKernel(_hopper_bwd_kernel, FastLaunch(_hopper_bwd_kernel), BLOCK_N)
@@ -438,7 +416,7 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
     group_size = n_heads // n_kv_heads
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _, launch, block_n, stagger = _kernel_for(head_dim)
+    _, launch, block_n = _kernel_for(head_dim)
     q_block, kv_block = (BLOCK_M, head_dim), (block_n, head_dim)
     q_rows = (batch * seqlen_q, n_heads * head_dim)
     dq_block = (BLOCK_M, 32)  # 32 dQ columns: float32 rows of 128 bytes, the swizzle's width
@@ -465,8 +443,7 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
         dq_desc = descriptor(dq_acc, (batch * seqlen_q, chunk * group_size * head_dim), dq_block)
         launch[(num_n_blocks * batch * chunk,)](
             q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk, dv, seqlen_q, seqlen_k, n_heads,
-            group_size, kv_head0, chunk, num_n_blocks, order_group, int(stagger),
-            *softcap_scales(features), features.softmax_scale,
+            group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features), features.softmax_scale,
             features.window_left, features.window_right, head_dim, features.window_left >= 0,
             features.window_right >= 0, features.softcap > 0, num_warps=NUM_WARPS)
         if dq is None:  # one launch for every head: dQ is its buffer, cast (no slice assignment)

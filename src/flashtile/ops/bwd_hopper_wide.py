@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from flashtile.ops.fwd_hopper import tanh_approx
 from flashtile.ops.bwd_hopper import (
     CONSUMER_REGS, LOG2E, SLOTS, BackwardKernel, _key_tile, _mask_window, _produce_q_do, _row_vector, _start,
-    _tile_row, _tma_reduce_add,
+    _tma_reduce_add,
 )
 from flashtile.ops.launch import FastLaunch
 
@@ -69,7 +69,7 @@ def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constex
     ``staging`` (its previous reduction waited for first). At most two products are in flight:
     the next runs while this one is reduced. WIDTH 64 holds 64 accumulator registers per thread,
     32 holds 32: masked kernels, whose mask takes registers too, spilled in their loop with 64
-    and ran 13-15% faster with 32; unmasked ones ran 2-3% slower with 32 (docs/performance.md,
+    and ran 12-15% faster with 32; unmasked ones ran 2-12% slower with 32 (docs/performance.md,
     step 21)."""
     BLOCK_M: gl.constexpr = staging.shape[0]
     PIECE: gl.constexpr = staging.shape[1]
@@ -101,7 +101,7 @@ def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constex
 
 @gluon.jit
 def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
-            lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, first, group_size, n_heads,
+            lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads,
             seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
             BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, DQ_WIDTH: gl.constexpr):
     """Warpgroup 0: S and P, dV for the program's keys, dQ's first D/2 columns."""
@@ -118,8 +118,8 @@ def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_fr
         slot = t % SLOTS
         phase = t & 1
         q_s = q_ring.index(slot)
-        m0 = _tile_row(t, m_begin, n_m, first, BLOCK_M)
-        lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M,
+        m0 = m_begin + (t % n_m) * BLOCK_M
+        lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
                            gl.SliceLayout(1, mn_layout)) * LOG2E
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout),
@@ -149,7 +149,7 @@ def _s_side(q_ring, do_ring, k_s, p_s, ds_s, staging, ready, empty, p_full, p_fr
 
 @gluon.jit
 def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
-             delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, first, group_size, n_heads, seqlen_q, seqlen_k,
+             delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k,
              softmax_scale, D: gl.constexpr, SOFTCAP: gl.constexpr, DQ_WIDTH: gl.constexpr):
     """Warpgroup 1: dP and dS, dK for the program's keys, dQ's last D/2 columns."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
@@ -165,8 +165,8 @@ def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full
         slot = t % SLOTS
         phase = t & 1
         q_s = q_ring.index(slot)
-        m0 = _tile_row(t, m_begin, n_m, first, BLOCK_M)
-        delta = _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, first, BLOCK_M,
+        m0 = m_begin + (t % n_m) * BLOCK_M
+        delta = _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
                             gl.SliceLayout(1, mn_layout))
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         dp_tok = warpgroup_mma(do_ring.index(slot), v_s.permute((1, 0)),
@@ -209,14 +209,14 @@ def _store_rows(ptr, acc, b, kv_h, n0, group_size, n_heads, seqlen_k):
 @gluon.jit
 def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
                      seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
-                     head_group, stagger, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
+                     head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
                      BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     # Grid and views as bwd_hopper._hopper_bwd_kernel's, with 64-key programs.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     N: gl.constexpr = k_desc.block_type.shape[0]
-    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m, first = _key_tile(
-        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, stagger,
-        BLOCK_M, N, BOUND_LEFT, BOUND_RIGHT)
+    b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m = _key_tile(
+        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M, N,
+        BOUND_LEFT, BOUND_RIGHT)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -240,15 +240,15 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_s_side, (q_ring, do_ring, k_s, p_s, ds_s, staging.index(0), ready, empty, p_full, p_free, ds_full, ds_done,
-                   kv_bar, lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, first,
+                   kv_bar, lse_ptr, dq_desc, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
                    group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
                    BOUND_RIGHT, SOFTCAP, DQ_WIDTH)),
         (_dp_side, (q_ring, do_ring, k_s, v_s, p_s, ds_s, staging.index(1), ready, empty, p_full, p_free, ds_full,
-                    ds_done, kv_bar, delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, first, group_size,
+                    ds_done, kv_bar, delta_ptr, dq_desc, dk_ptr, b, kv_h, dq_h0, n0, m_begin, n_m, group_size,
                     n_heads, seqlen_q, seqlen_k, softmax_scale, D, SOFTCAP, DQ_WIDTH)),
-        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m, first,
+        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
-WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N, stagger=True)
+WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N)
