@@ -3,9 +3,10 @@ Triton kernel for sm90 on the CPU and runs the ptxas bundled with triton (`ptxas
 
 Spills were the main thing holding the backward back (docs/performance.md, step 4); check a
 tile candidate here before spending GPU time on it. Also counts the tensor-core instructions in
-the SASS (HGMMA: Hopper's warpgroup MMA) and the TMA ones. An approximation of the real build: integer
-arguments are not marked 16-divisible here and group_size is not specialized, so the numbers
-are close to, not equal to, what runs.
+the SASS (HGMMA: Hopper's warpgroup MMA), the TMA ones, and the spill stores and loads inside
+loops, where they cost every iteration (docs/performance.md, step 21). An approximation of the
+real build: integer arguments are not marked 16-divisible here and group_size is not
+specialized, so the numbers are close to, not equal to, what runs.
 
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
     PYTHONPATH=src python3 bench/ptxas_report.py --tables   # every Hopper table entry
@@ -19,6 +20,7 @@ are close to, not equal to, what runs.
 
 import argparse
 import os
+import re
 import subprocess
 import tempfile
 
@@ -127,19 +129,58 @@ def ptxas_facts(compiled) -> str:
 
 def sass_summary(compiled) -> str:
     """Tensor-core and TMA instructions in the SASS triton built (nvdisasm on its cubin): HGMMA
-    is Hopper's warpgroup MMA, HMMA the Ampere-style one, UTMALDG/UTMAREDG TMA loads/reduces."""
+    is Hopper's warpgroup MMA, HMMA the Ampere-style one, UTMALDG/UTMAREDG TMA loads/reduces; and
+    the spill stores and loads (STL/LDL) inside loops, which cost every iteration (the spills
+    ptxas counts may all sit before or after the loops)."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         sass = subprocess.run([nvdisasm, cubin.name], capture_output=True, text=True, check=True).stdout
-    ops = []
-    for line in sass.splitlines():
-        words = [w for w in line.split("*/")[-1].split() if not w.startswith("@")]  # drop predicates
-        if words and words[0][0].isupper():
-            ops.append(words[0])
+    ops = [op for _, op, _ in sass_instructions(sass)]
     counts = {op: sum(1 for o in ops if o.split(".")[0] == op) for op in ("HGMMA", "HMMA", "UTMALDG", "UTMAREDG")}
-    return "SASS " + ", ".join(f"{op} {n}" for op, n in counts.items())
+    stores, loads = loop_spills(sass)
+    return "SASS " + ", ".join(f"{op} {n}" for op, n in counts.items()) + f", in loops STL {stores} LDL {loads}"
+
+
+def sass_instructions(sass: str):
+    """``(address, opcode, label or None)`` per instruction of nvdisasm's listing; ``label`` is
+    the branch target of a BRA. Labels (``.L_x_N:``) take the address of the instruction after
+    them: ``sass_labels``."""
+    for line in sass.splitlines():
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*)", line)
+        if not match:
+            continue
+        words = [w for w in match.group(2).split() if not w.startswith("@")]  # drop predicates
+        if words and words[0][0].isupper():
+            target = re.search(r"`\((\.L_x_\d+)\)", match.group(2))
+            yield int(match.group(1), 16), words[0], target.group(1) if target and words[0] == "BRA" else None
+
+
+def sass_labels(sass: str) -> dict:
+    """Label -> the address of the first instruction after it."""
+    labels, pending = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        address = re.match(r"\s*/\*([0-9a-f]{4,})\*/", line)
+        if address and pending:
+            labels.update(dict.fromkeys(pending, int(address.group(1), 16)))
+            pending = []
+    return labels
+
+
+def loop_spills(sass: str) -> tuple[int, int]:
+    """Spill stores and loads (STL, LDL) inside loops: between a backward branch's target and the
+    branch."""
+    labels = sass_labels(sass)
+    instructions = list(sass_instructions(sass))
+    loops = [(labels[target], address) for address, _, target in instructions
+             if target in labels and labels[target] <= address]
+    inside = [op.split(".")[0] for address, op, _ in instructions if any(lo <= address <= hi for lo, hi in loops)]
+    return inside.count("STL"), inside.count("LDL")
 
 
 def table_specs():

@@ -159,6 +159,35 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
         assert (counts["UTMAREDG"] > 0) == line.startswith("gluon_bwd"), line
 
 
+def test_ptxas_report_counts_spills_inside_loops_only():
+    """bench/ptxas_report.loop_spills on an nvdisasm-style listing: the STL/LDL between a backward
+    branch's target and the branch count, those before the loop or skipped by a forward branch do
+    not."""
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        from ptxas_report import loop_spills
+    finally:
+        sys.path.remove(bench)
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   STL [R1], R2 ;
+.L_x_0:
+        /*0020*/                   LDL R3, [R1] ;
+        /*0030*/                   STL.64 [R1+0x8], R4 ;
+        /*0040*/               @P0 BRA `(.L_x_0) ;
+        /*0050*/              @!P1 BRA `(.L_x_1) ;
+        /*0060*/                   LDL R5, [R1] ;
+.L_x_1:
+        /*0070*/                   EXIT ;
+"""
+    assert loop_spills(sass) == (1, 1)
+    assert loop_spills(sass.replace("@P0 BRA `(.L_x_0)", "@P0 BRA `(.L_x_1)")) == (0, 0)  # no backward branch
+
+
 def test_causal_gluon_grids_take_heads_in_groups_sized_to_l2():
     from flashtile.ops.hopper_order import L2_GROUP_BYTES, head_group
 
