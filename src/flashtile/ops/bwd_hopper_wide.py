@@ -69,8 +69,9 @@ def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constex
     ``staging`` (its previous reduction waited for first). At most two products are in flight:
     the next runs while this one is reduced. WIDTH 64 holds 64 accumulator registers per thread,
     32 holds 32. Chosen by measurement (docs/performance.md, step 21): the masked kernels' loops
-    spilled 34-51 registers with 64 and 7-16 with 32 (bench/ptxas_report.py) and ran 12-15%
-    faster; the unmasked kernel's loop went from 23 spills to 3 but ran 2-12% slower."""
+    held 34-51 spill stores with 64 and 7-16 with 32 (bench/ptxas_report.py) and ran 12-15%
+    faster with 32; the unmasked kernel's loop went from 23 spill stores to 3 but ran 2-12%
+    slower."""
     BLOCK_M: gl.constexpr = staging.shape[0]
     PIECE: gl.constexpr = staging.shape[1]
     D: gl.constexpr = k_s.shape[1]
