@@ -86,16 +86,14 @@ def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constex
             tok = next_tok
         else:
             dq = warpgroup_mma_wait(0, deps=[tok])
-        dq = dq * softmax_scale
+        lo = dq * softmax_scale
+        hi = lo
+        if WIDTH != PIECE:  # 64 columns as two 32-column halves (register-local: the high column
+            # bit is a register index of the MMA layout)
+            lo, hi = gl.split(gl.permute(gl.reshape(lo, [BLOCK_M, 2, PIECE]), (0, 2, 1)))
         for j in gl.static_range(WIDTH // PIECE):
-            if WIDTH == PIECE:
-                piece = dq
-            else:  # 64 columns as two 32-column halves (register-local: the high column bit is a
-                # register index of the MMA layout)
-                lo, hi = gl.split(gl.permute(gl.reshape(dq, [BLOCK_M, 2, PIECE]), (0, 2, 1)))
-                piece = lo if j == 0 else hi
             tma.store_wait(0)
-            staging.store(piece)
+            staging.store(lo if j == 0 else hi)
             fence_async_shared()
             _tma_reduce_add(dq_desc, [row, col + i * WIDTH + j * PIECE], staging)
 
