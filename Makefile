@@ -30,7 +30,7 @@ bench:
 	PYTHONPATH=src python3 bench/bench_attention.py
 
 plot: $(STAMP)
-	$(VPY) bench/plot.py
+	$(VPY) bench/plot.py bench/results/h100.json docs/bench_h100.png
 
 wheel: $(STAMP)
 	$(VPY) -m pip wheel --no-deps -w dist .
