@@ -155,6 +155,18 @@ def _mask_window(p, m0, key_pos0, left_pos0, BOUND_LEFT: gl.constexpr, BOUND_RIG
     return p
 
 
+@gluon.constexpr_function
+def _own_ds_in_registers(D, BOUND_LEFT, BOUND_RIGHT):
+    """Whether each warpgroup's dQ product takes its own half of dS from registers (the MMA's A
+    operand) and issues that half before the two warpgroups meet, adding the other half from
+    shared memory after; otherwise both halves come from shared memory after they meet. Chosen
+    by measurement (bench/ab_backward.py, docs/performance.md step 22): head dim 64 causal ran
+    3.5-6.0% faster at 2048-16384 tokens in each of three runs (five interleaved rounds each);
+    everything else was slower: head dim 64 with a window (seqlen / 4 keys) by 1.3-3.5%, without
+    a mask by 5-9% at 2048-4096 tokens, head dim 128 by 1-7% (its loop's spill stores 9 -> 29)."""
+    return D == 64 and BOUND_RIGHT and not BOUND_LEFT
+
+
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
                  dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
@@ -199,16 +211,29 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     ds_half.store(ds)
     fence_async_shared()
     dk_tok = warpgroup_mma(ds_half.permute((1, 0)), q_s, dk, is_async=True)
-    mbarrier.arrive(ds_bar.index(t % 2), count=1)
-    mbarrier.wait(ds_bar.index(t % 2), (t // 2) & 1)
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, D // 2, 16])
-    dq_tok = warpgroup_mma(ds_buf, k_cols, gl.zeros([BLOCK_M, D // 2], gl.float32, layout=dq_layout),
-                           use_acc=False, is_async=True)
+    dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=dq_layout)
+    OWN_DS_IN_REGISTERS: gl.constexpr = _own_ds_in_registers(D, BOUND_LEFT, BOUND_RIGHT)
+    if OWN_DS_IN_REGISTERS:
+        ds_a = gl.convert_layout(ds, gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2))
+        dq_tok = warpgroup_mma(ds_a, k_cols.slice(C * HALF_N, HALF_N, dim=0), dq_zero, use_acc=False, is_async=True)
+    mbarrier.arrive(ds_bar.index(t % 2), count=1)
+    mbarrier.wait(ds_bar.index(t % 2), (t // 2) & 1)
+    if OWN_DS_IN_REGISTERS:  # the other warpgroup's keys
+        other: gl.constexpr = (1 - C) * HALF_N
+        dq_tok = warpgroup_mma(ds_buf.slice(other, HALF_N, dim=1), k_cols.slice(other, HALF_N, dim=0), dq_tok,
+                               is_async=True)
+    else:
+        dq_tok = warpgroup_mma(ds_buf, k_cols, dq_zero, use_acc=False, is_async=True)
     s_tok = _scores(t + 1, total, q_ring, k_w, ready, mn_layout)
     next_lse2, next_delta = _row_stats(t + 1, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m,
                                        BLOCK_M, row_layout)
-    dv, dk, dq = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok])  # tile t + 1's S may still run
+    # Tile t + 1's S may still run; with dS read from registers, they stay untouched until then.
+    if OWN_DS_IN_REGISTERS:
+        dv, dk, dq, ds_a = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok, ds_a])
+    else:
+        dv, dk, dq = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok])
     mbarrier.arrive(empty.index(slot), count=1)
     # The warpgroup's dQ columns reach L2 by TMA reductions from shared memory; the previous
     # tile's reductions must have read the buffer first.
