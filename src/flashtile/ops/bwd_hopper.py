@@ -18,7 +18,9 @@ partitions:
       dS = P * (dP - delta)
       dQ[:, c D/2:(c+1) D/2] = dS K[:, c D/2:(c+1) D/2]
                                          (both halves of dS, shared through shared memory;
-                                          warpgroup c takes half of dQ's columns)
+                                          warpgroup c takes half of dQ's columns; at head dim
+                                          64 causal its own half is read from registers,
+                                          ``_own_ds_in_registers``)
       dQ_acc[rows] += scale * dQ         (float32 TMA reductions into L2, from shared memory)
 
 With softcap the scores are ``cap * tanh(S * scale / cap)``: S becomes ``tanh(S * softcap_in)``
