@@ -8,7 +8,8 @@ one, ``git show HEAD:src/flashtile/ops/bwd_hopper.py > bench/_old.py``), loaded 
 module. Configurations whose call the kernel does not take are skipped. Prints, per
 configuration, each variant's median ms and its speed relative to the current kernel (> 1: the
 variant is faster), and the largest difference of its gradients from the current kernel's,
-relative to their largest entry. Head dim 256 runs ``bwd_hopper_wide``'s kernel in every variant.
+relative to their largest entry (the current kernel's own entry is its run-to-run difference: dQ's
+reductions are unordered). Head dim 256 runs ``bwd_hopper_wide``'s kernel in every variant.
 
     PYTHONPATH=src python3 bench/ab_backward.py --variant old=bench/_old.py [--masks causal,window]
 """
@@ -49,10 +50,10 @@ def compare(variants, head_dim, mask, seqlen, rounds):
                      for _ in range(4))
     window_left, window_right = MASKS[mask](seqlen)
     features = Features(head_dim ** -0.5, window_left=window_left, window_right=window_right)
-    out, lse = flash_fwd(q, k, v, features)
-    args = (dout, q, k, v, out, lse, features)
     if not bwd_hopper.hopper_bwd_eligible(q, k, v, dout, features, None):
         return None
+    out, lse = flash_fwd(q, k, v, features)
+    args = (dout, q, k, v, out, lse, features)
     runs = {name: [] for name in variants}
     for _ in range(rounds):
         for name, backward in variants.items():

@@ -163,9 +163,10 @@ def _own_ds_in_registers(D, BOUND_LEFT, BOUND_RIGHT):
     operand) and issues that half before the two warpgroups meet, adding the other half from
     shared memory after; otherwise both halves come from shared memory after they meet. Chosen
     by measurement (bench/ab_backward.py, docs/performance.md step 22): head dim 64 causal ran
-    3.5-6.0% faster at 2048-16384 tokens in each of three runs (five interleaved rounds each);
-    everything else was slower: head dim 64 with a window (seqlen / 4 keys) by 1.3-3.5%, without
-    a mask by 5-9% at 2048-4096 tokens, head dim 128 by 1-7% (its loop's spill stores 9 -> 29)."""
+    3.6-6.3% faster at 2048-16384 tokens in two runs of five interleaved rounds, 3.0-6.8% in one
+    of three (a fourth: one cell of three at 0.97); everything else was slower: head dim 64 with a
+    window (seqlen / 4 keys) by 1.3-3.5%, without a mask by 5-9% at 2048-4096 tokens, head dim
+    128 by up to 7% in 11 of 12 cells (its loop's spill stores 9 -> 29)."""
     return D == 64 and BOUND_RIGHT and not BOUND_LEFT
 
 
