@@ -159,19 +159,42 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
         assert (counts["UTMAREDG"] > 0) == line.startswith("gluon_bwd"), line
 
 
-def test_ptxas_report_counts_spills_inside_loops_only():
-    """bench/ptxas_report.loop_spills on an nvdisasm-style listing: the STL/LDL between a backward
-    branch's target and the branch count, those before the loop or skipped by a forward branch do
-    not."""
+def _bench_module(name):
+    """A module of bench/ (which imports its siblings by plain name), imported with bench/ on the path."""
+    import importlib
     import os
     import sys
 
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     sys.path.insert(0, bench)
     try:
-        from ptxas_report import loop_spills
+        return importlib.import_module(name)
     finally:
         sys.path.remove(bench)
+
+
+def test_ab_backward_loads_variants_as_their_own_modules():
+    """bench/ab_backward.py: ``NAME=PATH`` loads the file as a module of its own (its backward is
+    not the current one), anything else is refused naming the spec; the masks' windows."""
+    import os
+
+    ab = _bench_module("ab_backward")
+    from flashtile.ops import bwd_hopper
+
+    name, backward = ab.load_variant(f"copy={bwd_hopper.__file__}")
+    assert name == "copy" and backward is not bwd_hopper.hopper_bwd
+    assert os.path.samefile(backward.__code__.co_filename, bwd_hopper.__file__)
+    for bad in ("copy", "=x.py", "copy="):
+        with pytest.raises(SystemExit, match="expected NAME=PATH"):
+            ab.load_variant(bad)
+    assert [ab.MASKS[m](4096) for m in ("full", "causal", "window")] == [(-1, -1), (-1, 0), (1023, 0)]
+
+
+def test_ptxas_report_counts_spills_inside_loops_only():
+    """bench/ptxas_report.loop_spills on an nvdisasm-style listing: the STL/LDL between a backward
+    branch's target and the branch count, those before the loop or skipped by a forward branch do
+    not."""
+    loop_spills = _bench_module("ptxas_report").loop_spills
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   STL [R1], R2 ;
@@ -216,14 +239,11 @@ def test_gluon_tables_are_what_their_probes_measured():
     entry without its measurement."""
     import json
     import os
-    import sys
 
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    sys.path.insert(0, bench)
-    try:
-        from common import gluon_table_rows, min_winning_seqlen, window_min_keys
-    finally:
-        sys.path.remove(bench)
+    common = _bench_module("common")
+    gluon_table_rows, min_winning_seqlen, window_min_keys = (
+        common.gluon_table_rows, common.min_winning_seqlen, common.window_min_keys)
+    bench = os.path.dirname(common.__file__)
     assert min_winning_seqlen({512: 0.9, 1024: 1.1, 2048: 0.99, 4096: 1.2}) == 4096
     assert min_winning_seqlen({512: 1.0, 1024: 1.1}) == 512
     assert min_winning_seqlen({512: 1.2, 1024: 0.9}) is None
