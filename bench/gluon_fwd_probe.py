@@ -208,13 +208,15 @@ def run_variant(q, k, v, pingpong=False, **kw):
     return gluon_attention(q, k, v, **kw)
 
 
-def coverage(out_path):
+def coverage(out_path, head_dims=None):
     """Library kernel vs tl kernel vs SDPA per head dim, causal and not, seqlen 512..16384."""
     from common import attention_flops, environment, gluon_table_rows, median_ms, sdpa, write_json
 
     env = environment()
     rows, ok = [], True
     for head_dim in sorted({d for d, _ in configs.SM90_GLUON_FWD}):
+        if head_dims and head_dim not in head_dims:
+            continue
         heads = 2048 // head_dim
         for causal in (False, True):
             for seqlen in (512, 1024, 2048, 4096, 8192, 16384):
@@ -249,13 +251,13 @@ def coverage(out_path):
 
 # Tile candidates per (head dim, causal) for ``--tiles``: the table's entry is always timed first.
 TILE_CANDIDATES = {
-    64: [dict(k_slots=4, v_slots=4), dict(pingpong=False)],
+    64: [dict(consumers=2), dict(consumers=3, pingpong=False), dict(consumers=3, pingpong=False, queue=True)],
     128: [dict(k_slots=4, v_slots=2), dict(pingpong=False)],
     256: [dict(k_slots=3, v_slots=2), dict(pingpong=False), dict(k_slots=3, v_slots=2, pingpong=False)],
 }
 
 
-def tiles(out_path, seqlens=(1024, 4096, 16384)):
+def tiles(out_path, seqlens=(1024, 4096, 16384), head_dims=None):
     """Each head dim's table tile against the candidates above (ring depths, ping-pong or not) and,
     causal, against its own tile with the work queue switched (``queue``), in one process with SDPA
     cuDNN: TFLOP/s and time ratios to the table's tile."""
@@ -265,6 +267,8 @@ def tiles(out_path, seqlens=(1024, 4096, 16384)):
 
     rows, ok = [], True
     for head_dim, candidates in TILE_CANDIDATES.items():
+        if head_dims and head_dim not in head_dims:
+            continue
         heads = 2048 // head_dim
         for causal in (False, True):
             table_tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
@@ -293,6 +297,7 @@ def tiles(out_path, seqlens=(1024, 4096, 16384)):
                 mask = "causal" if causal else "full  "
                 print(f"d{head_dim} {mask} S{seqlen:<5} cuDNN {flops / cudnn_ms / 1e9:.0f} | "
                       + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'}"
+                                   f"{'/%dwg' % t.consumers if t.consumers != 2 else ''}"
                                    f"{'/queue' if t.queue and causal else ''} "
                                    f"{flops / ms / 1e9:.0f} ({times[0] / ms:.3f})" for t, ms in zip(variants, times)),
                       flush=True)
@@ -342,12 +347,16 @@ def main():
     parser.add_argument("--coverage", action="store_true")
     parser.add_argument("--tiles", action="store_true", help="the table tiles against TILE_CANDIDATES")
     parser.add_argument("--windows", action="store_true", help="sliding windows, against the tl kernel")
+    parser.add_argument("--seqlens", help="--tiles: comma-separated (default 1024,4096,16384)")
+    parser.add_argument("--head-dims", help="--tiles, --coverage: comma-separated (default: every head dim)")
     parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
     args = parser.parse_args()
+    head_dims = set(map(int, args.head_dims.split(","))) if args.head_dims else None
     if args.coverage:
-        sys.exit(0 if coverage(args.out) else 1)
+        sys.exit(0 if coverage(args.out, head_dims) else 1)
     if args.tiles:
-        sys.exit(0 if tiles(args.out) else 1)
+        seqlens = tuple(map(int, args.seqlens.split(","))) if args.seqlens else (1024, 4096, 16384)
+        sys.exit(0 if tiles(args.out, seqlens, head_dims) else 1)
     if args.windows:
         sys.exit(0 if windows(args.out) else 1)
     torch.manual_seed(0)

@@ -98,7 +98,8 @@ def gluon_report(spec: str) -> str:
                  "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16", "work_counter": "*i32"}
         constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "BOUND_LEFT": window,
                       "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
-                      "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue}
+                      "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue,
+                      "CONSUMERS": tile.consumers, "ROW_TAIL": tile.consumers == 3}
     else:
         kernel, _, block_n = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
@@ -124,6 +125,11 @@ def ptxas_facts(compiled) -> str:
         log = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     facts = [line.split("info    : ")[-1].strip() for line in log.splitlines() if "registers" in line or "spill" in line]
+    # ptxas makes asynchronous warpgroup MMAs wait for one another when it runs out of registers
+    # for their operands (info C7512: "wgmma.mma_async instructions are serialized"); a kernel
+    # then loses the overlap it was written for (docs/performance.md, step 23).
+    if "C7512" in log:
+        facts.append("WGMMA SERIALIZED (C7512)")
     return f"shared {compiled.metadata.shared} B | " + " | ".join(facts) + " | " + sass_summary(compiled)
 
 

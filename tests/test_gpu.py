@@ -163,6 +163,13 @@ def test_gluon_forward_persistent_programs(shape, causal, window, softcap, progr
     counts = []
     monkeypatch.setattr(fwd_hopper, "program_count",
                         lambda n_work, *_: (counts.append(n_work) or programs, queue))
+    _check_forward_and_lse(shape, causal, window, softcap)
+    assert calls and min(counts) > 3 * programs, "each program should have run several work tiles"
+
+
+def _check_forward_and_lse(shape, causal, window, softcap):
+    """flash_attn_func's out and lse on bf16 inputs of ``shape`` by the tolerance rule, and dq,
+    dk, dv through the backward on that LSE."""
     q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
 
     def attn(q, k, v):
@@ -171,7 +178,39 @@ def test_gluon_forward_persistent_programs(shape, causal, window, softcap, progr
         return out, lse
 
     check_against_oracle(attn, q, k, v, causal=causal, window_size=window, softcap=softcap)
-    assert calls and min(counts) > 3 * programs, "each program should have run several work tiles"
+
+
+THREE_CONSUMER_CASES = [
+    # (shape, causal, window, softcap): 192-row work tiles over lengths that are not a multiple of
+    # 192 (the last tile's third warpgroup past the end, or reading the next batch entry's rows);
+    # causal with Sq < Sk; GQA with a partial key tile; a window with Sq > Sk (rows that see no
+    # key); softcap
+    ((2, 1024, 1024, 4, 2, 64), False, (-1, -1), 0.0), ((2, 448, 704, 4, 4, 64), True, (-1, -1), 0.0),
+    ((1, 640, 1000, 4, 2, 64), False, (-1, -1), 0.0), ((2, 768, 512, 2, 1, 64), False, (100, 20), 0.0),
+    ((1, 576, 576, 2, 2, 64), True, (-1, -1), 5.0),
+]
+
+
+@pytest.mark.parametrize("queue", [False, True], ids=["round-robin", "queue"])
+@pytest.mark.parametrize("shape, causal, window, softcap", THREE_CONSUMER_CASES,
+                         ids=[f"{case_id(*c[0])}-{'causal' if c[1] else 'w%d_%d' % c[2]}-cap{c[3]:g}"
+                              for c in THREE_CONSUMER_CASES])
+def test_gluon_forward_three_consumers(shape, causal, window, softcap, queue, monkeypatch):
+    """Head-dim-64 tiles with three consumer warpgroups (192 query rows per work tile, the
+    ``consumers`` field of configs.GluonForwardTile) on every mask, with the persistent grid's
+    two orders (3 programs); out and lse by the tolerance rule, and dq, dk, dv through the
+    backward on that LSE. Rows past the last query row are computed and never stored."""
+    import dataclasses
+
+    from flashtile.ops import fwd_hopper
+
+    calls = _count_gluon_calls(monkeypatch)
+    for key, tile in list(configs.SM90_GLUON_FWD.items()):
+        if key[0] == 64:
+            monkeypatch.setitem(configs.SM90_GLUON_FWD, key, dataclasses.replace(tile, consumers=3, pingpong=False))
+    monkeypatch.setattr(fwd_hopper, "program_count", lambda n_work, *_: (3, queue))
+    _check_forward_and_lse(shape, causal, window, softcap)
+    assert calls, "the Gluon forward did not run"
 
 
 def test_gluon_forward_queue_counter_is_zero_for_every_launch(monkeypatch):
@@ -439,7 +478,8 @@ def test_gluon_backward_dispatch_rules(monkeypatch):
 def test_gluon_forward_dispatch_rules():
     """One check per rule of hopper_fwd_eligible: 16-bit, an entry of configs.SM90_GLUON_FWD for
     the head dim and mask, windows from a number of keys per row, no ALiBi/dropout (softcap is fine),
-    dense, contiguous, query lengths multiples of 128, at least the entry's min_seqlen_k keys, Hopper."""
+    dense, contiguous, query lengths multiples of 128 (64 for three-consumer tiles), at least the
+    entry's min_seqlen_k keys, Hopper."""
     from flashtile.features import Features
     from flashtile.ops.fwd_hopper import hopper_fwd_eligible
 
@@ -463,7 +503,14 @@ def test_gluon_forward_dispatch_rules():
     assert hopper_fwd_eligible(*qkv(dtype=torch.float16), plain, None)
     assert not hopper_fwd_eligible(*qkv(dtype=torch.float32), plain, None)
     assert not hopper_fwd_eligible(*qkv(head_dim=96), plain, None)
-    assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64), plain, None)
+    assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64), plain, None)  # two consumers: Sq % 128
+    # three consumers (192-row work tiles, head dim 64 here): any Sq % 64 == 0, the last tile past the end
+    three = [key for key, tile in configs.SM90_GLUON_FWD.items() if tile.consumers == 3]
+    assert three, "no table entry takes three consumers"
+    for head_dim, masked in three:
+        features = causal if masked else plain
+        assert hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64, head_dim=head_dim), features, None)
+        assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 32, head_dim=head_dim), features, None)
     assert hopper_fwd_eligible(*qkv(seqlen_q=128), causal, None)  # Sq < Sk
     assert hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), plain, None)
     # Sliding windows, and causal with Sq > Sk (its first rows see no key), take the causal

@@ -131,30 +131,38 @@ class GluonForwardTile:
     # Masked entries: the persistent grid, each program taking the next work tile from a queue
     # (an atomic counter) as it finishes one; False: one program per work tile.
     queue: bool = False
+    # Consumer warpgroups of 64 query rows per work tile: 2, or 3 (FlashAttention-3's head-dim-64
+    # tile: each K/V tile serves 192 rows; 160 registers per consumer; no ping-pong).
+    consumers: int = 2
 
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
 # runs at least as fast as the tl kernel at that length and every longer one (bench/common.py
-# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 21:31 UTC,
-# bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
-# kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Shared memory: Q 128 x D
-# plus (k_slots + v_slots) x block_n x D, 16-bit, within an H100 SM's 227 KB. The ring depths and
-# ping-pong were chosen by bench/gluon_fwd_probe.py --tiles (16:30 UTC,
+# min_winning_seqlen over bench/gluon_fwd_probe.py --coverage, H100, 2026-11-24 21:31 UTC, head
+# dim 64 2026-11-25 03:07, bench/results/h100_gluon_fwd.json; batch x seqlen = 16384, heads x head
+# dim = 2048; Gluon / tl kernel time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384).
+# Shared memory: Q (64 x consumers) x D plus (k_slots + v_slots) x block_n x D, 16-bit, within an
+# H100 SM's 227 KB. The ring depths and ping-pong were chosen by bench/gluon_fwd_probe.py --tiles (16:30 UTC,
 # bench/results/h100_gluon_fwd_tiles.json: TFLOP/s at 1024 / 4096 / 16384 keys, in one process).
 SM90_GLUON_FWD = {
     # Head dim 64 is bound by the exponentials (as many per score as at 128, half the MMA work):
     # without ping-pong +1.0-3.1% in all six cells of --tiles (4-deep rings: -0.5% to +1.1%).
-    # Non-causal: 8192 keys at 16:42 (0.68 0.83 0.89 1.00 1.01 1.03), 1024 at 20:11 on the persistent
-    # grid (0.97 1.03 1.04 1.05 1.03 1.05), 16384 at 21:31 (one cell at 0.99): a tie with tl from
-    # 1024 keys, which the rule tips either way run to run.
-    (64, False): GluonForwardTile(128, 3, 3, 16384, pingpong=False),  # 0.98 1.02 1.04 1.01 0.99 1.03
+    # Non-causal with two consumers: 8192 keys at 16:42 (0.68 0.83 0.89 1.00 1.01 1.03), 1024 at
+    # 20:11 on the persistent grid (0.97 1.03 1.04 1.05 1.03 1.05), 16384 at 21:31 (one cell at
+    # 0.99). Three consumers (192 rows per tile, 2026-11-25 03:07 UTC, --tiles
+    # bench/results/h100_gluon_fwd_tiles64_0307.json, 3 / 2 consumers at 1024 ... 16384: 0.97 1.05
+    # 1.06 1.09 1.14; causal 0.66 0.73 0.78 0.92 1.02: the masked tiles spill at 160 registers) and
+    # the coverage run after it (bench/results/h100_gluon_fwd_64_0307.json): from 2048 keys.
+    (64, False): GluonForwardTile(128, 3, 3, 2048, pingpong=False, consumers=3),  # 0.92 0.97 1.07 1.09 1.13 1.10
     # The queue (step 18, queue / one program per tile, 21:29 UTC, causal 8192 / 16384, window
     # (1024, 0) at 8192): head dim 64 1.023 / 1.028, window 0.978; 256 (512 ... 16384) 0.92 1.04 1.00
     # 1.00 1.01 1.00, window 0.986: within the noise but for 256 at 512, so only head dim 128 takes it.
     # --tiles at 22:15 (bench/results/h100_gluon_fwd_tiles_2215.json, causal 1024 / 4096 / 16384, the
     # Gluon kernel forced): 64 1.22 / 1.05 / 0.99 (it runs from 8192 only), 128 1.14 / 1.03 / 0.99,
     # 256 1.03 / 1.01 / 1.00.
-    (64, True): GluonForwardTile(128, 3, 3, 8192, pingpong=False),  # 0.58 0.69 0.87 0.98 1.02 1.09
+    # Head dim 64 causal with the queue (03:07 --tiles, queue / one program per tile at 1024 ...
+    # 16384: 1.17 1.10 1.07 1.02 1.08; 1.02-1.03 at 8192-16384 at 21:29): from 4096 keys (was 8192).
+    (64, True): GluonForwardTile(128, 3, 3, 4096, pingpong=False, queue=True),  # 0.75 0.82 0.97 1.06 1.10 1.06
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
     (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.34 1.26 1.33 1.22 1.16 1.09

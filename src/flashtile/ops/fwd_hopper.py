@@ -1,7 +1,8 @@
 """Hopper forward in Gluon (``triton.experimental.gluon``): FlashAttention-3's ping-pong schedule.
 
-A work tile is 128 query rows of one head. The grid is persistent: one program per SM runs work
-tiles in turn, its producer loading the next tile's Q and first K/V tiles while the consumers
+A work tile is 64 query rows of one head per consumer warpgroup (two; three in the head-dim-64
+unmasked entry: ``GluonForwardTile.consumers``). The grid is persistent: one program per SM runs
+work tiles in turn, its producer loading the next tile's Q and first K/V tiles while the consumers
 finish the last one. Without a mask each program runs every G-th tile (+5-18% at 512-2048 tokens
 at head dim 128, +2-7% at 256); under a causal or window mask, whose tiles differ in length, the
 producer takes the next tile from a queue (an atomic counter) and posts its index to the
@@ -9,18 +10,22 @@ consumers in shared memory (+7-15% at 1024-4096 tokens, causal head dim 128), or
 table entry does not take the queue, one program per work tile is launched (``program_count``).
 Three partitions (warp specialization):
 
-* a 1-warp producer loads each work tile's Q (once both consumers have released the last one)
+* a 1-warp producer loads each work tile's Q (once every consumer has released the last one)
   and streams K and V tiles (``block_n`` keys) by TMA into two rings of
   shared-memory slots, each slot guarded by a ``ready`` (filled) and an ``empty`` (released by
-  both consumers) mbarrier. K and V have their own barriers: a K slot is free as soon as both
-  consumers' S = Q K^T has run, half an iteration before the V slot of the same tile (at head
+  every consumer) mbarrier. K and V have their own barriers: a K slot is free as soon as every
+  consumer's S = Q K^T has run, half an iteration before the V slot of the same tile (at head
   dim 256, where two slots are all that fit, this took the kernel from 1.02-1.08x to 1.29-1.50x
   the ``tl`` kernel);
-* two consumer warpgroups own 64 query rows each. Every iteration a consumer issues
+* two (or three) consumer warpgroups own 64 query rows each. Every iteration a consumer issues
   ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` asynchronously and runs the online softmax of
   ``S_j`` while the second product is still on the tensor cores (intra-warpgroup overlap); with
   ``pingpong`` the two consumers take turns issuing (``turn`` mbarriers), so one's softmax runs
-  while the other's products occupy the tensor cores.
+  while the other's products occupy the tensor cores. Three consumers share each K/V tile among
+  192 rows (FlashAttention-3's head-dim-64 tile) on 160 registers each, where the bound is the
+  exponentials rather than the tensor cores: a third warpgroup's softmax to overlap, and a third
+  less shared-memory traffic per score (+3-14% at 2048-16384 tokens, docs/performance.md
+  step 23).
 
 K/V tiles are 3-D TMA boxes (batch entry, key, column): a last tile that runs past the entry's
 keys reads zeros there, never the next entry's keys, and its keys past the end are masked, so
@@ -32,7 +37,8 @@ and rows that see no key give out 0 and LSE +inf. Covers what the schedule was m
 entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256; each with its tile and the key
 length from which it beats the ``tl`` kernel), softcap or not, windows from
 ``configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS`` keys per row, no ALiBi or dropout, dense batches with
-query lengths a multiple of 128, q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl``
+query lengths a multiple of 128 (64 with three consumers: the last work tile's rows past the end
+are computed and not stored), q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl``
 kernel of ``fwd.py``; ``hopper_fwd_eligible`` is that decision. Gluon has no interpreter, so this
 module is only imported for CUDA tensors.
 """
@@ -51,9 +57,10 @@ from flashtile.ops.hopper_order import head_and_rank, head_group
 from flashtile.ops.launch import FastLaunch
 
 LOG2E = gl.constexpr(_LOG2E)
-HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two per program)
+HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two or three per program)
 PLAIN, MASKED, EDGES = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)  # how a loop's tiles take the mask
 CONSUMER_REGS = gl.constexpr(232)  # setmaxnreg for each consumer warpgroup; the producer gets 24
+CONSUMER_REGS_3 = gl.constexpr(160)  # the same with three consumers: (64K - 128 * 24) / 3 / 128, rounded down to 8
 
 
 @gluon.jit
@@ -67,30 +74,31 @@ def tanh_approx(x):
 def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
              work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group,
              lo_off, hi_off, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, QUEUE: gl.constexpr):
-    """For each of the program's work tiles (``_work``): its two Q halves (once both consumers
-    have released the last tile's: ``q_empty``) and its K/V tiles into their rings (K and V each
-    with its own depth and mbarriers: a K slot is free once both consumers' S = Q K^T has run, a
-    V slot only after their P V). Ring positions run on across work tiles, so the next tile's
+    """For each of the program's work tiles (``_work``): each consumer's 64 rows of Q (once every
+    consumer has released the last tile's: ``q_empty``) and its K/V tiles into their rings (K and V
+    each with its own depth and mbarriers: a K slot is free once every consumer's S = Q K^T has
+    run, a V slot only after their P V). Ring positions run on across work tiles, so the next tile's
     loads start while the consumers finish this one. The K/V descriptors are 3-D (batch, key,
     column) with one batch entry per box, so the keys of a tile that runs past the entry's last
     key arrive as zeros (TMA's out-of-bounds fill), never as the next entry's keys."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
     ring = 0  # K/V tiles loaded so far
     done = 0  # work tiles so far
     work = gl.program_id(0)
     while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
-            BOUND_RIGHT, BLOCK_N)
+            BOUND_RIGHT, BLOCK_N, CONSUMERS * HALF)
         q_row0 = b * seqlen_q + first_row
         mbarrier.wait(q_empty, (done & 1) ^ 1, pred=done > 0)
         if QUEUE:  # the consumers read the tile's index once Q has arrived (q_ready orders the store)
             _post_work(work_slot, work)
-        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row0, h * D], q_ready, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [q_row0 + HALF, h * D], q_ready, q_smem.index(1))
+        mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [q_row0 + c * HALF, h * D], q_ready, q_smem.index(c))
         ring = _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b,
                            (h // group_size) * D, first_tile, end_tile - first_tile, ring)
         done += 1
@@ -226,13 +234,15 @@ def _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_m
 def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn,
                acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, MASK: gl.constexpr,
                BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
-               SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr):
+               SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, P_OPERAND: gl.constexpr):
     """Consumer C's iteration at ring position i (the tile whose first key is ``key0``; its turn
     barrier's phase ``turn_phase``): issue S_i = Q K_i^T and O += P_{i-1} V_{i-1} asynchronously
     (on its turn when PINGPONG), then fold S_i into the online softmax while the second product
     still runs. MASK: whether to hide the keys the rows do not
     see (``_softmax_step``). SOFTCAP: scores ``tanh(S * softcap_in)``, and ``qk_scale`` is
-    ``softcap * log2(e)``."""
+    ``softcap * log2(e)``. P_OPERAND: ``p`` comes and goes as the 16-bit A operand of P V, not as
+    float32 scores (at the start of an iteration the float32 P of the last tile and the next S
+    would be live together: 64 registers more, which three consumers' 160 do not have)."""
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     o_layout: gl.constexpr = acc.type.layout
@@ -243,8 +253,15 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     mbarrier.wait(v_ready.index(v_slot), ((i - 1) // V_SLOTS) & 1)
     if PINGPONG:
         mbarrier.wait(turn.index(C), turn_phase)  # this warpgroup's turn to issue
-    s_tok = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)), gl.zeros_like(p), use_acc=False, is_async=True)
-    p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    s_tok = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)), gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+    if P_OPERAND:
+        p_op = p
+    else:
+        p_op = gl.convert_layout(p.to(q.dtype), p_layout)
     acc_tok = warpgroup_mma(p_op, v_ring.index(v_slot), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - C), count=1)
@@ -259,6 +276,8 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
     mbarrier.arrive(v_empty.index(v_slot), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    if P_OPERAND:
+        p = gl.convert_layout(p.to(q.dtype), p_layout)
     return acc, p, m_new, l_i
 
 
@@ -267,11 +286,12 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
              work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off,
              hi_off, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
              KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr,
-             QUEUE: gl.constexpr):
+             QUEUE: gl.constexpr, ROW_TAIL: gl.constexpr):
     """Consumer warpgroup C over the program's work tiles (``_work``), in the producer's order:
     ``ring`` counts the K/V tiles consumed so far (ring positions), ``done`` the work tiles; each
     tile of n key tiles runs n - 1 loop iterations, each one phase of the turn barriers."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
+    ROWS: gl.constexpr = q_smem.shape[0] * HALF_M
     ring = 0
     done = 0
     work = gl.program_id(0)
@@ -281,14 +301,14 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
     while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
-            BOUND_RIGHT, BLOCK_N)
+            BOUND_RIGHT, BLOCK_N, ROWS)
         if not QUEUE:
             mbarrier.wait(q_ready, done & 1)
         _attend(C, ring, ring - done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
                 out_ptr, lse_ptr, b * seqlen_q + first_row, h * D, n_heads * D,
-                (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off, seqlen_k,
-                first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT,
-                KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+                (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off, seqlen_q,
+                seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT,
+                BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, ROW_TAIL)
         ring += end_tile - first_tile
         done += 1
         if QUEUE:
@@ -300,16 +320,18 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
 
 @gluon.jit
 def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-            out_ptr, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_k, first_tile,
-            full_start, full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
-            BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr,
-            PINGPONG: gl.constexpr):
+            out_ptr, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_q, seqlen_k,
+            first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr,
+            BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
+            SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, ROW_TAIL: gl.constexpr):
     """Consumer warpgroup C on one work tile: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``
     (``first_row``: the tile's first row's position); writes their output and LSE. Key tiles
     ``[first_tile, end_tile)``, the first at ring position ``ring``: those in ``[full_start,
     full_end)`` every row sees whole, the others (and the first, always) take the mask; ``turns``:
     the loop iterations run before this tile (the turn barriers' phase). GUARD: rows may see no
-    key at all (out 0, LSE +inf). Releases Q (``q_empty``) once its last product has run."""
+    key at all (out 0, LSE +inf). ROW_TAIL: the tile may run past the last query row (rows from
+    ``seqlen_q`` on are computed on whatever Q holds there and not stored). Releases Q
+    (``q_empty``) once its last product has run."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     MASK: gl.constexpr = MASKED if BOUND_LEFT or BOUND_RIGHT or KEY_TAIL else PLAIN
     # Accumulator layouts of the two products: S = Q K^T is [HALF_M, BLOCK_N], O is [HALF_M, D];
@@ -335,6 +357,9 @@ def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_rea
                               first_tile * BLOCK_N, row0, lo_off, hi_off, seqlen_k, qk_scale, True, MASK, BOUND_LEFT,
                               BOUND_RIGHT, KEY_TAIL, GUARD)
     l_i = gl.sum(p, axis=1)
+    P_OPERAND: gl.constexpr = q_smem.shape[0] == 3  # three consumers' registers (_fold_tile)
+    if P_OPERAND:
+        p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     ring0 = ring - first_tile  # key tile j sits at ring position ring0 + j
     turn0 = turns - first_tile - 1  # its loop iteration takes the turn barriers' phase (turn0 + j) & 1
     if BOUND_LEFT:
@@ -343,23 +368,25 @@ def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_rea
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, (j < full_start) | (j >= full_end), EDGES,
-                                          BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+                                          BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND)
     else:
         for j in range(gl.maximum(full_start, first_tile + 1), full_end):  # tiles every row sees whole
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, False, PLAIN, BOUND_LEFT, BOUND_RIGHT,
-                                          KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+                                          KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND)
         if MASK == MASKED:  # the diagonal / right edge, and a last tile past the last key
             for j in range(gl.maximum(full_end, first_tile + 1), end_tile):
                 acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
                                               k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off,
                                               hi_off, seqlen_k, qk_scale, softcap_in, True, MASKED, BOUND_LEFT,
-                                              BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG)
+                                              BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND)
     mbarrier.arrive(q_empty, count=1)  # every S = Q K^T of the tile has run
     last = ring + end_tile - first_tile - 1
     mbarrier.wait(v_ready.index(last % V_SLOTS), (last // V_SLOTS) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_ring.index(last % V_SLOTS), acc)
+    if not P_OPERAND:
+        p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    acc = warpgroup_mma(p, v_ring.index(last % V_SLOTS), acc)
     mbarrier.arrive(v_empty.index(last % V_SLOTS), count=1)
 
     if GUARD:  # rows that saw no key: out 0, LSE +inf (FlashAttention-2's convention)
@@ -374,34 +401,40 @@ def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_rea
     cols = q_col0 + gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     out = acc * gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout))[:, None]
     out_rows = (q_row0 + rows).to(gl.int64)
-    gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
     lse_rows = C * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
-    gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+    if ROW_TAIL:
+        gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype),
+                 mask=(first_row + rows < seqlen_q)[:, None])
+        gl.store(lse_ptr + lse_row0 + lse_rows, lse, mask=first_row + lse_rows < seqlen_q)
+    else:
+        gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
+        gl.store(lse_ptr + lse_row0 + lse_rows, lse)
 
 
 @gluon.jit
 def _work(work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off,
-          BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr):
+          BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr):
     """Work tile ``work`` (of ``n_work``, in hopper_order's order: head-major so a head's tiles
     share its K/V in L2; with a right bound, causal, in groups of heads, their longest Q tiles,
-    the last, first): ``(b, h, first_row)`` and its key tiles (``_key_tiles``)."""
+    the last, first): ``(b, h, first_row)`` and its key tiles (``_key_tiles``); ROWS query rows
+    per work tile."""
     pid_bh, pid_m = head_and_rank(work, num_m_blocks, n_work // num_m_blocks, head_group)
     if BOUND_RIGHT:
         pid_m = num_m_blocks - 1 - pid_m
-    first_row = pid_m * (2 * HALF_M)
+    first_row = pid_m * ROWS
     first_tile, full_start, full_end, end_tile = _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT,
-                                                            BOUND_RIGHT, BLOCK_N)
+                                                            BOUND_RIGHT, BLOCK_N, ROWS)
     return pid_bh // n_heads, pid_bh % n_heads, first_row, first_tile, full_start, full_end, end_tile
 
 
 @gluon.jit
 def _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
-               BLOCK_N: gl.constexpr):
-    """The key tiles rows ``first_row .. first_row + 127`` need (row r sees keys ``r + lo_off ..
+               BLOCK_N: gl.constexpr, ROWS: gl.constexpr):
+    """The key tiles rows ``first_row .. first_row + ROWS - 1`` need (row r sees keys ``r + lo_off ..
     r + hi_off``, each bound only where set, and ``0 .. seqlen_k - 1``): ``(first_tile, full_start,
     full_end, end_tile)``, tiles in ``[full_start, full_end)`` seen whole by every row. At least one
     tile: rows that see no key run one masked tile (and get out 0, LSE +inf)."""
-    last_row = first_row + 2 * HALF_M - 1
+    last_row = first_row + ROWS - 1
     lo = 0
     full_lo = 0
     hi = seqlen_k
@@ -424,7 +457,8 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
                        group_size, num_m_blocks, n_work, head_group, qk_scale, softcap_in, window_left, window_right,
                        D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
                        BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
-                       SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr):
+                       SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr, CONSUMERS: gl.constexpr,
+                       ROW_TAIL: gl.constexpr):
     # Program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks * batch *
     # n_heads, or with QUEUE tile p and then the next untaken one (work_counter counts those past
     # the first G), G programs (program_count), the producer loading a tile's Q and first K/V
@@ -432,12 +466,14 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     # (B * S, H * D), k and v as 3-D (B, S, H * D). Row i sees keys i + diag - window_left ..
     # i + diag + window_right (bottom-right aligned, diag = seqlen_k - seqlen_q; BOUND_LEFT /
     # BOUND_RIGHT: the bound is set). KEY_TAIL: seqlen_k is not a multiple of the key tile.
-    # GUARD: some row may see no key (not plain causal).
+    # GUARD: some row may see no key (not plain causal). CONSUMERS warpgroups of 64 query rows (2
+    # or 3; ping-pong takes 2); ROW_TAIL: seqlen_q is not a multiple of the work tile's rows.
+    gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not PINGPONG))
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     lo_off = seqlen_k - seqlen_q - window_left
     hi_off = seqlen_k - seqlen_q + window_right
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     # The rings hold 2-D tiles (what the MMAs read); the producer views each slot as its 3-D box.
     kv_tile: gl.constexpr = [BLOCK_N, D]
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(kv_tile, k_desc.dtype)
@@ -453,34 +489,58 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     work_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(K_SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # released by both consumers
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # released by every consumer
     for i in gl.static_range(V_SLOTS):
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     mbarrier.init(q_ready, count=1)
-    mbarrier.init(q_empty, count=2)  # released by both consumers
+    mbarrier.init(q_empty, count=CONSUMERS)  # released by every consumer
     fence_async_shared()
     mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
 
-    gl.warp_specialize([
-        (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                    work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
-                    lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                    PINGPONG, QUEUE)),
-        (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                    work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
-                    lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                    PINGPONG, QUEUE)),
-        (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
-                    v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work,
-                    head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    # (A partition list cannot be built in steps inside a kernel: one call per consumer count.)
+    if CONSUMERS == 3:
+        gl.warp_specialize([
+            (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
+                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                        PINGPONG, QUEUE, ROW_TAIL)),
+            (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
+                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                        PINGPONG, QUEUE, ROW_TAIL)),
+            (_consume, (2, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
+                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                        PINGPONG, QUEUE, ROW_TAIL)),
+            (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                        v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
+                        n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
+        ], [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, 24])
+    else:
+        gl.warp_specialize([
+            (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
+                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                        PINGPONG, QUEUE, ROW_TAIL)),
+            (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
+                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                        PINGPONG, QUEUE, ROW_TAIL)),
+            (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
+                        v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
+                        n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
+        ], [4, 1], [CONSUMER_REGS, 24])
 
 
 _hopper_fwd_launch = FastLaunch(_hopper_fwd_kernel)
-_ROWS = 2 * HALF_M.value  # query rows per program
+
+
+def _rows(tile) -> int:
+    """Query rows per work tile: 64 per consumer warpgroup."""
+    return tile.consumers * HALF_M.value
 
 
 def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
@@ -492,7 +552,11 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     # The size rules first: they turn away short calls, whose host time matters most, cheaply.
     seqlen_q, head_dim, seqlen_k = q.shape[1], q.shape[3], k.shape[1]
     tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
-    if tile is None or seqlen_q % _ROWS or seqlen_k < tile.min_seqlen_k:
+    if tile is None or seqlen_k < tile.min_seqlen_k:
+        return False
+    # Two consumers take whole 128-row tiles; three any multiple of 64 rows (the last 192-row tile
+    # runs past the end: ROW_TAIL).
+    if seqlen_q % (HALF_M.value if tile.consumers == 3 else _rows(tile)):
         return False
     if not gluon_applies(q, k, features, varlen, q, k, v, any_window=True):
         return False
@@ -548,7 +612,8 @@ def hopper_fwd(q, k, v, features):
     q_desc = descriptor(q, (batch * seqlen_q, n_heads * head_dim), q_block)
     k_desc = descriptor(k, (batch, seqlen_k, n_kv_heads * head_dim), kv_box)
     v_desc = descriptor(v, (batch, seqlen_k, n_kv_heads * head_dim), kv_box)
-    num_m_blocks = seqlen_q // _ROWS
+    rows = _rows(tile)
+    num_m_blocks = -(-seqlen_q // rows)
     group_size = n_heads // n_kv_heads
     bound_left, bound_right = left >= 0, right >= 0
     # Rows may see no key (or none in their first tile): any left bound, or a right bound that
@@ -561,5 +626,6 @@ def hopper_fwd(q, k, v, features):
     _hopper_fwd_launch[(programs,)](
         q_desc, k_desc, v_desc, out, lse, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work,
         order_group, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left,
-        bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue, num_warps=4)
+        bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue, tile.consumers,
+        seqlen_q % rows != 0, num_warps=4)
     return out, lse
