@@ -305,7 +305,7 @@ def tiles(out_path, seqlens=(1024, 4096, 16384), head_dims=None):
     return ok
 
 
-def windows(out_path, seqlen=8192, keys_per_row=(128, 256, 512, 1024, 2048, 4096)):
+def windows(out_path, seqlen=8192, keys_per_row=(128, 256, 512, 1024, 2048, 4096), head_dims=None):
     """The Gluon forward against the tl kernel on sliding windows: a row sees W keys, one-sided
     (W - 1, 0) and two-sided (W / 2, W / 2 - 1), at 8192 tokens (batch 2, heads x head dim =
     2048): what decides configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS (the smallest W from which the
@@ -314,6 +314,8 @@ def windows(out_path, seqlen=8192, keys_per_row=(128, 256, 512, 1024, 2048, 4096
 
     rows, ok = [], True
     for head_dim in sorted({d for d, _ in configs.SM90_GLUON_FWD}):
+        if head_dims and head_dim not in head_dims:
+            continue
         heads = 2048 // head_dim
         torch.manual_seed(0)
         q, k, v = (torch.randn(2, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -348,7 +350,7 @@ def main():
     parser.add_argument("--tiles", action="store_true", help="the table tiles against TILE_CANDIDATES")
     parser.add_argument("--windows", action="store_true", help="sliding windows, against the tl kernel")
     parser.add_argument("--seqlens", help="--tiles: comma-separated (default 1024,4096,16384)")
-    parser.add_argument("--head-dims", help="--tiles, --coverage: comma-separated (default: every head dim)")
+    parser.add_argument("--head-dims", help="--tiles, --coverage, --windows: comma-separated (default: all)")
     parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
     args = parser.parse_args()
     head_dims = set(map(int, args.head_dims.split(","))) if args.head_dims else None
@@ -358,7 +360,7 @@ def main():
         seqlens = tuple(map(int, args.seqlens.split(","))) if args.seqlens else (1024, 4096, 16384)
         sys.exit(0 if tiles(args.out, seqlens, head_dims) else 1)
     if args.windows:
-        sys.exit(0 if windows(args.out) else 1)
+        sys.exit(0 if windows(args.out, head_dims=head_dims) else 1)
     torch.manual_seed(0)
     ok = True
     for batch, seqlen in ((4, 4096), (1, 16384)):

@@ -182,9 +182,10 @@ SM90_GLUON_FWD = {
 # (W / 2, W / 2 - 1) at 8192 tokens (bench/gluon_fwd_probe.py --windows, H100, 2026-11-24 16:49
 # UTC, bench/results/h100_gluon_fwd_windows.json; the worse of the two windows' Gluon / tl time
 # ratios at W = 128 / 256 / 512 / 1024 / 2048 / 4096). Head dims 128 and 256 lost one cell at
-# 256 amid wins (0.75, 0.94), which the rule follows.
+# 256 amid wins (0.75, 0.94), which the rule follows. Head dim 64 re-measured 2026-11-25 03:24 UTC
+# with its causal entry's work queue (step 23; was 0.44 0.58 0.67 0.79 0.91 1.07): still 4096.
 SM90_GLUON_FWD_WINDOW_MIN_KEYS = {
-    64: 4096,  # 0.44 0.58 0.67 0.79 0.91 1.07
+    64: 4096,  # 0.52 0.75 0.85 0.93 0.91 1.12
     128: 512,  # 1.06 0.75 1.12 1.12 1.09 1.10
     256: 512,  # 1.18 0.94 1.28 1.29 1.27 1.25
 }
