@@ -251,7 +251,8 @@ def coverage(out_path, head_dims=None):
 
 # Tile candidates per (head dim, causal) for ``--tiles``: the table's entry is always timed first.
 TILE_CANDIDATES = {
-    64: [dict(consumers=2), dict(consumers=3, pingpong=False), dict(consumers=3, pingpong=False, queue=True)],
+    64: [dict(consumers=2), dict(consumers=3, pingpong=False), dict(consumers=3, pingpong=False, queue=True),
+         dict(block_n=64), dict(block_n=64, k_slots=4, v_slots=4)],
     128: [dict(k_slots=4, v_slots=2), dict(pingpong=False)],
     256: [dict(k_slots=3, v_slots=2), dict(pingpong=False), dict(k_slots=3, v_slots=2, pingpong=False)],
 }
