@@ -184,10 +184,11 @@ THREE_CONSUMER_CASES = [
     # (shape, causal, window, softcap): 192-row work tiles over lengths that are not a multiple of
     # 192 (the last tile's third warpgroup past the end, or reading the next batch entry's rows);
     # causal with Sq < Sk; GQA with a partial key tile; a window with Sq > Sk (rows that see no
-    # key); softcap
+    # key); softcap; fewer query rows than one tile (two or one warpgroups wholly past the end)
     ((2, 1024, 1024, 4, 2, 64), False, (-1, -1), 0.0), ((2, 448, 704, 4, 4, 64), True, (-1, -1), 0.0),
     ((1, 640, 1000, 4, 2, 64), False, (-1, -1), 0.0), ((2, 768, 512, 2, 1, 64), False, (100, 20), 0.0),
-    ((1, 576, 576, 2, 2, 64), True, (-1, -1), 5.0),
+    ((1, 576, 576, 2, 2, 64), True, (-1, -1), 5.0), ((2, 64, 640, 2, 2, 64), False, (-1, -1), 0.0),
+    ((2, 128, 896, 2, 1, 64), True, (-1, -1), 0.0),
 ]
 
 
