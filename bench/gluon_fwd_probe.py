@@ -183,8 +183,11 @@ def gluon_attention(q, k, v, overlap=False, block_m=128, num_warps=8):
     return out
 
 
+SOFTCAP = 0.0  # --softcap: the flashtile calls' softcap (the SDPA baselines have none)
+
+
 def _features(q, causal):
-    return Features(q.shape[-1] ** -0.5, window_right=0 if causal else -1)
+    return Features(q.shape[-1] ** -0.5, window_right=0 if causal else -1, softcap=SOFTCAP)
 
 
 def tl_forward(q, k, v, causal=False):
@@ -261,7 +264,7 @@ TILE_CANDIDATES = {
 def tiles(out_path, seqlens=(1024, 4096, 16384), head_dims=None):
     """Each head dim's table tile against the candidates above (ring depths, ping-pong or not) and,
     causal, against its own tile with the work queue switched (``queue``), in one process with SDPA
-    cuDNN: TFLOP/s and time ratios to the table's tile."""
+    cuDNN and the tl kernel: TFLOP/s and time ratios to the table's tile."""
     import dataclasses
 
     from common import attention_flops, environment, median_ms, sdpa, write_json
@@ -285,6 +288,7 @@ def tiles(out_path, seqlens=(1024, 4096, 16384), head_dims=None):
                 flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, "fwd")
                 bhsd = [t.transpose(1, 2) for t in (q, k, v)]
                 cudnn_ms = median_ms(lambda: sdpa("sdpa_cudnn")(*bhsd, causal))
+                tl_ms = median_ms(lambda: tl_forward(q, k, v, causal))
                 times = []
                 for tile in variants:
                     configs.SM90_GLUON_FWD[(head_dim, causal)] = tile
@@ -292,11 +296,12 @@ def tiles(out_path, seqlens=(1024, 4096, 16384), head_dims=None):
                     ok &= err < 2e-2
                     times.append(median_ms(lambda: library_kernel(q, k, v, causal)))
                     rows.append(dict(head_dim=head_dim, causal=causal, seqlen=seqlen, tile=dataclasses.asdict(tile),
-                                     ms=times[-1], tflops=flops / times[-1] / 1e9, cudnn_ms=cudnn_ms,
-                                     max_err_vs_tl=err))
+                                     ms=times[-1], tflops=flops / times[-1] / 1e9, cudnn_ms=cudnn_ms, tl_ms=tl_ms,
+                                     softcap=SOFTCAP, max_err_vs_tl=err))
                 configs.SM90_GLUON_FWD[(head_dim, causal)] = table_tile
                 mask = "causal" if causal else "full  "
-                print(f"d{head_dim} {mask} S{seqlen:<5} cuDNN {flops / cudnn_ms / 1e9:.0f} | "
+                print(f"d{head_dim} {mask} S{seqlen:<5} cuDNN {flops / cudnn_ms / 1e9:.0f} "
+                      f"tl {flops / tl_ms / 1e9:.0f} ({times[0] / tl_ms:.3f}) | "
                       + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'}"
                                    f"{'/%dwg' % t.consumers if t.consumers != 2 else ''}"
                                    f"{'/queue' if t.queue and causal else ''} "
@@ -352,8 +357,11 @@ def main():
     parser.add_argument("--windows", action="store_true", help="sliding windows, against the tl kernel")
     parser.add_argument("--seqlens", help="--tiles: comma-separated (default 1024,4096,16384)")
     parser.add_argument("--head-dims", help="--tiles, --coverage, --windows: comma-separated (default: all)")
+    parser.add_argument("--softcap", type=float, default=0.0, help="--tiles: flashtile's calls with this softcap")
     parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
     args = parser.parse_args()
+    global SOFTCAP
+    SOFTCAP = args.softcap
     head_dims = set(map(int, args.head_dims.split(","))) if args.head_dims else None
     if args.coverage:
         sys.exit(0 if coverage(args.out, head_dims) else 1)

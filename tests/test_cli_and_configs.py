@@ -256,6 +256,21 @@ def test_gluon_tables_are_what_their_probes_measured():
         measured = {line.split(":")[0]: int(line.split(":")[1].split(",")[0]) for line in lines}
         expected = {str(key): min_of(entry) for key, entry in table.items()}
         assert {key: measured[key] for key in expected} == expected
+    # The forward entries' softcap thresholds, from --tiles --softcap (each (mask, length)'s first
+    # row is the table's tile, timed with the tl kernel).
+    with open(os.path.join(bench, "results", "h100_gluon_fwd_tiles64_softcap.json")) as f:
+        softcap_rows = json.load(f)["rows"]
+    softcap_entries = {key: tile for key, tile in configs.SM90_GLUON_FWD.items() if tile.softcap_min_seqlen_k}
+    assert softcap_entries
+    for (head_dim, causal), tile in softcap_entries.items():
+        firsts = {}
+        for row in softcap_rows:
+            if row["head_dim"] == head_dim and row["causal"] == causal and row["softcap"] > 0:
+                firsts.setdefault(row["seqlen"], row)
+        assert all(row["tile"]["consumers"] == tile.consumers and row["tile"]["queue"] == tile.queue
+                   for row in firsts.values())
+        ratios = {seqlen: row["tl_ms"] / row["ms"] for seqlen, row in firsts.items()}
+        assert min_winning_seqlen(ratios) == tile.softcap_min_seqlen_k, (head_dim, causal, ratios)
     for name, table in (("fwd", configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS),
                         ("bwd", configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS)):
         with open(os.path.join(bench, "results", f"h100_gluon_{name}_windows.json")) as f:

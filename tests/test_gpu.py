@@ -101,7 +101,8 @@ def _count_gluon_calls(monkeypatch):
     """The Gluon forward's launches; its tiles serve every key length."""
     import dataclasses
 
-    every_length = {key: dataclasses.replace(tile, min_seqlen_k=1) for key, tile in configs.SM90_GLUON_FWD.items()}
+    every_length = {key: dataclasses.replace(tile, min_seqlen_k=1, softcap_min_seqlen_k=None)
+                    for key, tile in configs.SM90_GLUON_FWD.items()}
     monkeypatch.setattr(configs, "SM90_GLUON_FWD_WINDOW_MIN_KEYS", {d: 1 for d in (64, 128, 256)})
     return _count_launches(monkeypatch, "fwd_hopper", "hopper_fwd", "SM90_GLUON_FWD", every_length)
 
@@ -501,6 +502,12 @@ def test_gluon_forward_dispatch_rules():
         # any key length from there: the last tile's keys past the end are masked
         assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k + tile.block_n // 2 + 1, seqlen_q=128,
                                         head_dim=head_dim), features, None)
+        if tile.softcap_min_seqlen_k is not None:  # with softcap, its own threshold
+            capped = Features(0.1, window_right=0 if masked else -1, softcap=5.0)
+            assert hopper_fwd_eligible(*qkv(seqlen_k=tile.softcap_min_seqlen_k, seqlen_q=128, head_dim=head_dim),
+                                       capped, None)
+            assert not hopper_fwd_eligible(*qkv(seqlen_k=tile.softcap_min_seqlen_k - tile.block_n, seqlen_q=128,
+                                                head_dim=head_dim), capped, None)
     assert hopper_fwd_eligible(*qkv(dtype=torch.float16), plain, None)
     assert not hopper_fwd_eligible(*qkv(dtype=torch.float32), plain, None)
     assert not hopper_fwd_eligible(*qkv(head_dim=96), plain, None)

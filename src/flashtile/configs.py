@@ -134,6 +134,9 @@ class GluonForwardTile:
     # Consumer warpgroups of 64 query rows per work tile: 2, or 3 (FlashAttention-3's head-dim-64
     # tile: each K/V tile serves 192 rows; 160 registers per consumer; no ping-pong).
     consumers: int = 2
+    # With softcap (a second transcendental per score, in both kernels) the shortest key length
+    # from which this tile beats the tl kernel, where that differs from min_seqlen_k.
+    softcap_min_seqlen_k: int | None = None
 
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
@@ -153,7 +156,10 @@ SM90_GLUON_FWD = {
     # bench/results/h100_gluon_fwd_tiles64_0307.json, 3 / 2 consumers at 1024 ... 16384: 0.97 1.05
     # 1.06 1.09 1.14; causal 0.66 0.73 0.78 0.92 1.02: the masked tiles spill at 160 registers) and
     # the coverage run after it (bench/results/h100_gluon_fwd_64_0307.json): from 2048 keys.
-    (64, False): GluonForwardTile(128, 3, 3, 2048, pingpong=False, consumers=3),  # 0.92 0.97 1.07 1.09 1.13 1.10
+    # With softcap 30 (--tiles --softcap 30, 03:41, bench/results/h100_gluon_fwd_tiles64_softcap.json,
+    # Gluon / tl time at 2048 / 4096 / 8192 / 16384): 0.995 1.02 1.09 1.08, from 4096.
+    (64, False): GluonForwardTile(128, 3, 3, 2048, pingpong=False, consumers=3,
+                                  softcap_min_seqlen_k=4096),  # 0.92 0.97 1.07 1.09 1.13 1.10
     # The queue (step 18, queue / one program per tile, 21:29 UTC, causal 8192 / 16384, window
     # (1024, 0) at 8192): head dim 64 1.023 / 1.028, window 0.978; 256 (512 ... 16384) 0.92 1.04 1.00
     # 1.00 1.01 1.00, window 0.986: within the noise but for 256 at 512, so only head dim 128 takes it.
@@ -162,7 +168,9 @@ SM90_GLUON_FWD = {
     # 256 1.03 / 1.01 / 1.00.
     # Head dim 64 causal with the queue (03:07 --tiles, queue / one program per tile at 1024 ...
     # 16384: 1.17 1.10 1.07 1.02 1.08; 1.02-1.03 at 8192-16384 at 21:29): from 4096 keys (was 8192).
-    (64, True): GluonForwardTile(128, 3, 3, 4096, pingpong=False, queue=True),  # 0.75 0.82 0.97 1.06 1.10 1.06
+    # With softcap 30 (03:41, same file): 0.89 0.95 1.001 1.02, from 8192.
+    (64, True): GluonForwardTile(128, 3, 3, 4096, pingpong=False, queue=True,
+                                 softcap_min_seqlen_k=8192),  # 0.75 0.82 0.97 1.06 1.10 1.06
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
     (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.34 1.26 1.33 1.22 1.16 1.09

@@ -552,7 +552,12 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     # The size rules first: they turn away short calls, whose host time matters most, cheaply.
     seqlen_q, head_dim, seqlen_k = q.shape[1], q.shape[3], k.shape[1]
     tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
-    if tile is None or seqlen_k < tile.min_seqlen_k:
+    if tile is None:
+        return False
+    min_seqlen_k = tile.min_seqlen_k
+    if features.softcap > 0 and tile.softcap_min_seqlen_k is not None:
+        min_seqlen_k = tile.softcap_min_seqlen_k
+    if seqlen_k < min_seqlen_k:
         return False
     # Two consumers take whole 128-row tiles; three any multiple of 64 rows (the last 192-row tile
     # runs past the end: ROW_TAIL).
