@@ -261,7 +261,7 @@ TILE_CANDIDATES = {
 }
 
 
-def tiles(out_path, seqlens=(1024, 4096, 16384), head_dims=None):
+def tiles(out_path, seqlens, head_dims=None):
     """Each head dim's table tile against the candidates above (ring depths, ping-pong or not) and,
     causal, against its own tile with the work queue switched (``queue``), in one process with SDPA
     cuDNN and the tl kernel: TFLOP/s and time ratios to the table's tile."""
@@ -355,7 +355,7 @@ def main():
     parser.add_argument("--coverage", action="store_true")
     parser.add_argument("--tiles", action="store_true", help="the table tiles against TILE_CANDIDATES")
     parser.add_argument("--windows", action="store_true", help="sliding windows, against the tl kernel")
-    parser.add_argument("--seqlens", help="--tiles: comma-separated (default 1024,4096,16384)")
+    parser.add_argument("--seqlens", default="1024,4096,16384", help="--tiles: comma-separated")
     parser.add_argument("--head-dims", help="--tiles, --coverage, --windows: comma-separated (default: all)")
     parser.add_argument("--softcap", type=float, default=0.0, help="--tiles: flashtile's calls with this softcap")
     parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
@@ -366,8 +366,7 @@ def main():
     if args.coverage:
         sys.exit(0 if coverage(args.out, head_dims) else 1)
     if args.tiles:
-        seqlens = tuple(map(int, args.seqlens.split(","))) if args.seqlens else (1024, 4096, 16384)
-        sys.exit(0 if tiles(args.out, seqlens, head_dims) else 1)
+        sys.exit(0 if tiles(args.out, tuple(map(int, args.seqlens.split(","))), head_dims) else 1)
     if args.windows:
         sys.exit(0 if windows(args.out, head_dims=head_dims) else 1)
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ def gluon_report(spec: str) -> str:
         constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "BOUND_LEFT": window,
                       "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
                       "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue,
-                      "CONSUMERS": tile.consumers, "ROW_TAIL": tile.consumers == 3}
+                      "CONSUMERS": tile.consumers, "ROW_TAIL": 2048 % (64 * tile.consumers) != 0}
     else:
         kernel, _, block_n = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)

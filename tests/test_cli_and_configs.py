@@ -135,8 +135,8 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
     """Every entry of configs.SM90_GLUON_FWD and SM90_GLUON_BWD compiles for sm90 on this (GPU-less)
     machine through bench/ptxas_report.py, and its SASS multiplies on Hopper's warpgroup MMA
     (HGMMA, none of the Ampere-style HMMA, never serialized by ptxas: info C7512) with operands
-    arriving by TMA (UTMALDG); the backward's dQ leaves by TMA reductions (UTMAREDG). Runs in a child process: the tests'
-    Triton interpreter would turn the kernel into Python."""
+    arriving by TMA (UTMALDG); the backward's dQ leaves by TMA reductions (UTMAREDG). Runs in a
+    child process: the tests' Triton interpreter would turn the kernel into Python."""
     import os
     import re
     import subprocess

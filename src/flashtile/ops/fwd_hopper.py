@@ -500,7 +500,8 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     fence_async_shared()
     mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
 
-    # (A partition list cannot be built in steps inside a kernel: one call per consumer count.)
+    # One call per consumer count, written out: a kernel cannot hold a JIT function in a variable,
+    # and a tuple of the shared arguments turns their constexprs into tensors (both tried).
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
