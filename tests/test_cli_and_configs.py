@@ -423,3 +423,28 @@ def test_tma_alignment_rule_checks_every_tensor():
     assert not common.tma_aligned(torch.zeros(1, 64, 2, 132, dtype=torch.bfloat16)[..., :128])  # 264-byte head stride
     assert common.tma_aligned(torch.zeros(3, 4, dtype=torch.float32))
     assert not common.tma_aligned(torch.zeros(3, 4, dtype=torch.bfloat16))
+
+
+def test_gluon_fwd_probe_passes_its_options_on(monkeypatch, tmp_path):
+    """bench/gluon_fwd_probe.py's --tiles / --coverage / --windows get --head-dims and --seqlens
+    as parsed, and --softcap reaches the calls' Features (the probes themselves need the GPU)."""
+    import sys
+
+    probe = _bench_module("gluon_fwd_probe")
+    monkeypatch.setattr(probe, "SOFTCAP", 0.0)
+    calls = []
+    for name in ("tiles", "coverage", "windows"):
+        monkeypatch.setattr(probe, name,
+                            lambda *a, name=name, **kw: calls.append((name, a, kw, probe.SOFTCAP)) or True)
+    out = str(tmp_path / "r.json")
+    for argv in (["--tiles", "--head-dims", "64,128", "--seqlens", "2048,8192", "--softcap", "30"],
+                 ["--tiles"], ["--coverage", "--head-dims", "256"], ["--windows", "--head-dims", "64"]):
+        monkeypatch.setattr(sys, "argv", ["gluon_fwd_probe.py", *argv, "--out", out])
+        with pytest.raises(SystemExit) as stop:
+            probe.main()
+        assert stop.value.code == 0
+    assert calls == [("tiles", (out, (2048, 8192), {64, 128}), {}, 30.0),
+                     ("tiles", (out, (1024, 4096, 16384), None), {}, 0.0),
+                     ("coverage", (out, {256}), {}, 0.0), ("windows", (out,), {"head_dims": {64}}, 0.0)]
+    monkeypatch.setattr(probe, "SOFTCAP", 30.0)
+    assert probe._features(torch.empty(1, 1, 1, 64), causal=True).softcap == 30.0
