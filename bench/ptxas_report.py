@@ -125,12 +125,19 @@ def ptxas_facts(compiled) -> str:
         log = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
     facts = [line.split("info    : ")[-1].strip() for line in log.splitlines() if "registers" in line or "spill" in line]
-    # ptxas makes asynchronous warpgroup MMAs wait for one another when it runs out of registers
-    # for their operands (info C7512: "wgmma.mma_async instructions are serialized"); a kernel
-    # then loses the overlap it was written for (docs/performance.md, step 23).
-    if "C7512" in log:
-        facts.append("WGMMA SERIALIZED (C7512)")
+    codes = serialized_wgmma(log)
+    if codes:
+        facts.append(f"WGMMA SERIALIZED ({', '.join(codes)})")
     return f"shared {compiled.metadata.shared} B | " + " | ".join(facts) + " | " + sass_summary(compiled)
+
+
+def serialized_wgmma(log: str) -> list[str]:
+    """The info codes of ptxas's log lines saying it made the asynchronous warpgroup MMAs wait
+    for one another: for want of registers for their operands (C7512), or because other
+    instructions touch an accumulator while its MMA may still run (C7514: met with an MMA left
+    running across a loop's back edge). The kernel then loses the overlap it was written for
+    (docs/performance.md, steps 23 and 24)."""
+    return sorted(set(re.findall(r"\((C\d+)\)[^\n]*wgmma\.mma_async instructions are serialized", log)))
 
 
 def sass_summary(compiled) -> str:

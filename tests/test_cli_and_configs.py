@@ -134,7 +134,7 @@ def test_launchers_work_without_gluon(monkeypatch, launcher, loader, module):
 def test_gluon_kernels_build_for_hopper_on_any_machine():
     """Every entry of configs.SM90_GLUON_FWD and SM90_GLUON_BWD compiles for sm90 on this (GPU-less)
     machine through bench/ptxas_report.py, and its SASS multiplies on Hopper's warpgroup MMA
-    (HGMMA, none of the Ampere-style HMMA, never serialized by ptxas: info C7512) with operands
+    (HGMMA, none of the Ampere-style HMMA, never serialized by ptxas: ``serialized_wgmma``) with operands
     arriving by TMA (UTMALDG); the backward's dQ leaves by TMA reductions (UTMAREDG). Runs in a
     child process: the tests' Triton interpreter would turn the kernel into Python."""
     import os
@@ -159,6 +159,24 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
         assert (counts["UTMAREDG"] > 0) == line.startswith("gluon_bwd"), line
         # ptxas did not make the asynchronous MMAs wait for one another for want of registers
         assert "SERIALIZED" not in line, line
+
+
+def test_ptxas_report_names_every_wgmma_serialization():
+    """Both reasons ptxas gives for serializing warpgroup MMAs (its own wording, from the logs of
+    step 23's and step 24's variants) are reported, each once; other info lines are not."""
+    serialized_wgmma = _bench_module("ptxas_report").serialized_wgmma
+    log = (
+        "ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
+        "to insufficient register resources for the function '_hopper_fwd_kernel'\n"
+        "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
+        "to non wgmma instructions reading accumulator registers of  a wgmma between start and end of the "
+        "pipeline stage in the function '_hopper_fwd_kernel'\n"
+        "ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
+        "to insufficient register resources for the function '_other'\n"
+        "ptxas info    : Used 168 registers, used 3 barriers\n"
+    )
+    assert serialized_wgmma(log) == ["C7512", "C7514"]
+    assert serialized_wgmma("ptxas info    : Used 168 registers, 0 bytes spill stores\n") == []
 
 
 def _bench_module(name):
