@@ -107,7 +107,7 @@ def gluon_report(spec: str) -> str:
         dq_type = mangle_type(TensorDescriptor.from_tensor(
             torch.empty(4096, 2 * head_dim), dq_block, gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)))
         types = {"q_desc": q_type, "do_desc": q_type, "k_desc": kv_type, "v_desc": kv_type, "delta_ptr": "*fp32",
-                 "dq_desc": dq_type, "dk_ptr": "*bf16", "dv_ptr": "*bf16", "softmax_scale": "fp32"}
+                 "dq_desc": dq_type, "dk_desc": desc_type(64), "dv_desc": desc_type(64), "softmax_scale": "fp32"}
         constexprs = {"D": head_dim, "BOUND_LEFT": window, "BOUND_RIGHT": causal, "SOFTCAP": softcap}
     types |= {"lse_ptr": "*fp32", "qk_scale": "fp32", "softcap_in": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}

@@ -23,6 +23,10 @@ partitions:
                                           ``_own_ds_in_registers``)
       dQ_acc[rows] += scale * dQ         (float32 TMA reductions into L2, from shared memory)
 
+  and after the last Q tile each warpgroup's dK and dV rows leave by TMA stores, staged in its
+  rows of the K and V tiles (whole 128-byte lines; stored from the accumulators' layout they
+  cost 2-5% at 2048-4096 tokens).
+
 With softcap the scores are ``cap * tanh(S * scale / cap)``: S becomes ``tanh(S * softcap_in)``
 (``qk_scale = cap * log2 e``) and dS picks up the derivative ``1 - tanh^2``.
 
@@ -247,8 +251,8 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
 
 
 @gluon.jit
-def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-             dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
+             delta_ptr, dq_desc, dq_s, dk_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
              group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr,
              BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
@@ -281,14 +285,23 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
             dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
             seqlen_q, m_begin, n_m, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
             BOUND_RIGHT, SOFTCAP)
-    tma.store_wait(0)  # the last reduction has read dq_s before the program ends
+    tma.store_wait(0)  # the last reduction has read dq_s
 
-    n_kv_heads = n_heads // group_size
-    keys = (b * seqlen_k + n0 + C * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, kd_layout))).to(gl.int64)
-    dims = kv_h * D + gl.arange(0, D, layout=gl.SliceLayout(0, kd_layout))
-    offs = keys[:, None] * (n_kv_heads * D) + dims[None, :]
-    gl.store(dk_ptr + offs, (dk * softmax_scale).to(dk_ptr.dtype.element_ty))
-    gl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty))
+    # dK and dV leave through shared memory by TMA stores, whole 128-byte lines: stored straight
+    # from the accumulators (4 bytes per thread and row piece) they took 2-8% of the backward at
+    # 2048-4096 tokens, and the TMA stores gave back 2-5% (docs/performance.md, step 25). dV goes
+    # over this warpgroup's rows of V, which only its own dP products read; dK over its rows of K
+    # once the other warpgroup's last dQ product, which reads every row of K, has run too
+    # (``kv_done``).
+    v_w.store(dv.to(v_s.dtype))
+    mbarrier.arrive(kv_done, count=1)
+    mbarrier.wait(kv_done, 0)
+    k_w.store((dk * softmax_scale).to(k_s.dtype))
+    fence_async_shared()
+    row = b * seqlen_k + n0 + C * HALF_N
+    tma.async_copy_shared_to_global(dv_desc, [row, kv_h * D], v_w)
+    tma.async_copy_shared_to_global(dk_desc, [row, kv_h * D], k_w)
+    tma.store_wait(0)  # the stores have read shared memory before the program ends
 
 
 @gluon.jit
@@ -330,7 +343,7 @@ def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_
 
 
 @gluon.jit
-def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr,
+def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_desc, dv_desc,
                        seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
                        head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
                        BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
@@ -358,19 +371,21 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(ds_bar.index(0), count=2)  # both consumers' halves of dS^T stored
     mbarrier.init(ds_bar.index(1), count=2)
+    mbarrier.init(kv_done, count=2)  # both consumers' last products have run
     _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
 
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
-        (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+        (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
+                    delta_ptr, dq_desc, dq_s, dk_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
                     group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
                     BOUND_RIGHT, SOFTCAP)),
-        (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, lse_ptr, delta_ptr,
-                    dq_desc, dq_s, dk_ptr, dv_ptr, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+        (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
+                    delta_ptr, dq_desc, dq_s, dk_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
                     group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
                     BOUND_RIGHT, SOFTCAP)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
@@ -453,6 +468,10 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
     do_desc = descriptor(dout, q_rows, q_block)
     k_desc = descriptor(k, kv_rows, kv_block)
     v_desc = descriptor(v, kv_rows, kv_block)
+    # dK and dV leave by TMA stores of 64 keys (each consumer's in this module's kernel, each
+    # program's in bwd_hopper_wide's).
+    dk_desc = descriptor(dk, kv_rows, (HALF_N.value, head_dim))
+    dv_desc = descriptor(dv, kv_rows, (HALF_N.value, head_dim))
     num_n_blocks = seqlen_k // block_n
     sm_count = configs.sm_count(q.device)
     q_do_bytes = 2 * group_size * seqlen_q * head_dim * q.element_size()  # streamed per program's KV head
@@ -470,7 +489,7 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
             (batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
         dq_desc = descriptor(dq_acc, (batch * seqlen_q, chunk * group_size * head_dim), dq_block)
         launch[(num_n_blocks * batch * chunk,)](
-            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk, dv, seqlen_q, seqlen_k, n_heads,
+            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk_desc, dv_desc, seqlen_q, seqlen_k, n_heads,
             group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features), features.softmax_scale,
             features.window_left, features.window_right, head_dim, features.window_left >= 0,
             features.window_right >= 0, features.softcap > 0, num_warps=NUM_WARPS)
