@@ -252,7 +252,7 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
-             delta_ptr, dq_desc, dq_s, dk_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+             delta_ptr, dq_desc, dq_s, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
              group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr,
              BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
     """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
@@ -299,8 +299,8 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     k_w.store((dk * softmax_scale).to(k_s.dtype))
     fence_async_shared()
     row = b * seqlen_k + n0 + C * HALF_N
-    tma.async_copy_shared_to_global(dv_desc, [row, kv_h * D], v_w)
-    tma.async_copy_shared_to_global(dk_desc, [row, kv_h * D], k_w)
+    tma.async_copy_shared_to_global(dv_out, [row, kv_h * D], v_w)
+    tma.async_copy_shared_to_global(dk_out, [row, kv_h * D], k_w)
     tma.store_wait(0)  # the stores have read shared memory before the program ends
 
 
@@ -343,7 +343,7 @@ def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_
 
 
 @gluon.jit
-def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_desc, dv_desc,
+def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_out, dv_out,
                        seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
                        head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
                        BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
@@ -381,11 +381,11 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
-                    delta_ptr, dq_desc, dq_s, dk_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                    delta_ptr, dq_desc, dq_s, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
                     group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
                     BOUND_RIGHT, SOFTCAP)),
         (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
-                    delta_ptr, dq_desc, dq_s, dk_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                    delta_ptr, dq_desc, dq_s, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
                     group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
                     BOUND_RIGHT, SOFTCAP)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
@@ -420,6 +420,9 @@ class BackwardKernel(NamedTuple):
     kernel: object  # the Gluon kernel
     launch: FastLaunch  # launches it
     block_n: int  # keys per program
+    # dK and dV leave by TMA stores of 64-key boxes (``dk_out``/``dv_out`` descriptors) without a
+    # mask, and with one where this is set; otherwise they are pointers to dk and dv.
+    masked_tma_store: bool = True
 
 
 _HOPPER_BWD = BackwardKernel(_hopper_bwd_kernel, FastLaunch(_hopper_bwd_kernel), BLOCK_N)
@@ -459,7 +462,8 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
     group_size = n_heads // n_kv_heads
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _, launch, block_n = _kernel_for(head_dim)
+    kernel = _kernel_for(head_dim)
+    launch, block_n = kernel.launch, kernel.block_n
     q_block, kv_block = (BLOCK_M, head_dim), (block_n, head_dim)
     q_rows = (batch * seqlen_q, n_heads * head_dim)
     dq_block = (BLOCK_M, 32)  # 32 dQ columns: float32 rows of 128 bytes, the swizzle's width
@@ -469,9 +473,12 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
     k_desc = descriptor(k, kv_rows, kv_block)
     v_desc = descriptor(v, kv_rows, kv_block)
     # dK and dV leave by TMA stores of 64 keys (each consumer's in this module's kernel, each
-    # program's in bwd_hopper_wide's).
-    dk_desc = descriptor(dk, kv_rows, (HALF_N.value, head_dim))
-    dv_desc = descriptor(dv, kv_rows, (HALF_N.value, head_dim))
+    # program's in bwd_hopper_wide's), or from the accumulators (BackwardKernel.masked_tma_store).
+    if kernel.masked_tma_store or not features.masked:
+        dk_out = descriptor(dk, kv_rows, (HALF_N.value, head_dim))
+        dv_out = descriptor(dv, kv_rows, (HALF_N.value, head_dim))
+    else:
+        dk_out, dv_out = dk, dv
     num_n_blocks = seqlen_k // block_n
     sm_count = configs.sm_count(q.device)
     q_do_bytes = 2 * group_size * seqlen_q * head_dim * q.element_size()  # streamed per program's KV head
@@ -489,7 +496,7 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
             (batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
         dq_desc = descriptor(dq_acc, (batch * seqlen_q, chunk * group_size * head_dim), dq_block)
         launch[(num_n_blocks * batch * chunk,)](
-            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk_desc, dv_desc, seqlen_q, seqlen_k, n_heads,
+            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk_out, dv_out, seqlen_q, seqlen_k, n_heads,
             group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features), features.softmax_scale,
             features.window_left, features.window_right, head_dim, features.window_left >= 0,
             features.window_right >= 0, features.softcap > 0, num_warps=NUM_WARPS)

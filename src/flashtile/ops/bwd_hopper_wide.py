@@ -29,8 +29,8 @@ that measured 3-12% slower here (docs/performance.md, step 16).
 Four mbarriers order the exchange, one completion per tile each (phase = tile parity):
 ``p_full`` (P and F stored), ``ds_full`` (dS stored), ``p_free`` (the dP side has read P, and
 with softcap its dK product has read the dS buffer), ``ds_done`` (the S side has read dS). A
-fifth, ``kv_done``, tells the sides that both have finished with K and V: dV then leaves by a TMA
-store staged in V's tile, dK in K's (``_store_tile``).
+fifth, ``kv_done``, tells the sides that both have finished with K and V: without a mask dV then
+leaves by a TMA store staged in V's tile, dK in K's (``_store_dkdv``).
 
 Shared memory (224 KB of the 227 available): K and V (32 KB each), two Q/dO ring slots (64 KB
 each), P and dS (8 KB each), the two staging tiles. Launched by ``bwd_hopper.hopper_bwd`` (same
@@ -102,7 +102,7 @@ def _dq_half(ds_a, k_s, staging, dq_desc, row, col, softmax_scale, C: gl.constex
 
 @gluon.jit
 def _s_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
-            kv_done, lse_ptr, dq_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size,
+            kv_done, lse_ptr, dq_desc, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size,
             n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
             BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, DQ_WIDTH: gl.constexpr):
     """Warpgroup 0: S and P, dV for the program's keys, dQ's first D/2 columns."""
@@ -144,15 +144,15 @@ def _s_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full,
         _dq_half(ds_a, k_s, staging, dq_desc, b * seqlen_q + m0, (dq_h0 + t // n_m) * D, softmax_scale, 0, DQ_WIDTH)
         dv = warpgroup_mma_wait(0, deps=[dv_tok])
         mbarrier.arrive(empty.index(slot), count=1)
-    tma.store_wait(0)  # the last reductions have read shared memory
-    # dV leaves by a TMA store from V's tile, once the dP side's last product has read V.
-    _store_tile(dv_desc, dv, v_s, kv_done, b * seqlen_k + n0, kv_h * D)
+    tma.store_wait(0)  # the last reductions have read shared memory before the program ends
+    _store_dkdv(dv_out, dv, v_s, kv_done, b, kv_h, n0, group_size, n_heads, seqlen_k, BOUND_LEFT or BOUND_RIGHT)
 
 
 @gluon.jit
 def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full, p_free, ds_full, ds_done, kv_bar,
-             kv_done, delta_ptr, dq_desc, dk_desc, b, kv_h, dq_h0, n0, m_begin, n_m, group_size, n_heads, seqlen_q,
-             seqlen_k, softmax_scale, D: gl.constexpr, SOFTCAP: gl.constexpr, DQ_WIDTH: gl.constexpr):
+             kv_done, delta_ptr, dq_desc, dk_out, b, kv_h, dq_h0, n0, m_begin, n_m, group_size, n_heads, seqlen_q,
+             seqlen_k, softmax_scale, D: gl.constexpr, SOFTCAP: gl.constexpr, DQ_WIDTH: gl.constexpr,
+             MASKED: gl.constexpr):
     """Warpgroup 1: dP and dS, dK for the program's keys, dQ's last D/2 columns."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     N: gl.constexpr = k_s.shape[0]
@@ -193,26 +193,37 @@ def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full
             mbarrier.arrive(p_free, count=1)
         mbarrier.arrive(empty.index(slot), count=1)
     tma.store_wait(0)
-    # dK leaves by a TMA store from K's tile, once the S side's last products have read K.
-    _store_tile(dk_desc, dk * softmax_scale, k_s, kv_done, b * seqlen_k + n0, kv_h * D)
+    _store_dkdv(dk_out, dk * softmax_scale, k_s, kv_done, b, kv_h, n0, group_size, n_heads, seqlen_k, MASKED)
 
 
 @gluon.jit
-def _store_tile(desc, acc, tile, kv_done, row, col):
-    """The program's keys' rows of dK or dV from a float32 accumulator, by a TMA store through
-    ``tile`` (K's or V's shared-memory tile, free once both sides have passed ``kv_done``):
-    whole 128-byte lines, where stores from the accumulator's layout write 4 bytes per thread and
-    row piece (docs/performance.md, step 25)."""
-    mbarrier.arrive(kv_done, count=1)
-    mbarrier.wait(kv_done, 0)
-    tile.store(acc.to(tile.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(desc, [row, col], tile)
-    tma.store_wait(0)  # the store has read shared memory before the program ends
+def _store_dkdv(out, acc, tile, kv_done, b, kv_h, n0, group_size, n_heads, seqlen_k, MASKED: gl.constexpr):
+    """The program's keys' rows of dK or dV from a float32 accumulator. Without a mask by a TMA
+    store (``out`` a descriptor) staged in ``tile``, K's or V's, once both sides have passed
+    ``kv_done`` and so are done with K and V: whole 128-byte lines, where the accumulator's layout
+    writes 4 bytes per thread and row piece (1.4-2.5% faster at 2048-8192 tokens). Masked kernels
+    store from the accumulator (``out`` a pointer to the (B, Sk, Hk, D) tensor): with the TMA
+    store their loop spilled more (7 -> 12 spill stores) and ran 2-4% slower at 8192-16384 tokens
+    (docs/performance.md, step 25)."""
+    N: gl.constexpr = acc.shape[0]
+    D: gl.constexpr = acc.shape[1]
+    if MASKED:
+        layout: gl.constexpr = acc.type.layout
+        n_kv_heads = n_heads // group_size
+        keys = (b * seqlen_k + n0 + gl.arange(0, N, layout=gl.SliceLayout(1, layout))).to(gl.int64)
+        dims = kv_h * D + gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+        gl.store(out + keys[:, None] * (n_kv_heads * D) + dims[None, :], acc.to(out.dtype.element_ty))
+    else:
+        mbarrier.arrive(kv_done, count=1)
+        mbarrier.wait(kv_done, 0)
+        tile.store(acc.to(tile.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out, [b * seqlen_k + n0, kv_h * D], tile)
+        tma.store_wait(0)  # the store has read shared memory before the program ends
 
 
 @gluon.jit
-def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_desc, dv_desc,
+def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_out, dv_out,
                      seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
                      head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
                      BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
@@ -241,21 +252,22 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
     mbarrier.init(kv_done, count=2)  # both sides' last products have run
     _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
 
-    DQ_WIDTH: gl.constexpr = _dq_width(D, BOUND_LEFT or BOUND_RIGHT)
+    MASKED: gl.constexpr = BOUND_LEFT or BOUND_RIGHT
+    DQ_WIDTH: gl.constexpr = _dq_width(D, MASKED)
     p_full, ds_full, p_free, ds_done = exchange.index(0), exchange.index(1), exchange.index(2), exchange.index(3)
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
     gl.warp_specialize([
         (_s_side, (q_ring, do_ring, k_s, v_s, p_s, ds_s, staging.index(0), ready, empty, p_full, p_free, ds_full,
-                   ds_done, kv_bar, kv_done, lse_ptr, dq_desc, dv_desc, b, kv_h, dq_h0, n0, key_pos0, left_pos0,
+                   ds_done, kv_bar, kv_done, lse_ptr, dq_desc, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0,
                    m_begin, n_m, group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D,
                    BOUND_LEFT, BOUND_RIGHT, SOFTCAP, DQ_WIDTH)),
         (_dp_side, (q_ring, do_ring, k_s, v_s, p_s, ds_s, staging.index(1), ready, empty, p_full, p_free, ds_full,
-                    ds_done, kv_bar, kv_done, delta_ptr, dq_desc, dk_desc, b, kv_h, dq_h0, n0, m_begin, n_m, group_size,
-                    n_heads, seqlen_q, seqlen_k, softmax_scale, D, SOFTCAP, DQ_WIDTH)),
+                    ds_done, kv_bar, kv_done, delta_ptr, dq_desc, dk_out, b, kv_h, dq_h0, n0, m_begin, n_m, group_size,
+                    n_heads, seqlen_q, seqlen_k, softmax_scale, D, SOFTCAP, DQ_WIDTH, MASKED)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
                          group_size * n_m, h0)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
-WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N)
+WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N, masked_tma_store=False)
