@@ -101,15 +101,15 @@ def gluon_report(spec: str) -> str:
                       "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue,
                       "CONSUMERS": tile.consumers, "ROW_TAIL": 2048 % (64 * tile.consumers) != 0}
     else:
-        kernel, _, block_n, _ = bwd_hopper._kernel_for(head_dim)
+        kernel, _, block_n, masked_tma_store = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
         dq_block = [bwd_hopper.BLOCK_M, 32]
         dq_type = mangle_type(TensorDescriptor.from_tensor(
             torch.empty(4096, 2 * head_dim), dq_block, gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)))
         types = {"q_desc": q_type, "do_desc": q_type, "k_desc": kv_type, "v_desc": kv_type, "delta_ptr": "*fp32",
                  "dq_desc": dq_type, "softmax_scale": "fp32"}
-        by_tma = bwd_hopper._kernel_for(head_dim).masked_tma_store or not causal
-        types["dk_out"] = types["dv_out"] = desc_type(64) if by_tma else "*bf16"
+        # dK/dV: TMA descriptors, or pointers where a masked kernel stores from its accumulators
+        types["dk_out"] = types["dv_out"] = desc_type(64) if masked_tma_store or not causal else "*bf16"
         constexprs = {"D": head_dim, "BOUND_LEFT": window, "BOUND_RIGHT": causal, "SOFTCAP": softcap}
     types |= {"lse_ptr": "*fp32", "qk_scale": "fp32", "softcap_in": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}

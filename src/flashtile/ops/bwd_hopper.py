@@ -24,8 +24,8 @@ partitions:
       dQ_acc[rows] += scale * dQ         (float32 TMA reductions into L2, from shared memory)
 
   and after the last Q tile each warpgroup's dK and dV rows leave by TMA stores, staged in its
-  rows of the K and V tiles (whole 128-byte lines; stored from the accumulators' layout they
-  cost 2-5% at 2048-4096 tokens).
+  rows of the K and V tiles (whole 128-byte lines: 2-5% faster at 2048-4096 tokens than stores
+  from the accumulators' layout).
 
 With softcap the scores are ``cap * tanh(S * scale / cap)``: S becomes ``tanh(S * softcap_in)``
 (``qk_scale = cap * log2 e``) and dS picks up the derivative ``1 - tanh^2``.
