@@ -6,14 +6,17 @@ the host's time to issue the call (while a sleep kernel holds the GPU, so nothin
     PYTHONPATH=src python3 bench/host_bound.py --seqlens 2048,16384 --modes bwd --kernels
 
 ``--kernels`` also lists each cell's kernels with their device time per call (where a kernel-bound
-cell's time goes: the attention kernel, or the passes around it).
+cell's time goes: the attention kernel, or the passes around it); ``--profile`` the Python
+functions with the most host time in flashtile's calls (cProfile, behind the same sleep kernel).
 
 A cell whose measured time is well above its kernel time and near its host time is host-bound:
 a faster kernel would not show there, a cheaper launch path would.
 """
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 
@@ -53,6 +56,23 @@ def host_ms(fn, calls=20) -> float:
     return elapsed / calls * 1e3
 
 
+def profile_host(fn, calls=50, rows=25):
+    """cProfile of ``calls`` calls issued behind a sleep kernel: the functions with the most own
+    time, then the most cumulative time (what a host-bound cell's host time is made of)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).strip_dirs()
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+
+
 def modes(method, q, k, v, dout, causal):
     fn = METHODS[method]
     out = fn(q, k, v, causal)
@@ -70,6 +90,7 @@ def main():
     parser.add_argument("--methods", default="flashtile,sdpa_cudnn")
     parser.add_argument("--modes", default="fwd,bwd,fwd_bwd")
     parser.add_argument("--kernels", action="store_true", help="list each cell's kernels and their time")
+    parser.add_argument("--profile", action="store_true", help="cProfile flashtile's calls in each cell")
     args = parser.parse_args()
     print(banner(environment()))
     print(f"{'method':11s} {'D':>4s} {'causal':>6s} {'S':>6s} {'mode':>8s} {'bench ms':>9s} {'kernels':>8s} "
@@ -90,6 +111,8 @@ def main():
                         if args.kernels:
                             for name, ms in kernels.items():
                                 print(f"{'':13s}{ms:9.3f}  {name[:110]}")
+                        if args.profile and method == "flashtile":
+                            profile_host(fn)
                     del q, k, v, dout
                     torch.cuda.empty_cache()
 

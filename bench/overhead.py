@@ -109,12 +109,13 @@ def main():
     print("through triton's launch path (configs.FAST_LAUNCH = False):")
     configs.FAST_LAUNCH = False
     for name in ("flash_fwd launcher (kernel launch only)", "flash_attn_func, no grad",
-                 "flash_attn_func forward + autograd.grad", "flash_attn_with_kvcache, index checks off", *gluon):
+                 "flash_attn_func forward + autograd.grad", "flash_attn_with_kvcache, index checks off",
+                 *(name for name in gluon if not name.startswith("  "))):
         print(f"{name:52s} {per_call_us(rows[name]):7.1f} us/call")
     configs.FAST_LAUNCH = True
     print_fast_launch_caches()
     if args.profile:
-        for name in ("flash_attn_func forward + autograd.grad", *list(gluon)[-1:]):
+        for name in ("flash_attn_func forward + autograd.grad", *list(gluon)[-2:-1]):
             profile(name, rows[name])
             trace(name, rows[name])
 
@@ -123,6 +124,7 @@ def gluon_rows() -> dict:
     """The Gluon kernels' launchers on one 1024-token head of dim 128 (both Gluon tables take it
     from 1024 keys; a few microseconds of GPU work): their host cost. Empty off Hopper."""
     from flashtile.ops import bwd_hopper, fwd_hopper
+    from flashtile.ops.descriptors import descriptor
 
     q, k, v = (torch.randn(1, 1024, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     features = Features(128**-0.5)
@@ -136,11 +138,28 @@ def gluon_rows() -> dict:
     def fwd_bwd():
         torch.autograd.grad(flashtile.flash_attn_func(qg, kg, vg), (qg, kg, vg), q)
 
+    # The same forward + backward as bench_attention.py times it: through (B, H, S, D) views, whose
+    # transposes add autograd nodes of their own.
+    qt, kt, vt = (t.transpose(1, 2) for t in (qg, kg, vg))
+
+    def fwd_bwd_transposed():
+        out_t = flashtile.flash_attn_func(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2))
+        torch.autograd.grad(out_t.transpose(1, 2), (qt, kt, vt), q.transpose(1, 2))
+
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
+    rows_128 = (q.shape[1], q.shape[2] * q.shape[3])
     return {
         "hopper_fwd launcher (Gluon, 1024 keys, d128)": lambda: fwd_hopper.hopper_fwd(q, k, v, features),
         "hopper_bwd launcher (Gluon, 1024 keys, d128)": lambda: bwd_hopper.hopper_bwd(q, q, k, v, out, lse,
                                                                                       features),
+        "  of which hopper_bwd_eligible": lambda: bwd_hopper.hopper_bwd_eligible(q, k, v, q, features, None),
+        "  of which one descriptor (7 per call)": lambda: descriptor(q, rows_128, (64, 128)),
+        "  of which one torch.empty (5 per call)": lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        "  of which launch_delta with the zero fill": lambda: bwd.launch_delta(out, q, delta, zero=dq_acc),
+        "  of which the dQ cast (.to)": lambda: dq_acc.to(q.dtype),
         "Gluon flash_attn_func forward + autograd.grad": fwd_bwd,
+        "the same through (B, H, S, D) views (bench_attention)": fwd_bwd_transposed,
     }
 
 

@@ -346,6 +346,23 @@ def test_gluon_backward_matches_oracle(shape, causal, dtype, monkeypatch):
     assert calls, "the Gluon backward did not run"
 
 
+def test_gluon_launches_reuse_encoded_descriptors(monkeypatch):
+    """ops/launch.FastLaunch calls triton's C launcher itself and keeps each encoded TMA
+    descriptor per address, shape and strides: repeated calls (whose tensors come back at the
+    same addresses) and calls of other lengths on the same compiled kernels must still match the
+    oracle, and the Gluon kernels must take that path on this triton."""
+    from flashtile.ops import bwd_hopper, fwd_hopper
+
+    fwd_calls, bwd_calls = _count_gluon_calls(monkeypatch), _count_gluon_bwd_calls(monkeypatch)
+    for shape in [(2, 1024, 1024, 4, 2, 128)] * 3 + [(1, 512, 1536, 4, 2, 128), (2, 1024, 1024, 4, 2, 128)]:
+        q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+        check_against_oracle(attention(True), q, k, v, causal=True)
+    assert len(fwd_calls) >= 5 and len(bwd_calls) >= 5
+    for launcher in (fwd_hopper._hopper_fwd_launch, bwd_hopper._HOPPER_BWD.launch):
+        directs = [direct for _, direct in launcher.compiled.values()]  # this test's and any earlier ones'
+        assert directs and None not in directs and any(direct.encoded for direct in directs)
+
+
 @pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gluon_backward_in_head_chunks(causal, head_dim, monkeypatch):

@@ -185,3 +185,137 @@ def test_specialization_key_tells_constexpr_types_apart():
     kinds = (launch._CONSTEXPR,)
     keys = {launch.specialization_key(kinds, [value], ()) for value in (True, 1, 1.0)}
     assert len(keys) == 3
+
+
+class CLauncher:
+    """Stands in for triton's compiled C launcher (``__triton_launcher.launch``: a callable with no
+    Python code): records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+class LaunchWrapper:
+    """triton's launch objects around one compiled variant: ``CudaLauncher`` (``run``), whose
+    ``launch`` is ``driver.wrap_handle_tensordesc``'s closure over the C launcher when the kernel
+    takes descriptors. Calls that go through either wrapper are recorded in ``wrapped``."""
+
+    def __init__(self, takes_descriptors, scratch=0):
+        self.c_launcher = CLauncher()
+        self.wrapped = []
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+        launcher, wrapped = self.c_launcher, self.wrapped
+
+        def inner(*args):  # the descriptor-encoding wrapper: must be bypassed
+            wrapped.append(args)
+            return launcher(*args)
+
+        self.launch = inner if takes_descriptors else launcher
+
+    def __call__(self, *args):
+        self.wrapped.append(args)
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """A FastLaunch over a stand-in kernel whose compiled variants carry ``LaunchWrapper``s, and
+    the encodings of its descriptors (``encoded``: one entry per encode)."""
+    monkeypatch.setattr(launch, "driver", FakeDriver)
+    monkeypatch.setattr(launch, "_fast_path_available", lambda: True)
+    encoded = []
+
+    def encode(desc, meta):
+        encoded.append((desc.base.data_ptr(), tuple(desc.shape), tuple(desc.strides), meta))
+        return [f"map{len(encoded)}", *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(launch, "_encode_descriptor", encode)
+
+    class Kernel(JITFunction):
+        def __init__(self, fn, scratch):
+            super().__init__(fn)
+            self.scratch, self.runs = scratch, []
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                compiled = type("Compiled", (), {})()
+                compiled.function, compiled.packed_metadata = "function", "metadata"
+                takes_descriptors = any(type(a) is launch._GluonDescriptor for a in args)
+                compiled.metadata = type("Metadata", (), {"tensordesc_meta": ["meta"] if takes_descriptors else None})
+                compiled.run = LaunchWrapper(takes_descriptors, self.scratch)
+                self.runs.append(compiled.run)
+                return compiled
+
+            return run
+
+    def make(scratch=0):
+        kernel = Kernel(_kernel, scratch)
+        return kernel, launch.FastLaunch(kernel)
+
+    return make, encoded
+
+
+def _descriptor(t, rows):
+    from flashtile.ops.descriptors import descriptor
+
+    return descriptor(t, (rows, t.numel() // rows), (16, 16))
+
+
+def test_fast_launch_calls_the_c_launcher_itself(direct):
+    make, encoded = direct
+    kernel, fast = make()
+    x = torch.zeros(32, dtype=torch.float16)
+    fast[(3,)](x, 32, 0.5, 7, FLAG=True, num_warps=4)
+    fast[(5, 2)](x, 48, 0.25, 9, FLAG=True, num_warps=4)
+    (run,) = kernel.runs
+    (call,) = run.c_launcher.calls
+    assert call[:14] == (5, 2, 1, 77, "function", False, True, None, None, "metadata", None, None, None, x)
+    assert call[14:] == (48, 0.25, 9, True, 16)
+    assert run.wrapped == [] and encoded == []
+
+
+def test_fast_launch_encodes_each_descriptor_once(direct):
+    """Descriptors reach the C launcher expanded as triton's wrapper expands them (encoded map,
+    shape, strides), encoded again only for another address, shape or strides."""
+    make, encoded = direct
+    kernel, fast = make()
+    a, b = torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(64, 64, dtype=torch.bfloat16)
+    fast[(1,)](_descriptor(a, 64), 32, 0.5, 7, FLAG=False)  # first launch: triton's path
+    for desc in (_descriptor(a, 64), _descriptor(a, 64), _descriptor(b, 64), _descriptor(a, 32), _descriptor(a, 64)):
+        fast[(1,)](desc, 32, 0.5, 7, FLAG=False)
+    (run,) = kernel.runs
+    assert run.wrapped == []
+    assert [call[13:18] for call in run.c_launcher.calls] == [
+        ("map1", 64, 64, 64, 1), ("map1", 64, 64, 64, 1), ("map2", 64, 64, 64, 1), ("map3", 32, 128, 128, 1),
+        ("map1", 64, 64, 64, 1)]
+    assert all(call[18:] == (32, 0.5, 7, False, 16) for call in run.c_launcher.calls)
+    assert [e[:3] for e in encoded] == [(a.data_ptr(), (64, 64), (64, 1)), (b.data_ptr(), (64, 64), (64, 1)),
+                                         (a.data_ptr(), (32, 128), (128, 1))]
+    assert {e[3] for e in encoded} == {"meta"}
+
+
+def test_fast_launch_bounds_its_encoded_descriptors(direct, monkeypatch):
+    make, encoded = direct
+    monkeypatch.setattr(launch, "_MAX_ENCODED", 3)
+    _, fast = make()
+    t = torch.zeros(64 * 64, dtype=torch.bfloat16)
+    for rows in (64, 32, 16, 8, 64):  # the first through triton; the fifth finds the cache full
+        fast[(1,)](_descriptor(t, rows), 32, 0.5, 7, FLAG=False)
+    ((_, direct_launch),) = fast.compiled.values()
+    assert [e[1] for e in encoded] == [(32, 128), (16, 256), (8, 512), (64, 64)]
+    assert [key[2:4] for key in direct_launch.encoded] == [(64, 64)]  # started over, then kept the fifth
+
+
+def test_fast_launch_leaves_scratch_kernels_to_triton(direct):
+    """A variant that needs a scratch buffer (device-side descriptors) launches through triton's
+    wrapper, which allocates it."""
+    make, _ = direct
+    kernel, fast = make(scratch=128)
+    x = torch.zeros(32, dtype=torch.float16)
+    for _ in range(3):
+        fast[(1,)](x, 32, 0.5, 7, FLAG=False)
+    (run,) = kernel.runs
+    assert len(run.wrapped) == 2 and run.c_launcher.calls == []

@@ -210,11 +210,13 @@ SM90_GLUON_BWD_WINDOW_MIN_KEYS = {
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;
 # head dim 256 in ops/bwd_hopper_wide.py): (head dim, causal) it covers -> the key length from
 # which it runs at least as fast as the tl kernels at that length and every longer one
-# (min_winning_seqlen over bench/gluon_bwd_probe.py, H100, 2026-11-24 19:28 UTC,
+# (min_winning_seqlen over bench/gluon_bwd_probe.py, H100, 2026-11-25 06:26 UTC,
 # bench/results/h100_gluon_bwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Causal head dim 128 started at
 # 8192 before the TMA reductions and the grouped causal grid (ops/hopper_order.py); causal head
-# dim 256 at 1024 before its split-role kernel. Set GLUON_BWD to False to time the tl kernels on
+# dim 256 at 1024 before its split-role kernel. The 2026-11-24 19:28 run
+# (bench/results/h100_gluon_bwd_1928.json, before the one-launch dQ buffer and the TMA dK/dV
+# stores) started head dims 64 and 128 at 1024 / 2048 / 1024 / 1024 keys. Set GLUON_BWD to False to time the tl kernels on
 # the same shapes; deterministic=True always takes them.
 GLUON_BWD = True
 # The Gluon backward's float32 dQ buffer (4 bytes per element of q) is split over two launches of
@@ -226,12 +228,12 @@ GLUON_BWD = True
 # slice copy cost 0.35-0.5 ms of host time per call (bench/host_bound.py, 22:59).
 GLUON_BWD_SPLIT_DQ_MIN_SEQLEN = 16384
 SM90_GLUON_BWD = {
-    (64, False): 1024,  # 0.93 1.05 1.17 1.24 1.26 1.26
-    (64, True): 2048,  # 0.76 0.95 1.11 1.20 1.27 1.27
-    (128, False): 1024,  # 0.99 1.16 1.14 1.20 1.17 1.19
-    (128, True): 1024,  # 0.93 1.10 1.15 1.22 1.26 1.28
-    (256, False): 512,  # 1.30 1.49 1.47 1.50 1.64 1.69
-    (256, True): 512,  # 1.07 1.28 1.36 1.42 1.45 1.47
+    (64, False): 512,  # 1.01 1.16 1.24 1.21 1.24 1.30
+    (64, True): 1024,  # 0.90 1.06 1.22 1.26 1.28 1.34
+    (128, False): 512,  # 1.18 1.27 1.21 1.19 1.19 1.21
+    (128, True): 512,  # 1.15 1.28 1.27 1.30 1.31 1.28
+    (256, False): 512,  # 1.52 1.65 1.59 1.63 1.69 1.74
+    (256, True): 512,  # 1.23 1.50 1.61 1.69 1.73 1.73
 }
 # Entries of SM90_GLUON_BWD whose softcap calls take the tl kernels: head dim 128 causal spills
 # 516 bytes per thread with the tanh kept for dS (ptxas), and lost to the tl kernels at every

@@ -285,14 +285,14 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
             dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
             seqlen_q, m_begin, n_m, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
             BOUND_RIGHT, SOFTCAP)
-    tma.store_wait(0)  # the last reduction has read dq_s
 
     # dK and dV leave through shared memory by TMA stores, whole 128-byte lines: stored straight
     # from the accumulators (4 bytes per thread and row piece) they took 2-8% of the backward at
     # 2048-4096 tokens, and the TMA stores gave back 2-5% (docs/performance.md, step 25). dV goes
     # over this warpgroup's rows of V, which only its own dP products read; dK over its rows of K
     # once the other warpgroup's last dQ product, which reads every row of K, has run too
-    # (``kv_done``).
+    # (``kv_done``). The last dQ reduction may still be reading dq_s meanwhile: the wait at the
+    # end covers it.
     v_w.store(dv.to(v_s.dtype))
     mbarrier.arrive(kv_done, count=1)
     mbarrier.wait(kv_done, 0)
@@ -301,7 +301,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     row = b * seqlen_k + n0 + C * HALF_N
     tma.async_copy_shared_to_global(dv_out, [row, kv_h * D], v_w)
     tma.async_copy_shared_to_global(dk_out, [row, kv_h * D], k_w)
-    tma.store_wait(0)  # the stores have read shared memory before the program ends
+    tma.store_wait(0)  # the stores and the last reduction have read shared memory before the program ends
 
 
 @gluon.jit

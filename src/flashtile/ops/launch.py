@@ -15,10 +15,19 @@ kernel the first time a key is seen, and from then on calls the compiled kernel'
 directly. The key is at least as fine as triton's own (a CPU test
 holds it against triton's specializer), so a hit always runs the variant triton would have.
 
+Gluon tensor descriptors reach the kernel as TMA descriptors (``CUtensorMap``) that triton's
+launch wrapper encodes on every launch, in Python and a driver call per descriptor (seven per
+Gluon backward). ``FastLaunch`` calls triton's compiled C launcher itself and keeps each encoded
+descriptor, keyed on what it encodes (address, shape, strides; the element type, box and
+swizzle are fixed per compiled variant): a training loop's steps, whose tensors the caching
+allocator hands out at the same addresses, encode none after the first.
+
 Triton's own path is taken under the interpreter, on triton releases other than the one this
 was written against (the compiled kernel's launch interface is internal), while a launch hook is
 installed (profilers such as proton hang off it), and where ``configs.FAST_LAUNCH`` is off.
 """
+
+from typing import NamedTuple
 
 import torch
 from triton.runtime import driver
@@ -88,6 +97,10 @@ _RELEASE_SUPPORTED = on_gluon_triton()
 if _RELEASE_SUPPORTED:
     from triton import knobs
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
+    try:  # where the CUDA backend is installed (not needed under the interpreter)
+        from triton.backends.nvidia.driver import make_tensordesc_arg as _encode_descriptor
+    except ImportError:
+        _encode_descriptor = None
 else:
     class _GluonDescriptor:  # never instantiated: no argument is keyed as a descriptor
         pass
@@ -102,6 +115,70 @@ def _fast_path_available() -> bool:
     return not (runtime.interpret or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls)
 
 
+# Encoded TMA descriptors kept per compiled variant; past this many the cache starts over (a
+# loop whose tensors never repeat an address would otherwise grow it without bound).
+_MAX_ENCODED = 256
+
+
+class _Direct(NamedTuple):
+    """How to call one compiled variant's C launcher without triton's Python wrapper."""
+    launch: object  # the compiled launcher (``__triton_launcher.launch``)
+    head: tuple  # its arguments between the stream and the kernel's: function, flags, metadata
+    descriptors: tuple  # (position among the kernel's arguments, triton's metadata) per descriptor
+    encoded: dict  # (position, address, *shape, *strides) -> the descriptor's launcher arguments
+
+
+def _direct(compiled, values):
+    """A ``_Direct`` for ``compiled`` launched with arguments like ``values``, or None where the
+    launch needs what only triton's wrapper does (scratch buffers) or is not laid out as this
+    triton release lays it out (then every launch takes ``compiled.run``)."""
+    run = compiled.run
+    scratch = (getattr(run, "global_scratch_size", None), getattr(run, "profile_scratch_size", None))
+    if scratch != (0, 0):
+        return None
+    launch = getattr(run, "launch", None)
+    positions = tuple(i for i, value in enumerate(values) if type(value) is _GluonDescriptor)
+    if positions:
+        # triton wraps the C launcher in a closure that encodes the descriptors (driver.py's
+        # wrap_handle_tensordesc): the launcher is its ``launcher`` variable.
+        code, cells = getattr(launch, "__code__", None), getattr(launch, "__closure__", None)
+        if _encode_descriptor is None or code is None or not cells or "launcher" not in code.co_freevars:
+            return None
+        launch = cells[code.co_freevars.index("launcher")].cell_contents
+        metas = getattr(compiled.metadata, "tensordesc_meta", None) or [None] * len(positions)
+        if len(metas) != len(positions):
+            return None
+    else:
+        metas = []
+    if not callable(launch) or getattr(launch, "__code__", None) is not None:
+        return None  # not the C launcher
+    head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
+            None, None, None)
+    return _Direct(launch, head, tuple(zip(positions, metas)), {})
+
+
+def _expand(direct: _Direct, values) -> list:
+    """``values`` with each descriptor replaced by its launcher arguments (the encoded
+    ``CUtensorMap``, shape and strides), encoded once per address, shape and strides."""
+    args, start, encoded = [], 0, direct.encoded
+    for position, meta in direct.descriptors:
+        desc = values[position]
+        if meta is None:  # a kernel not lowered to TMA descriptors: the tensor itself, nothing to keep
+            expanded = _encode_descriptor(desc, None)
+        else:
+            key = (position, desc.base.data_ptr(), *desc.shape, *desc.strides)
+            expanded = encoded.get(key)
+            if expanded is None:
+                if len(encoded) >= _MAX_ENCODED:
+                    encoded.clear()
+                expanded = encoded[key] = _encode_descriptor(desc, meta)
+        args += values[start:position]
+        args += expanded
+        start = position + 1
+    args += values[start:]
+    return args
+
+
 class FastLaunch:
     """``FastLaunch(kernel)[grid](*args, **kwargs)`` launches like ``kernel[grid](...)``. For
     kernels whose arguments are tensors, numbers, None, constexprs and Gluon tensor descriptors
@@ -113,7 +190,7 @@ class FastLaunch:
         self.defaults = tuple(param.default for param in params)
         self.kinds = _kinds(kernel) if isinstance(kernel, JITFunction) else ()
         self.index = {param.name: i for i, param in enumerate(params)}
-        self.compiled = {}  # (device, key) -> triton CompiledKernel
+        self.compiled = {}  # (device, key) -> (triton CompiledKernel, its _Direct or None)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -145,13 +222,19 @@ class FastLaunch:
         except _Unkeyed:
             self.kernel[grid](*args, **kwargs)
             return
-        compiled = self.compiled.get(key)
-        if compiled is None:  # first launch of this variant: triton compiles or finds it
-            self.compiled[key] = self.kernel[grid](*args, **kwargs)
+        entry = self.compiled.get(key)
+        if entry is None:  # first launch of this variant: triton compiles or finds it
+            compiled = self.kernel[grid](*args, **kwargs)
+            self.compiled[key] = (compiled, _direct(compiled, values))
             return
+        compiled, direct = entry
         grid_y = grid[1] if len(grid) > 1 else 1
         grid_z = grid[2] if len(grid) > 2 else 1
         stream = driver.active.get_current_stream(device)  # as triton's path: torch's current stream
+        if direct is not None:
+            direct.launch(grid[0], grid_y, grid_z, stream, *direct.head,
+                          *(_expand(direct, values) if direct.descriptors else values))
+            return
         # The launcher takes the launch metadata and the enter / exit hooks before the arguments:
         # None for all three (no hook is installed, see _fast_path_available).
         compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
