@@ -38,7 +38,7 @@ METHODS = {"flashtile": flashtile_native, "standard": standard_attention, **{b: 
 
 def make_inputs(method, batch, heads, seqlen, head_dim):
     """Each method gets its preferred contiguous layout and is called on it directly: (B, S, H, D)
-    for flashtile, (B, H, S, D) for the others (until 2026-11-25 07:30 UTC flashtile was timed
+    for flashtile, (B, H, S, D) for the others (before the 2026-11-25 06:35 UTC run flashtile was timed
     through (B, H, S, D) transposed views, whose autograd nodes added host time to its forward +
     backward). Random normal data (never zeros), fresh per shape."""
     def rand():

@@ -210,7 +210,7 @@ SM90_GLUON_BWD_WINDOW_MIN_KEYS = {
 # The Gluon backward (ops/bwd_hopper.py: dK, dV and dQ in one pass, dQ by float32 TMA reductions;
 # head dim 256 in ops/bwd_hopper_wide.py): (head dim, causal) it covers -> the key length from
 # which it runs at least as fast as the tl kernels at that length and every longer one
-# (min_winning_seqlen over bench/gluon_bwd_probe.py, H100, 2026-11-25 06:26 UTC,
+# (min_winning_seqlen over bench/gluon_bwd_probe.py, H100, 2026-11-25 06:25 UTC,
 # bench/results/h100_gluon_bwd.json; batch x seqlen = 16384, heads x head dim = 2048; Gluon / tl
 # time ratio at seqlen 512 / 1024 / 2048 / 4096 / 8192 / 16384). Causal head dim 128 started at
 # 8192 before the TMA reductions and the grouped causal grid (ops/hopper_order.py); causal head
