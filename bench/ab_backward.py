@@ -27,15 +27,15 @@ from flashtile.ops import bwd_hopper
 from flashtile.ops.fwd import flash_fwd
 
 
-def load_variant(spec: str):
-    """``(name, hopper_bwd)`` of a ``NAME=PATH`` variant."""
+def load_variant(spec: str, entry: str = "hopper_bwd"):
+    """``(name, the module's entry function)`` of a ``NAME=PATH`` variant."""
     name, sep, path = spec.partition("=")
     if not (name and sep and path):
         raise SystemExit(f"--variant {spec!r}: expected NAME=PATH")
     module_spec = importlib.util.spec_from_file_location(f"_ab_variant_{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return name, module.hopper_bwd
+    return name, getattr(module, entry)
 
 
 # Masks by name: (window_left, window_right) for a sequence length; -1 is no bound.

@@ -95,11 +95,13 @@ def gluon_report(spec: str) -> str:
         tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
         kernel = fwd_hopper._hopper_fwd_kernel
         types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n, boxes=True),
-                 "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16", "work_counter": "*i32"}
+                 "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16", "work_counter": "*i32",
+                 "out_desc": desc_type(fwd_hopper.HALF_M.value) if fwd_hopper.o_by_tma(tile) else "*bf16"}
         constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "BOUND_LEFT": window,
                       "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
                       "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue,
-                      "CONSUMERS": tile.consumers, "ROW_TAIL": 2048 % (64 * tile.consumers) != 0}
+                      "CONSUMERS": tile.consumers, "ROW_TAIL": 2048 % (64 * tile.consumers) != 0,
+                      "O_TMA": fwd_hopper.o_by_tma(tile) and 2048 % (64 * tile.consumers) == 0}
     else:
         kernel, _, block_n, masked_tma_store = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
@@ -144,7 +146,8 @@ def serialized_wgmma(log: str) -> list[str]:
 
 def sass_summary(compiled) -> str:
     """Tensor-core and TMA instructions in the SASS triton built (nvdisasm on its cubin): HGMMA
-    is Hopper's warpgroup MMA, HMMA the Ampere-style one, UTMALDG/UTMAREDG TMA loads/reduces; and
+    is Hopper's warpgroup MMA, HMMA the Ampere-style one, UTMALDG/UTMASTG/UTMAREDG TMA loads, stores
+    and reduces; and
     the spill stores and loads (STL/LDL) inside loops, which cost every iteration (the spills
     ptxas counts may all sit before or after the loops)."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -153,7 +156,8 @@ def sass_summary(compiled) -> str:
         cubin.flush()
         sass = subprocess.run([nvdisasm, cubin.name], capture_output=True, text=True, check=True).stdout
     ops = [op for _, op, _ in sass_instructions(sass)]
-    counts = {op: sum(1 for o in ops if o.split(".")[0] == op) for op in ("HGMMA", "HMMA", "UTMALDG", "UTMAREDG")}
+    counts = {op: sum(1 for o in ops if o.split(".")[0] == op)
+              for op in ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UTMAREDG")}
     stores, loads = loop_spills(sass)
     return "SASS " + ", ".join(f"{op} {n}" for op, n in counts.items()) + f", in loops STL {stores} LDL {loads}"
 

@@ -153,10 +153,16 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == specs
+    from flashtile.ops import fwd_hopper
+
     for line in lines:
-        counts = {op: int(n) for op, n in re.findall(r"(HGMMA|HMMA|UTMALDG|UTMAREDG) (\d+)", line)}
+        counts = {op: int(n) for op, n in re.findall(r"(HGMMA|HMMA|UTMALDG|UTMASTG|UTMAREDG) (\d+)", line)}
         assert counts["HGMMA"] > 0 and counts["HMMA"] == 0 and counts["UTMALDG"] > 0, line
         assert (counts["UTMAREDG"] > 0) == line.startswith("gluon_bwd"), line
+        if line.startswith("gluon,"):  # the forward's output by TMA stores where its entry says so
+            _, mask, head_dim = line.split(":")[0].split(",")
+            tile = configs.SM90_GLUON_FWD[(int(head_dim), mask == "causal")]
+            assert (counts["UTMASTG"] > 0) == fwd_hopper.o_by_tma(tile), line
         # ptxas did not make the asynchronous MMAs wait for one another for want of registers
         assert "SERIALIZED" not in line, line
 
@@ -466,3 +472,18 @@ def test_gluon_fwd_probe_passes_its_options_on(monkeypatch, tmp_path):
                      ("coverage", (out, {256}), {}, 0.0), ("windows", (out,), {"head_dims": {64}}, 0.0)]
     monkeypatch.setattr(probe, "SOFTCAP", 30.0)
     assert probe._features(torch.empty(1, 1, 1, 64), causal=True).softcap == 30.0
+
+
+def test_gluon_forward_stores_by_tma_only_where_the_kernel_can():
+    """``o_tma`` entries (the output staged in the work tile's last K slot) need two consumers
+    whose 64 rows each fill half of a 128-key slot; every table entry that asks for it qualifies."""
+    import dataclasses
+
+    from flashtile.ops import fwd_hopper
+
+    asking = {key: tile for key, tile in configs.SM90_GLUON_FWD.items() if tile.o_tma}
+    assert asking and all(fwd_hopper.o_by_tma(tile) for tile in asking.values())
+    tile = configs.SM90_GLUON_FWD[(128, False)]
+    assert not fwd_hopper.o_by_tma(dataclasses.replace(tile, consumers=3, pingpong=False))
+    assert not fwd_hopper.o_by_tma(dataclasses.replace(tile, block_n=64))
+    assert not fwd_hopper.o_by_tma(dataclasses.replace(tile, o_tma=False))

@@ -137,6 +137,10 @@ class GluonForwardTile:
     # With softcap (a second transcendental per score, in both kernels) the shortest key length
     # from which this tile beats the tl kernel, where that differs from min_seqlen_k.
     softcap_min_seqlen_k: int | None = None
+    # The output leaves by TMA stores staged in the work tile's last K slot (two consumers and
+    # 128-key tiles: each consumer's 64 rows fill half the slot); False: stores from the
+    # accumulators' layout.
+    o_tma: bool = False
 
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
@@ -170,13 +174,13 @@ SM90_GLUON_FWD = {
     # 16384: 1.17 1.10 1.07 1.02 1.08; 1.02-1.03 at 8192-16384 at 21:29): from 4096 keys (was 8192).
     # With softcap 30 (03:41, same file): 0.89 0.95 1.001 1.02, from 8192.
     (64, True): GluonForwardTile(128, 3, 3, 4096, pingpong=False, queue=True,
-                                 softcap_min_seqlen_k=8192),  # 0.75 0.82 0.97 1.06 1.10 1.06
+                                 softcap_min_seqlen_k=8192, o_tma=True),  # 0.75 0.82 0.97 1.06 1.10 1.06
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
-    (128, False): GluonForwardTile(128, 3, 3, 512),  # 1.34 1.26 1.33 1.22 1.16 1.09
+    (128, False): GluonForwardTile(128, 3, 3, 512, o_tma=True),  # 1.34 1.26 1.33 1.22 1.16 1.09
     # Queue / one program per tile at 1024 ... 16384: 1.15 1.11 1.07 1.02 1.04, window 1.03; with
     # the queue the entry starts at 512 keys (was 1024: 0.91 1.03 1.13 1.14 1.19 1.10 at 20:11).
-    (128, True): GluonForwardTile(128, 3, 3, 512, queue=True),  # 1.11 1.19 1.23 1.19 1.20 1.13
+    (128, True): GluonForwardTile(128, 3, 3, 512, queue=True, o_tma=True),  # 1.11 1.19 1.23 1.19 1.20 1.13
     # 64-key tiles, 2 slots each: 128-key tiles would need 128 KB per K/V pair. Separate K and V
     # barriers took this entry from 1.02-1.08x the tl kernel (14:14) to 1.29-1.54x; K 3 / V 2 and
     # no ping-pong were within -13% / +15% of it, no consistent winner (--tiles).

@@ -232,9 +232,10 @@ def _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_m
 
 @gluon.jit
 def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn,
-               acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, MASK: gl.constexpr,
-               BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
-               SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, P_OPERAND: gl.constexpr):
+               acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, last_pos,
+               MASK: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
+               GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, P_OPERAND: gl.constexpr,
+               O_TMA: gl.constexpr):
     """Consumer C's iteration at ring position i (the tile whose first key is ``key0``; its turn
     barrier's phase ``turn_phase``): issue S_i = Q K_i^T and O += P_{i-1} V_{i-1} asynchronously
     (on its turn when PINGPONG), then fold S_i into the online softmax while the second product
@@ -242,7 +243,8 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     see (``_softmax_step``). SOFTCAP: scores ``tanh(S * softcap_in)``, and ``qk_scale`` is
     ``softcap * log2(e)``. P_OPERAND: ``p`` comes and goes as the 16-bit A operand of P V, not as
     float32 scores (at the start of an iteration the float32 P of the last tile and the next S
-    would be live together: 64 registers more, which three consumers' 160 do not have)."""
+    would be live together: 64 registers more, which three consumers' 160 do not have). O_TMA: the
+    K slot at ring position ``last_pos`` (the work tile's last) is kept for the output."""
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     o_layout: gl.constexpr = acc.type.layout
@@ -266,7 +268,10 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - C), count=1)
     s = warpgroup_mma_wait(1, deps=[s_tok])  # S_i done; P_{i-1} V_{i-1} may still run
-    mbarrier.arrive(k_empty.index(k_slot), count=1)
+    if O_TMA:
+        mbarrier.arrive(k_empty.index(k_slot), count=1, pred=i != last_pos)
+    else:
+        mbarrier.arrive(k_empty.index(k_slot), count=1)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     p, m_new, m_sub = _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_masked, MASK,
@@ -283,10 +288,10 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-             work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off,
-             hi_off, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr,
-             KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr,
-             QUEUE: gl.constexpr, ROW_TAIL: gl.constexpr):
+             s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work,
+             head_group, lo_off, hi_off, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
+             BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr,
+             PINGPONG: gl.constexpr, QUEUE: gl.constexpr, ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr):
     """Consumer warpgroup C over the program's work tiles (``_work``), in the producer's order:
     ``ring`` counts the K/V tiles consumed so far (ring positions), ``done`` the work tiles; each
     tile of n key tiles runs n - 1 loop iterations, each one phase of the turn barriers."""
@@ -304,11 +309,11 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
             BOUND_RIGHT, BLOCK_N, ROWS)
         if not QUEUE:
             mbarrier.wait(q_ready, done & 1)
-        _attend(C, ring, ring - done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                out_ptr, lse_ptr, b * seqlen_q + first_row, h * D, n_heads * D,
+        _attend(C, ring, ring - done, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
+                turn, s_done, out_ptr, out_desc, lse_ptr, b * seqlen_q + first_row, h * D, n_heads * D,
                 (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off, seqlen_q,
                 seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT,
-                BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, ROW_TAIL)
+                BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, ROW_TAIL, O_TMA)
         ring += end_tile - first_tile
         done += 1
         if QUEUE:
@@ -319,11 +324,11 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
 
 
 @gluon.jit
-def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-            out_ptr, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off, seqlen_q, seqlen_k,
-            first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr,
+def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
+            turn, s_done, out_ptr, out_desc, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off,
+            seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr,
             BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
-            SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, ROW_TAIL: gl.constexpr):
+            SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr):
     """Consumer warpgroup C on one work tile: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``
     (``first_row``: the tile's first row's position); writes their output and LSE. Key tiles
     ``[first_tile, end_tile)``, the first at ring position ``ring``: those in ``[full_start,
@@ -331,7 +336,8 @@ def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_rea
     the loop iterations run before this tile (the turn barriers' phase). GUARD: rows may see no
     key at all (out 0, LSE +inf). ROW_TAIL: the tile may run past the last query row (rows from
     ``seqlen_q`` on are computed on whatever Q holds there and not stored). Releases Q
-    (``q_empty``) once its last product has run."""
+    (``q_empty``) once its last product has run. O_TMA: the output leaves by a TMA store staged in
+    the tile's last K slot (``_store_out``), which is released after it."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     MASK: gl.constexpr = MASKED if BOUND_LEFT or BOUND_RIGHT or KEY_TAIL else PLAIN
     # Accumulator layouts of the two products: S = Q K^T is [HALF_M, BLOCK_N], O is [HALF_M, D];
@@ -349,7 +355,11 @@ def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_rea
     mbarrier.wait(k_ready.index(k_slot), (ring // K_SLOTS) & 1)
     s = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)),
                       gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout), use_acc=False)
-    mbarrier.arrive(k_empty.index(k_slot), count=1)
+    last_pos = ring + end_tile - first_tile - 1  # the work tile's last K/V tile's ring position
+    if O_TMA:
+        mbarrier.arrive(k_empty.index(k_slot), count=1, pred=ring != last_pos)
+    else:
+        mbarrier.arrive(k_empty.index(k_slot), count=1)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     # The first tile may be cut by any bound; without GUARD every row sees one of its keys.
@@ -367,22 +377,26 @@ def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_rea
         for j in range(first_tile + 1, end_tile):
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
-                                          seqlen_k, qk_scale, softcap_in, (j < full_start) | (j >= full_end), EDGES,
-                                          BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND)
+                                          seqlen_k, qk_scale, softcap_in, (j < full_start) | (j >= full_end), last_pos,
+                                          EDGES, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG,
+                                          P_OPERAND, O_TMA)
     else:
         for j in range(gl.maximum(full_start, first_tile + 1), full_end):  # tiles every row sees whole
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
-                                          seqlen_k, qk_scale, softcap_in, False, PLAIN, BOUND_LEFT, BOUND_RIGHT,
-                                          KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND)
+                                          seqlen_k, qk_scale, softcap_in, False, last_pos, PLAIN, BOUND_LEFT,
+                                          BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND, O_TMA)
         if MASK == MASKED:  # the diagonal / right edge, and a last tile past the last key
             for j in range(gl.maximum(full_end, first_tile + 1), end_tile):
                 acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
                                               k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off,
-                                              hi_off, seqlen_k, qk_scale, softcap_in, True, MASKED, BOUND_LEFT,
-                                              BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND)
+                                              hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
+                                              BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
+                                              O_TMA)
     mbarrier.arrive(q_empty, count=1)  # every S = Q K^T of the tile has run
-    last = ring + end_tile - first_tile - 1
+    if O_TMA:
+        mbarrier.arrive(s_done, count=1)  # ... and no longer reads the last K slot
+    last = last_pos
     mbarrier.wait(v_ready.index(last % V_SLOTS), (last // V_SLOTS) & 1)
     if not P_OPERAND:
         p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
@@ -406,9 +420,29 @@ def _attend(C: gl.constexpr, ring, turns, q_smem, k_ring, v_ring, q_empty, k_rea
         gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype),
                  mask=(first_row + rows < seqlen_q)[:, None])
         gl.store(lse_ptr + lse_row0 + lse_rows, lse, mask=first_row + lse_rows < seqlen_q)
+    elif O_TMA:
+        gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+        _store_out(C, out.to(q_smem.dtype), k_ring, k_empty, s_done, done, last % K_SLOTS, out_desc, q_row0, q_col0)
     else:
         gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
         gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+
+
+@gluon.jit
+def _store_out(C: gl.constexpr, out, k_ring, k_empty, s_done, done, k_slot, out_desc, q_row0, q_col0):
+    """Consumer C's output rows by a TMA store (whole 128-byte lines; stored from the accumulator's
+    layout, 4 bytes per thread and row piece, they measured 4-17% of the head-dim-128 forward at
+    512-4096 tokens), staged in its 64 rows of the work tile's last K slot: once every consumer's
+    last S = Q K^T has read that slot (``s_done``), which the producer refills only after the store
+    has read it (the consumers' ``k_empty`` arrivals for that slot wait until here)."""
+    HALF: gl.constexpr = out.shape[0]
+    mbarrier.wait(s_done, done & 1)
+    rows = k_ring.index(k_slot).slice(C * HALF, HALF, dim=0)
+    rows.store(out)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(out_desc, [q_row0 + C * HALF, q_col0], rows)
+    tma.store_wait(0)
+    mbarrier.arrive(k_empty.index(k_slot), count=1)
 
 
 @gluon.jit
@@ -453,12 +487,12 @@ def _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT: gl.constexpr, BO
 
 
 @gluon.jit
-def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, seqlen_q, seqlen_k, n_heads,
+def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_counter, seqlen_q, seqlen_k, n_heads,
                        group_size, num_m_blocks, n_work, head_group, qk_scale, softcap_in, window_left, window_right,
                        D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
                        BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
                        SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr, CONSUMERS: gl.constexpr,
-                       ROW_TAIL: gl.constexpr):
+                       ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr):
     # Program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks * batch *
     # n_heads, or with QUEUE tile p and then the next untaken one (work_counter counts those past
     # the first G), G programs (program_count), the producer loading a tile's Q and first K/V
@@ -468,7 +502,10 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     # BOUND_RIGHT: the bound is set). KEY_TAIL: seqlen_k is not a multiple of the key tile.
     # GUARD: some row may see no key (not plain causal). CONSUMERS warpgroups of 64 query rows (2
     # or 3; ping-pong takes 2); ROW_TAIL: seqlen_q is not a multiple of the work tile's rows.
+    # O_TMA: out_desc is a TMA descriptor over out (B * S, H * D) with 64-row boxes, through which
+    # the output leaves (two consumers, a K tile of 128 rows); otherwise out_ptr takes stores.
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not PINGPONG))
+    gl.static_assert(not O_TMA or (CONSUMERS == 2 and not ROW_TAIL and k_desc.block_type.shape[1] == 2 * HALF_M))
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     lo_off = seqlen_k - seqlen_q - window_left
     hi_off = seqlen_k - seqlen_q + window_right
@@ -486,6 +523,7 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    s_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     work_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(K_SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
@@ -497,6 +535,7 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     mbarrier.init(turn.index(1), count=1)
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=CONSUMERS)  # released by every consumer
+    mbarrier.init(s_done, count=CONSUMERS)  # every consumer's last S of the work tile has run (O_TMA)
     fence_async_shared()
     mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
 
@@ -505,17 +544,17 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
-                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                        PINGPONG, QUEUE, ROW_TAIL)),
+                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
+                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
+                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
-                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                        PINGPONG, QUEUE, ROW_TAIL)),
+                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
+                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
+                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (2, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
-                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                        PINGPONG, QUEUE, ROW_TAIL)),
+                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
+                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
+                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
                         n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
@@ -523,13 +562,13 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, work_counter, s
     else:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
-                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                        PINGPONG, QUEUE, ROW_TAIL)),
+                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
+                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
+                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        work_slot, out_ptr, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group,
-                        lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                        PINGPONG, QUEUE, ROW_TAIL)),
+                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
+                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
+                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
                         n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
@@ -567,6 +606,12 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     if not gluon_applies(q, k, features, varlen, q, k, v, any_window=True):
         return False
     return mask_admitted(features, seqlen_q, seqlen_k, configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS.get(head_dim))
+
+
+def o_by_tma(tile) -> bool:
+    """Whether the kernel stores this tile's output by TMA (``_store_out``): where the table entry
+    asks for it and the two consumers' 64 rows fill one 128-key K slot."""
+    return tile.o_tma and tile.consumers == 2 and tile.block_n == 2 * HALF_M.value
 
 
 def program_count(n_work: int, masked: bool, queue: bool, device) -> tuple[int, bool]:
@@ -629,9 +674,12 @@ def hopper_fwd(q, k, v, features):
     n_work = num_m_blocks * batch * n_heads
     programs, queue = program_count(n_work, bound_left or bound_right, tile.queue, q.device)
     work_counter = _work_counter(q.device) if queue else lse
+    row_tail = seqlen_q % rows != 0
+    o_tma = o_by_tma(tile) and not row_tail
+    out_desc = descriptor(out, (batch * seqlen_q, n_heads * head_dim), q_block) if o_tma else out
     _hopper_fwd_launch[(programs,)](
-        q_desc, k_desc, v_desc, out, lse, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work,
-        order_group, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left,
+        q_desc, k_desc, v_desc, out, out_desc, lse, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
+        n_work, order_group, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left,
         bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue, tile.consumers,
-        seqlen_q % rows != 0, num_warps=4)
+        row_tail, o_tma, num_warps=4)
     return out, lse

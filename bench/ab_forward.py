@@ -1,0 +1,87 @@
+"""A/B of the Hopper Gluon forward (``ops/fwd_hopper.py``): variants timed against the current
+kernel in one process, interleaved round by round (``ab_backward.py`` does the same for the
+backward; see there why). bf16, batch x seqlen = 16384, heads x head dim = 2048. Every length runs
+the Gluon kernel, whatever the table's thresholds say (the A/B is of the kernel, not of the
+dispatch); configurations whose call the kernel does not take (query lengths, windows narrower
+than its window threshold) are skipped.
+
+A variant is ``NAME=PATH``: a copy of ``ops/fwd_hopper.py`` with an edit (or the committed one,
+``git show HEAD:src/flashtile/ops/fwd_hopper.py > bench/_old.py``), loaded as its own module; it
+reads the same ``configs`` tables. Prints, per configuration, each variant's median ms, its speed
+relative to the current kernel (> 1: the variant is faster) and the largest difference of its
+output and LSE from the current kernel's (the forward is deterministic: 0 for the same arithmetic).
+
+    PYTHONPATH=src python3 bench/ab_forward.py --variant old=bench/_old.py [--masks full,causal,window]
+"""
+
+import argparse
+import dataclasses
+import statistics
+import sys
+
+import torch
+
+from ab_backward import MASKS, load_variant
+from common import banner, environment, median_ms, write_json
+from flashtile import configs
+from flashtile.features import Features
+from flashtile.ops import fwd_hopper
+
+
+def compare(variants, head_dim, mask, seqlen, rounds):
+    heads = 2048 // head_dim
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(16384 // seqlen, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    window_left, window_right = MASKS[mask](seqlen)
+    features = Features(head_dim ** -0.5, window_left=window_left, window_right=window_right)
+    if not fwd_hopper.hopper_fwd_eligible(q, k, v, features, None):
+        return None
+    runs = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, forward in variants.items():
+            runs[name].append(median_ms(lambda: forward(q, k, v, features)))
+    reference = fwd_hopper.hopper_fwd(q, k, v, features)
+    row = dict(head_dim=head_dim, mask=mask, window=[window_left, window_right], seqlen=seqlen, ms={}, speed={},
+               max_diff={})
+    for name, forward in variants.items():
+        result = forward(q, k, v, features)
+        row["ms"][name] = statistics.median(runs[name])
+        row["speed"][name] = statistics.median(runs["current"]) / row["ms"][name]
+        row["max_diff"][name] = max((a.float() - b.float()).abs().max().item() for a, b in zip(result, reference))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", action="append", required=True, help="NAME=PATH")
+    parser.add_argument("--head-dims", default="64,128,256")
+    parser.add_argument("--seqlens", default="512,1024,2048,4096,16384")
+    parser.add_argument("--masks", default="full,causal", help=f"comma-separated, of {', '.join(MASKS)}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    for key, tile in list(configs.SM90_GLUON_FWD.items()):  # every length: see the module docstring
+        configs.SM90_GLUON_FWD[key] = dataclasses.replace(tile, min_seqlen_k=1, softcap_min_seqlen_k=None)
+    configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS = dict.fromkeys(configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS, 1)
+    variants = dict([("current", fwd_hopper.hopper_fwd)]
+                    + [load_variant(spec, "hopper_fwd") for spec in args.variant])
+    print(banner(environment()), flush=True)
+    rows = []
+    for head_dim in map(int, args.head_dims.split(",")):
+        for mask in args.masks.split(","):
+            for seqlen in map(int, args.seqlens.split(",")):
+                row = compare(variants, head_dim, mask, seqlen, args.rounds)
+                if row is None:
+                    continue
+                rows.append(row)
+                print(f"d{head_dim} {mask:6} {seqlen:6} " + " ".join(
+                    f"{name} {row['ms'][name]:.4f} ms x{row['speed'][name]:.3f} diff {row['max_diff'][name]:.1e}"
+                    for name in variants), flush=True)
+    if args.out:
+        write_json(args.out, dict(environment=environment(), variants=args.variant, rows=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
