@@ -27,6 +27,12 @@ Three partitions (warp specialization):
   less shared-memory traffic per score (+3-14% at 2048-16384 tokens, docs/performance.md
   step 23).
 
+Each consumer's output rows leave by pointer stores from the accumulator's layout (4 bytes per
+thread and row piece), or, where the table entry says ``o_tma`` (two consumers, 128-key tiles:
+head dim 128, and 64 causal), by one TMA store staged in its half of the work tile's last K slot
+(``_store_out``): without the stores the head-dim-128 forward ran 1.17x as fast at 512 tokens and
+1.04x at 4096, and the TMA stores gave back 1.03-1.14x (docs/performance.md, step 27).
+
 K/V tiles are 3-D TMA boxes (batch entry, key, column): a last tile that runs past the entry's
 keys reads zeros there, never the next entry's keys, and its keys past the end are masked, so
 every key length runs. Causal: the tiles the diagonal cuts (the last one or two of each program)
