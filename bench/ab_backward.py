@@ -70,16 +70,21 @@ def compare(variants, head_dim, mask, seqlen, rounds):
     return row
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(doc: str, seqlens: str):
+    """The options both A/B tools take (``ab_forward.py`` too)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--variant", action="append", required=True, help="NAME=PATH")
     parser.add_argument("--head-dims", default="64,128,256")
-    parser.add_argument("--seqlens", default="2048,4096,16384")
+    parser.add_argument("--seqlens", default=seqlens)
     parser.add_argument("--masks", default="full,causal", help=f"comma-separated, of {', '.join(MASKS)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
-    args = parser.parse_args()
-    variants = dict([("current", bwd_hopper.hopper_bwd)] + [load_variant(spec) for spec in args.variant])
+    return parser.parse_args()
+
+
+def run(args, variants, compare, diff_key: str) -> int:
+    """Every (head dim, mask, length) of ``args`` through ``compare``: prints each row (variants'
+    median ms, speed against the current kernel, ``row[diff_key]``) and writes them to ``--out``."""
     print(banner(environment()), flush=True)
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
@@ -90,11 +95,17 @@ def main():
                     continue
                 rows.append(row)
                 print(f"d{head_dim} {mask:6} {seqlen:6} " + " ".join(
-                    f"{name} {row['ms'][name]:.3f} ms x{row['speed'][name]:.3f} diff {row['rel_diff'][name]:.1e}"
+                    f"{name} {row['ms'][name]:.4f} ms x{row['speed'][name]:.3f} diff {row[diff_key][name]:.1e}"
                     for name in variants), flush=True)
     if args.out:
         write_json(args.out, dict(environment=environment(), variants=args.variant, rows=rows))
     return 0
+
+
+def main():
+    args = parse_args(__doc__, "2048,4096,16384")
+    variants = dict([("current", bwd_hopper.hopper_bwd)] + [load_variant(spec) for spec in args.variant])
+    return run(args, variants, compare, "rel_diff")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ output and LSE from the current kernel's (the forward is deterministic: 0 for th
     PYTHONPATH=src python3 bench/ab_forward.py --variant old=bench/_old.py [--masks full,causal,window]
 """
 
-import argparse
 import dataclasses
 import statistics
 import sys
 
 import torch
 
-from ab_backward import MASKS, load_variant
-from common import banner, environment, median_ms, write_json
+from ab_backward import MASKS, load_variant, parse_args, run
+from common import median_ms
 from flashtile import configs
 from flashtile.features import Features
 from flashtile.ops import fwd_hopper
@@ -53,34 +52,13 @@ def compare(variants, head_dim, mask, seqlen, rounds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", action="append", required=True, help="NAME=PATH")
-    parser.add_argument("--head-dims", default="64,128,256")
-    parser.add_argument("--seqlens", default="512,1024,2048,4096,16384")
-    parser.add_argument("--masks", default="full,causal", help=f"comma-separated, of {', '.join(MASKS)}")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "512,1024,2048,4096,16384")
     for key, tile in list(configs.SM90_GLUON_FWD.items()):  # every length: see the module docstring
         configs.SM90_GLUON_FWD[key] = dataclasses.replace(tile, min_seqlen_k=1, softcap_min_seqlen_k=None)
     configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS = dict.fromkeys(configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS, 1)
     variants = dict([("current", fwd_hopper.hopper_fwd)]
                     + [load_variant(spec, "hopper_fwd") for spec in args.variant])
-    print(banner(environment()), flush=True)
-    rows = []
-    for head_dim in map(int, args.head_dims.split(",")):
-        for mask in args.masks.split(","):
-            for seqlen in map(int, args.seqlens.split(",")):
-                row = compare(variants, head_dim, mask, seqlen, args.rounds)
-                if row is None:
-                    continue
-                rows.append(row)
-                print(f"d{head_dim} {mask:6} {seqlen:6} " + " ".join(
-                    f"{name} {row['ms'][name]:.4f} ms x{row['speed'][name]:.3f} diff {row['max_diff'][name]:.1e}"
-                    for name in variants), flush=True)
-    if args.out:
-        write_json(args.out, dict(environment=environment(), variants=args.variant, rows=rows))
-    return 0
+    return run(args, variants, compare, "max_diff")
 
 
 if __name__ == "__main__":
