@@ -274,10 +274,7 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - C), count=1)
     s = warpgroup_mma_wait(1, deps=[s_tok])  # S_i done; P_{i-1} V_{i-1} may still run
-    if O_TMA:
-        mbarrier.arrive(k_empty.index(k_slot), count=1, pred=i != last_pos)
-    else:
-        mbarrier.arrive(k_empty.index(k_slot), count=1)
+    _release_k(k_empty, i, last_pos, O_TMA)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     p, m_new, m_sub = _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_masked, MASK,
@@ -362,10 +359,7 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     s = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)),
                       gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout), use_acc=False)
     last_pos = ring + end_tile - first_tile - 1  # the work tile's last K/V tile's ring position
-    if O_TMA:
-        mbarrier.arrive(k_empty.index(k_slot), count=1, pred=ring != last_pos)
-    else:
-        mbarrier.arrive(k_empty.index(k_slot), count=1)
+    _release_k(k_empty, ring, last_pos, O_TMA)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     # The first tile may be cut by any bound; without GUARD every row sees one of its keys.
@@ -402,12 +396,11 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     mbarrier.arrive(q_empty, count=1)  # every S = Q K^T of the tile has run
     if O_TMA:
         mbarrier.arrive(s_done, count=1)  # ... and no longer reads the last K slot
-    last = last_pos
-    mbarrier.wait(v_ready.index(last % V_SLOTS), (last // V_SLOTS) & 1)
+    mbarrier.wait(v_ready.index(last_pos % V_SLOTS), (last_pos // V_SLOTS) & 1)
     if not P_OPERAND:
         p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    acc = warpgroup_mma(p, v_ring.index(last % V_SLOTS), acc)
-    mbarrier.arrive(v_empty.index(last % V_SLOTS), count=1)
+    acc = warpgroup_mma(p, v_ring.index(last_pos % V_SLOTS), acc)
+    mbarrier.arrive(v_empty.index(last_pos % V_SLOTS), count=1)
 
     if GUARD:  # rows that saw no key: out 0, LSE +inf (FlashAttention-2's convention)
         has_keys = l_i > 0.0
@@ -428,10 +421,23 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
         gl.store(lse_ptr + lse_row0 + lse_rows, lse, mask=first_row + lse_rows < seqlen_q)
     elif O_TMA:
         gl.store(lse_ptr + lse_row0 + lse_rows, lse)
-        _store_out(C, out.to(q_smem.dtype), k_ring, k_empty, s_done, done, last % K_SLOTS, out_desc, q_row0, q_col0)
+        _store_out(C, out.to(q_smem.dtype), k_ring, k_empty, s_done, done, last_pos % K_SLOTS, out_desc, q_row0,
+                   q_col0)
     else:
         gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
         gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+
+
+@gluon.jit
+def _release_k(k_empty, pos, last_pos, O_TMA: gl.constexpr):
+    """Release the K slot of ring position ``pos`` once this consumer's S = Q K^T has read it; with
+    O_TMA the work tile's last slot (``last_pos``) is kept for the output and released by
+    ``_store_out``."""
+    K_SLOTS: gl.constexpr = k_empty.shape[0]
+    if O_TMA:
+        mbarrier.arrive(k_empty.index(pos % K_SLOTS), count=1, pred=pos != last_pos)
+    else:
+        mbarrier.arrive(k_empty.index(pos % K_SLOTS), count=1)
 
 
 @gluon.jit
