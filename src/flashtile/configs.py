@@ -137,9 +137,10 @@ class GluonForwardTile:
     # With softcap (a second transcendental per score, in both kernels) the shortest key length
     # from which this tile beats the tl kernel, where that differs from min_seqlen_k.
     softcap_min_seqlen_k: int | None = None
-    # The output leaves by TMA stores staged in the work tile's last K slot (two consumers and
-    # 128-key tiles: each consumer's 64 rows fill half the slot); False: stores from the
-    # accumulators' layout.
+    # The output leaves by TMA stores (two consumers), staged in the work tile's last K slot where
+    # it has 128 keys (each consumer's 64 rows fill half the slot), else in a 64-row buffer the two
+    # consumers take in turns (head dim 256: 32 KB of the 35 its rings and Q leave); False: stores
+    # from the accumulators' layout.
     o_tma: bool = False
 
 
@@ -183,9 +184,11 @@ SM90_GLUON_FWD = {
     (128, True): GluonForwardTile(128, 3, 3, 512, queue=True, o_tma=True),  # 1.11 1.19 1.23 1.19 1.20 1.13
     # 64-key tiles, 2 slots each: 128-key tiles would need 128 KB per K/V pair. Separate K and V
     # barriers took this entry from 1.02-1.08x the tl kernel (14:14) to 1.29-1.54x; K 3 / V 2 and
-    # no ping-pong were within -13% / +15% of it, no consistent winner (--tiles).
-    (256, False): GluonForwardTile(64, 2, 2, 512),  # 1.42 1.52 1.59 1.56 1.57 1.47
-    (256, True): GluonForwardTile(64, 2, 2, 512),  # 1.23 1.37 1.44 1.47 1.55 1.45
+    # no ping-pong were within -13% / +15% of it, no consistent winner (--tiles). The output by TMA
+    # stores (step 28, bench/results/h100_ab_step28.json, new / old speed at 512 ... 4096 and 16384,
+    # bitwise-equal output): 1.19 1.16 1.08 1.04 1.00, causal 1.17 1.13 1.04 1.01 0.98.
+    (256, False): GluonForwardTile(64, 2, 2, 512, o_tma=True),  # 1.42 1.52 1.59 1.56 1.57 1.47
+    (256, True): GluonForwardTile(64, 2, 2, 512, o_tma=True),  # 1.23 1.37 1.44 1.47 1.55 1.45
 }
 
 # Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile

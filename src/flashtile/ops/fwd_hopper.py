@@ -28,10 +28,12 @@ Three partitions (warp specialization):
   step 23).
 
 Each consumer's output rows leave by pointer stores from the accumulator's layout (4 bytes per
-thread and row piece), or, where the table entry says ``o_tma`` (two consumers, 128-key tiles:
-head dim 128, and 64 causal), by one TMA store staged in its half of the work tile's last K slot
-(``_store_out``): without the stores the head-dim-128 forward ran 1.17x as fast at 512 tokens and
-1.04x at 4096, and the TMA stores gave back 1.03-1.14x (docs/performance.md, step 27).
+thread and row piece), or, where the table entry says ``o_tma`` (two consumers: head dims 128
+and 256, and 64 causal), by one TMA store: staged in its half of the work tile's last K slot
+where the slots hold 128 keys (``_store_out``), else in one buffer the two consumers take in turns
+(``_store_out_in_turns``, head dim 256). Without the stores the head-dim-128 forward ran 1.17x as
+fast at 512 tokens and 1.04x at 4096, head dim 256 1.31x and 1.06x; the TMA stores gave back
+1.03-1.14x at head dim 128 and 1.00-1.19x at 256 (docs/performance.md, steps 27 and 28).
 
 K/V tiles are 3-D TMA boxes (batch entry, key, column): a last tile that runs past the entry's
 keys reads zeros there, never the next entry's keys, and its keys past the end are masked, so
@@ -241,7 +243,7 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
                acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, last_pos,
                MASK: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
                GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, P_OPERAND: gl.constexpr,
-               O_TMA: gl.constexpr):
+               KEEP_LAST_K: gl.constexpr):
     """Consumer C's iteration at ring position i (the tile whose first key is ``key0``; its turn
     barrier's phase ``turn_phase``): issue S_i = Q K_i^T and O += P_{i-1} V_{i-1} asynchronously
     (on its turn when PINGPONG), then fold S_i into the online softmax while the second product
@@ -249,8 +251,9 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     see (``_softmax_step``). SOFTCAP: scores ``tanh(S * softcap_in)``, and ``qk_scale`` is
     ``softcap * log2(e)``. P_OPERAND: ``p`` comes and goes as the 16-bit A operand of P V, not as
     float32 scores (at the start of an iteration the float32 P of the last tile and the next S
-    would be live together: 64 registers more, which three consumers' 160 do not have). O_TMA: the
-    K slot at ring position ``last_pos`` (the work tile's last) is kept for the output."""
+    would be live together: 64 registers more, which three consumers' 160 do not have).
+    KEEP_LAST_K: the K slot at ring position ``last_pos`` (the work tile's last) is kept for the
+    output (``_store_out``)."""
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     o_layout: gl.constexpr = acc.type.layout
@@ -274,7 +277,7 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - C), count=1)
     s = warpgroup_mma_wait(1, deps=[s_tok])  # S_i done; P_{i-1} V_{i-1} may still run
-    _release_k(k_empty, i, last_pos, O_TMA)
+    _release_k(k_empty, i, last_pos, KEEP_LAST_K)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     p, m_new, m_sub = _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_masked, MASK,
@@ -291,10 +294,11 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-             s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work,
-             head_group, lo_off, hi_off, qk_scale, softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
-             BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr, SOFTCAP: gl.constexpr,
-             PINGPONG: gl.constexpr, QUEUE: gl.constexpr, ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr):
+             s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
+             num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D: gl.constexpr,
+             BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
+             SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr, ROW_TAIL: gl.constexpr,
+             O_TMA: gl.constexpr):
     """Consumer warpgroup C over the program's work tiles (``_work``), in the producer's order:
     ``ring`` counts the K/V tiles consumed so far (ring positions), ``done`` the work tiles; each
     tile of n key tiles runs n - 1 loop iterations, each one phase of the turn barriers."""
@@ -313,9 +317,9 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
         if not QUEUE:
             mbarrier.wait(q_ready, done & 1)
         _attend(C, ring, ring - done, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
-                turn, s_done, out_ptr, out_desc, lse_ptr, b * seqlen_q + first_row, h * D, n_heads * D,
-                (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off, seqlen_q,
-                seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT,
+                turn, s_done, o_stage, o_turn, out_ptr, out_desc, lse_ptr, b * seqlen_q + first_row, h * D,
+                n_heads * D, (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off,
+                seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT,
                 BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, ROW_TAIL, O_TMA)
         ring += end_tile - first_tile
         done += 1
@@ -328,10 +332,11 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
 
 @gluon.jit
 def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
-            turn, s_done, out_ptr, out_desc, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row, lo_off, hi_off,
-            seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D: gl.constexpr,
-            BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
-            SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr):
+            turn, s_done, o_stage, o_turn, out_ptr, out_desc, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row,
+            lo_off, hi_off, seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in,
+            D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
+            GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, ROW_TAIL: gl.constexpr,
+            O_TMA: gl.constexpr):
     """Consumer warpgroup C on one work tile: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``
     (``first_row``: the tile's first row's position); writes their output and LSE. Key tiles
     ``[first_tile, end_tile)``, the first at ring position ``ring``: those in ``[full_start,
@@ -339,10 +344,12 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     the loop iterations run before this tile (the turn barriers' phase). GUARD: rows may see no
     key at all (out 0, LSE +inf). ROW_TAIL: the tile may run past the last query row (rows from
     ``seqlen_q`` on are computed on whatever Q holds there and not stored). Releases Q
-    (``q_empty``) once its last product has run. O_TMA: the output leaves by a TMA store staged in
-    the tile's last K slot (``_store_out``), which is released after it."""
+    (``q_empty``) once its last product has run. O_TMA: the output leaves by a TMA store, staged in
+    the tile's last K slot where two consumers' rows fill it (``_store_out``; the slot is released
+    after the store), else in ``o_stage`` (``_store_out_in_turns``)."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     MASK: gl.constexpr = MASKED if BOUND_LEFT or BOUND_RIGHT or KEY_TAIL else PLAIN
+    KEEP_LAST_K: gl.constexpr = O_TMA and BLOCK_N == 2 * HALF_M  # the output is staged in the last K slot
     # Accumulator layouts of the two products: S = Q K^T is [HALF_M, BLOCK_N], O is [HALF_M, D];
     # each takes one wgmma as wide as its tile (their rows sit on the same threads).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -359,7 +366,7 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     s = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)),
                       gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout), use_acc=False)
     last_pos = ring + end_tile - first_tile - 1  # the work tile's last K/V tile's ring position
-    _release_k(k_empty, ring, last_pos, O_TMA)
+    _release_k(k_empty, ring, last_pos, KEEP_LAST_K)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     # The first tile may be cut by any bound; without GUARD every row sees one of its keys.
@@ -379,22 +386,22 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, (j < full_start) | (j >= full_end), last_pos,
                                           EDGES, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG,
-                                          P_OPERAND, O_TMA)
+                                          P_OPERAND, KEEP_LAST_K)
     else:
         for j in range(gl.maximum(full_start, first_tile + 1), full_end):  # tiles every row sees whole
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, False, last_pos, PLAIN, BOUND_LEFT,
-                                          BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND, O_TMA)
+                                          BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND, KEEP_LAST_K)
         if MASK == MASKED:  # the diagonal / right edge, and a last tile past the last key
             for j in range(gl.maximum(full_end, first_tile + 1), end_tile):
                 acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
                                               k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off,
                                               hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
                                               BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
-                                              O_TMA)
+                                              KEEP_LAST_K)
     mbarrier.arrive(q_empty, count=1)  # every S = Q K^T of the tile has run
-    if O_TMA:
+    if KEEP_LAST_K:
         mbarrier.arrive(s_done, count=1)  # ... and no longer reads the last K slot
     mbarrier.wait(v_ready.index(last_pos % V_SLOTS), (last_pos // V_SLOTS) & 1)
     if not P_OPERAND:
@@ -421,20 +428,23 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
         gl.store(lse_ptr + lse_row0 + lse_rows, lse, mask=first_row + lse_rows < seqlen_q)
     elif O_TMA:
         gl.store(lse_ptr + lse_row0 + lse_rows, lse)
-        _store_out(C, out.to(q_smem.dtype), k_ring, k_empty, s_done, done, last_pos % K_SLOTS, out_desc, q_row0,
-                   q_col0)
+        if KEEP_LAST_K:
+            _store_out(C, out.to(q_smem.dtype), k_ring, k_empty, s_done, done, last_pos % K_SLOTS, out_desc, q_row0,
+                       q_col0)
+        else:
+            _store_out_in_turns(C, out.to(q_smem.dtype), o_stage, o_turn, done, out_desc, q_row0, q_col0)
     else:
         gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
         gl.store(lse_ptr + lse_row0 + lse_rows, lse)
 
 
 @gluon.jit
-def _release_k(k_empty, pos, last_pos, O_TMA: gl.constexpr):
+def _release_k(k_empty, pos, last_pos, KEEP_LAST_K: gl.constexpr):
     """Release the K slot of ring position ``pos`` once this consumer's S = Q K^T has read it; with
-    O_TMA the work tile's last slot (``last_pos``) is kept for the output and released by
+    KEEP_LAST_K the work tile's last slot (``last_pos``) is kept for the output and released by
     ``_store_out``."""
     K_SLOTS: gl.constexpr = k_empty.shape[0]
-    if O_TMA:
+    if KEEP_LAST_K:
         mbarrier.arrive(k_empty.index(pos % K_SLOTS), count=1, pred=pos != last_pos)
     else:
         mbarrier.arrive(k_empty.index(pos % K_SLOTS), count=1)
@@ -455,6 +465,22 @@ def _store_out(C: gl.constexpr, out, k_ring, k_empty, s_done, done, k_slot, out_
     tma.async_copy_shared_to_global(out_desc, [q_row0 + C * HALF, q_col0], rows)
     tma.store_wait(0)
     mbarrier.arrive(k_empty.index(k_slot), count=1)
+
+
+@gluon.jit
+def _store_out_in_turns(C: gl.constexpr, out, o_stage, o_turn, done, out_desc, q_row0, q_col0):
+    """Consumer C's output rows by a TMA store staged in ``o_stage``, one buffer of 64 rows the two
+    consumers take in turns (where the K slots are too narrow for ``_store_out``: head dim 256's
+    64-key slots, with room left for one warpgroup's rows only): consumer 0 then 1 on every work
+    tile, each waiting on its ``o_turn`` barrier and passing the buffer on once its store has read
+    it."""
+    HALF: gl.constexpr = out.shape[0]
+    mbarrier.wait(o_turn.index(C), done & 1)
+    o_stage.store(out)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(out_desc, [q_row0 + C * HALF, q_col0], o_stage)
+    tma.store_wait(0)
+    mbarrier.arrive(o_turn.index(1 - C), count=1)
 
 
 @gluon.jit
@@ -515,9 +541,10 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     # GUARD: some row may see no key (not plain causal). CONSUMERS warpgroups of 64 query rows (2
     # or 3; ping-pong takes 2); ROW_TAIL: seqlen_q is not a multiple of the work tile's rows.
     # O_TMA: out_desc is a TMA descriptor over out (B * S, H * D) with 64-row boxes, through which
-    # the output leaves (two consumers, a K tile of 128 rows); otherwise out_ptr takes stores.
+    # the output leaves (two consumers; staged in the last K slot where a K tile has 128 rows, else
+    # in o_stage); otherwise out_ptr takes stores.
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not PINGPONG))
-    gl.static_assert(not O_TMA or (CONSUMERS == 2 and not ROW_TAIL and k_desc.block_type.shape[1] == 2 * HALF_M))
+    gl.static_assert(not O_TMA or (CONSUMERS == 2 and not ROW_TAIL))
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     lo_off = seqlen_k - seqlen_q - window_left
     hi_off = seqlen_k - seqlen_q + window_right
@@ -536,6 +563,13 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     s_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    OWN_STAGE: gl.constexpr = O_TMA and BLOCK_N != 2 * HALF_M
+    if OWN_STAGE:  # the output's staging buffer, taken in turns (_store_out_in_turns)
+        o_stage = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
+        o_turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    else:  # staged in the last K slot (_store_out), or not staged: unused
+        o_stage = q_smem
+        o_turn = turn
     work_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(K_SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
@@ -548,25 +582,30 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     mbarrier.init(q_ready, count=1)
     mbarrier.init(q_empty, count=CONSUMERS)  # released by every consumer
     mbarrier.init(s_done, count=CONSUMERS)  # every consumer's last S of the work tile has run (O_TMA)
+    if OWN_STAGE:
+        mbarrier.init(o_turn.index(0), count=1)
+        mbarrier.init(o_turn.index(1), count=1)
     fence_async_shared()
     mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
+    if OWN_STAGE:
+        mbarrier.arrive(o_turn.index(0), count=1)  # ... and stages its output first
 
     # One call per consumer count, written out: a kernel cannot hold a JIT function in a variable,
     # and a tuple of the shared arguments turns their constexprs into tensors (both tried).
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
-                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
-                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
+                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
+                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
-                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
-                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
+                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
+                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (2, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
-                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
-                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
+                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
+                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
                         n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
@@ -574,13 +613,13 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     else:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
-                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
-                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
+                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
+                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads, num_m_blocks,
-                        n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL,
-                        GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
+                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
+                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
                         n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
@@ -621,9 +660,10 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
 
 
 def o_by_tma(tile) -> bool:
-    """Whether the kernel stores this tile's output by TMA (``_store_out``): where the table entry
-    asks for it and the two consumers' 64 rows fill one 128-key K slot."""
-    return tile.o_tma and tile.consumers == 2 and tile.block_n == 2 * HALF_M.value
+    """Whether the kernel stores this tile's output by TMA: where the table entry asks for it and
+    there are two consumers, staged in the last K slot where their 64 rows fill one 128-key slot
+    (``_store_out``), else in a buffer they take in turns (``_store_out_in_turns``)."""
+    return tile.o_tma and tile.consumers == 2
 
 
 def program_count(n_work: int, masked: bool, queue: bool, device) -> tuple[int, bool]:
