@@ -349,7 +349,7 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     after the store), else in ``o_stage`` (``_store_out_in_turns``)."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     MASK: gl.constexpr = MASKED if BOUND_LEFT or BOUND_RIGHT or KEY_TAIL else PLAIN
-    KEEP_LAST_K: gl.constexpr = O_TMA and BLOCK_N == 2 * HALF_M  # the output is staged in the last K slot
+    KEEP_LAST_K: gl.constexpr = _out_in_last_k_slot(O_TMA, BLOCK_N)
     # Accumulator layouts of the two products: S = Q K^T is [HALF_M, BLOCK_N], O is [HALF_M, D];
     # each takes one wgmma as wide as its tile (their rows sit on the same threads).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -436,6 +436,14 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     else:
         gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
         gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+
+
+@gluon.constexpr_function
+def _out_in_last_k_slot(O_TMA, BLOCK_N):
+    """Whether the output by TMA stores is staged in the work tile's last K slot (``_store_out``):
+    where two consumers' 64 rows fill a slot of BLOCK_N keys; else in a buffer of its own
+    (``_store_out_in_turns``)."""
+    return O_TMA and BLOCK_N == 2 * HALF_M.value
 
 
 @gluon.jit
@@ -563,7 +571,7 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     s_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    OWN_STAGE: gl.constexpr = O_TMA and BLOCK_N != 2 * HALF_M
+    OWN_STAGE: gl.constexpr = O_TMA and not _out_in_last_k_slot(O_TMA, BLOCK_N)
     if OWN_STAGE:  # the output's staging buffer, taken in turns (_store_out_in_turns)
         o_stage = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
         o_turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
