@@ -94,14 +94,15 @@ def gluon_report(spec: str) -> str:
     if kind == "gluon":
         tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
         kernel = fwd_hopper._hopper_fwd_kernel
+        row_tail = 2048 % (fwd_hopper.HALF_M.value * tile.consumers) != 0
+        o_tma = fwd_hopper.o_by_tma(tile) and not row_tail  # as hopper_fwd decides
         types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n, boxes=True),
                  "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16", "work_counter": "*i32",
-                 "out_desc": desc_type(fwd_hopper.HALF_M.value) if fwd_hopper.o_by_tma(tile) else "*bf16"}
+                 "out_desc": desc_type(fwd_hopper.HALF_M.value) if o_tma else "*bf16"}
         constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "BOUND_LEFT": window,
                       "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
                       "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue,
-                      "CONSUMERS": tile.consumers, "ROW_TAIL": 2048 % (64 * tile.consumers) != 0,
-                      "O_TMA": fwd_hopper.o_by_tma(tile) and 2048 % (64 * tile.consumers) == 0}
+                      "CONSUMERS": tile.consumers, "ROW_TAIL": row_tail, "O_TMA": o_tma}
     else:
         kernel, _, block_n, masked_tma_store = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
