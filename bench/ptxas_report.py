@@ -11,6 +11,7 @@ specialized, so the numbers are close to, not equal to, what runs.
     PYTHONPATH=src python3 bench/ptxas_report.py fwd,causal,128,64,8,3,128 dkdv,full,64,128,8,1,128
     PYTHONPATH=src python3 bench/ptxas_report.py --tables   # every Hopper table entry
     PYTHONPATH=src python3 bench/ptxas_report.py gluon,causal,128   # the Gluon forward (ops/fwd_hopper.py)
+    PYTHONPATH=src python3 bench/ptxas_report.py gluon_short,full,64  # its configs.SM90_GLUON_FWD_SHORT tile
     PYTHONPATH=src python3 bench/ptxas_report.py gluon_bwd,full,64  # the Gluon backward (ops/bwd_hopper.py)
     (kernel: fwd, dkdv or dq; full|causal, block_m, block_n, num_warps, num_stages, head_dim[, kv_as_b][, feature...])
     features: varlen, softcap, alibi, dropout, left (a window's left bound); tma: the loop's
@@ -41,7 +42,7 @@ FEATURES = {"varlen": "IS_VARLEN", "softcap": "SOFTCAP", "alibi": "HAS_ALIBI", "
 
 
 def report(spec: str) -> str:
-    if spec.startswith(("gluon,", "gluon_bwd,")):
+    if spec.startswith(("gluon,", "gluon_short,", "gluon_bwd,")):
         return gluon_report(spec)
     kind, mask, block_m, block_n, warps, stages, head_dim, *extra = spec.split(",")
     kernel, pointers = KERNELS[kind]
@@ -69,7 +70,8 @@ def report(spec: str) -> str:
 
 def gluon_report(spec: str) -> str:
     """``gluon,full|causal|window,head_dim[,softcap]``: the Gluon forward with its configs.SM90_GLUON_FWD
-    tile; ``gluon_bwd,full|causal,head_dim[,softcap]``: the Gluon backward. bf16."""
+    tile (``gluon_short``: its configs.SM90_GLUON_FWD_SHORT tile); ``gluon_bwd,full|causal,head_dim[,softcap]``:
+    the Gluon backward. bf16."""
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -91,8 +93,8 @@ def gluon_report(spec: str) -> str:
         return mangle_type(TensorDescriptor.from_tensor(tensor, block,
                                                         gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
 
-    if kind == "gluon":
-        tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
+    if kind in ("gluon", "gluon_short"):
+        tile = (configs.SM90_GLUON_FWD_SHORT if kind == "gluon_short" else configs.SM90_GLUON_FWD)[(head_dim, causal)]
         kernel = fwd_hopper._hopper_fwd_kernel
         row_tail = 2048 % (fwd_hopper.HALF_M.value * tile.consumers) != 0
         o_tma = fwd_hopper.o_by_tma(tile) and not row_tail  # as hopper_fwd decides
@@ -214,6 +216,8 @@ def table_specs():
                              f"{cfg.num_stages},{head_dim},{int(cfg.kv_as_b)}" + (",tma" if cfg.tma else ""))
     for head_dim, causal in sorted(configs.SM90_GLUON_FWD):
         yield "SM90_GLUON_FWD", f"gluon,{'causal' if causal else 'full'},{head_dim}"
+    for head_dim, causal in sorted(configs.SM90_GLUON_FWD_SHORT):
+        yield "SM90_GLUON_FWD_SHORT", f"gluon_short,{'causal' if causal else 'full'},{head_dim}"
     for head_dim, causal in sorted(configs.SM90_GLUON_BWD):
         yield "SM90_GLUON_BWD", f"gluon_bwd,{'causal' if causal else 'full'},{head_dim}"
 
@@ -221,7 +225,7 @@ def table_specs():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("specs", nargs="*")
-    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90, SM90_LONG, SM90_GLUON_FWD/BWD")
+    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90, SM90_LONG, SM90_GLUON_FWD(_SHORT)/BWD")
     args = parser.parse_args()
     specs = [("", spec) for spec in args.specs] + (list(table_specs()) if args.tables else [])
     for table, spec in specs:

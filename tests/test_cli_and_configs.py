@@ -134,7 +134,7 @@ def test_launchers_work_without_gluon(monkeypatch, launcher, loader, module):
 
 
 def test_gluon_kernels_build_for_hopper_on_any_machine():
-    """Every entry of configs.SM90_GLUON_FWD and SM90_GLUON_BWD compiles for sm90 on this (GPU-less)
+    """Every entry of configs.SM90_GLUON_FWD (and _SHORT) and SM90_GLUON_BWD compiles for sm90 on this (GPU-less)
     machine through bench/ptxas_report.py, and its SASS multiplies on Hopper's warpgroup MMA
     (HGMMA, none of the Ampere-style HMMA, never serialized by ptxas: ``serialized_wgmma``) with operands
     arriving by TMA (UTMALDG); the backward's dQ leaves by TMA reductions (UTMAREDG). Runs in a
@@ -148,7 +148,8 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(root, "src")
     specs = [f"{kind},{'causal' if causal else 'full'},{d}"
-             for kind, table in (("gluon", configs.SM90_GLUON_FWD), ("gluon_bwd", configs.SM90_GLUON_BWD))
+             for kind, table in (("gluon", configs.SM90_GLUON_FWD), ("gluon_short", configs.SM90_GLUON_FWD_SHORT),
+                                 ("gluon_bwd", configs.SM90_GLUON_BWD))
              for d, causal in sorted(table)]
     run = subprocess.run([sys.executable, os.path.join(root, "bench", "ptxas_report.py"), *specs],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -163,9 +164,10 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
         assert (counts["UTMAREDG"] > 0) == line.startswith("gluon_bwd"), line
         # within the shared memory one block may have on an H100 (227 KB), or the launch fails
         assert int(re.search(r"shared (\d+) B", line).group(1)) <= H100_SHARED_BYTES, line
-        if line.startswith("gluon,"):  # the forward's output by TMA stores where its entry says so
-            _, mask, head_dim = line.split(":")[0].split(",")
-            tile = configs.SM90_GLUON_FWD[(int(head_dim), mask == "causal")]
+        if line.startswith(("gluon,", "gluon_short,")):  # the forward's output by TMA stores where its entry says so
+            kind, mask, head_dim = line.split(":")[0].split(",")
+            table = configs.SM90_GLUON_FWD_SHORT if kind == "gluon_short" else configs.SM90_GLUON_FWD
+            tile = table[(int(head_dim), mask == "causal")]
             assert (counts["UTMASTG"] > 0) == fwd_hopper.o_by_tma(tile), line
         # ptxas did not make the asynchronous MMAs wait for one another for want of registers
         assert "SERIALIZED" not in line, line
@@ -267,6 +269,7 @@ def test_gluon_tables_are_what_their_probes_measured():
     length from which the committed probe results show the Gluon kernel at least as fast as the
     tl kernel at every longer length (bench/common.py's rule; the probes print these lines): no
     entry without its measurement."""
+    import dataclasses
     import json
     import os
 
@@ -299,6 +302,32 @@ def test_gluon_tables_are_what_their_probes_measured():
                    for row in firsts.values())
         ratios = {seqlen: row["tl_ms"] / row["ms"] for seqlen, row in firsts.items()}
         assert min_winning_seqlen(ratios) == tile.softcap_min_seqlen_k, (head_dim, causal, ratios)
+    # The short tiles (SM90_GLUON_FWD_SHORT), from --tiles rows timing that tile with the tl kernel:
+    # it wins at every length measured from its min_seqlen_k up to its entry's.
+    with open(os.path.join(bench, "results", "h100_gluon_fwd_tiles64_short.json")) as f:
+        short_rows = json.load(f)["rows"]
+
+    def schedule(tile: dict) -> tuple:
+        return tuple(tile[field] for field in ("block_n", "k_slots", "v_slots", "pingpong", "queue", "consumers",
+                                               "o_tma"))
+
+    assert configs.SM90_GLUON_FWD_SHORT
+    for key, tile in configs.SM90_GLUON_FWD_SHORT.items():
+        below = configs.SM90_GLUON_FWD[key].min_seqlen_k
+        ratios = {row["seqlen"]: row["tl_ms"] / row["ms"] for row in short_rows
+                  if (row["head_dim"], row["causal"]) == key and row["softcap"] == 0 and row["seqlen"] < below
+                  and schedule(row["tile"]) == schedule(dataclasses.asdict(tile))}
+        assert len(ratios) >= 2 and min_winning_seqlen(ratios) == tile.min_seqlen_k, (key, ratios)
+    # With softcap (--tiles --softcap 30) the same rule; where it never wins, softcap calls never
+    # take it (their threshold is the entry's own length, where the short tile ends).
+    with open(os.path.join(bench, "results", "h100_gluon_fwd_tiles64_short_softcap.json")) as f:
+        capped_rows = json.load(f)["rows"]
+    for key, tile in configs.SM90_GLUON_FWD_SHORT.items():
+        below = configs.SM90_GLUON_FWD[key].min_seqlen_k
+        ratios = {row["seqlen"]: row["tl_ms"] / row["ms"] for row in capped_rows
+                  if (row["head_dim"], row["causal"]) == key and row["softcap"] > 0 and row["seqlen"] < below
+                  and schedule(row["tile"]) == schedule(dataclasses.asdict(tile))}
+        assert len(ratios) >= 2 and tile.softcap_min_seqlen_k == (min_winning_seqlen(ratios) or below), (key, ratios)
     for name, table in (("fwd", configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS),
                         ("bwd", configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS)):
         with open(os.path.join(bench, "results", f"h100_gluon_{name}_windows.json")) as f:
@@ -319,6 +348,24 @@ def test_sm_count_asks_torch_once_per_device(monkeypatch):
         assert asked == [0, 1]
     finally:
         configs._sm_count.cache_clear()
+
+
+def test_gluon_forward_tile_by_key_length(monkeypatch):
+    """configs.gluon_forward_tile: an entry's tile from its min_seqlen_k on; below it the entry's
+    SM90_GLUON_FWD_SHORT tile where there is one (at any shorter length: the eligibility rule
+    checks the short tile's own minimum), else the entry's tile again; None without an entry."""
+    tile_for = configs.gluon_forward_tile
+    main, short = configs.SM90_GLUON_FWD[(64, False)], configs.SM90_GLUON_FWD_SHORT[(64, False)]
+    assert short.min_seqlen_k < main.min_seqlen_k and short.consumers != main.consumers
+    assert tile_for(64, False, main.min_seqlen_k) is main and tile_for(64, False, 16384) is main
+    assert tile_for(64, False, main.min_seqlen_k - 1) is short and tile_for(64, False, short.min_seqlen_k) is short
+    assert tile_for(64, False, 64) is short
+    assert (128, True) not in configs.SM90_GLUON_FWD_SHORT
+    causal_128 = configs.SM90_GLUON_FWD[(128, True)]
+    assert tile_for(128, True, 64) is causal_128 and tile_for(128, True, 8192) is causal_128
+    assert tile_for(96, False, 8192) is None
+    monkeypatch.setattr(configs, "SM90_GLUON_FWD_SHORT", {})
+    assert tile_for(64, False, 1024) is main
 
 
 def test_gluon_forward_program_count(monkeypatch):
@@ -489,6 +536,7 @@ def test_gluon_forward_stores_by_tma_only_where_the_kernel_can():
     asking = {key: tile for key, tile in configs.SM90_GLUON_FWD.items() if tile.o_tma}
     assert {(256, False), (256, True)} <= set(asking)
     assert all(fwd_hopper.o_by_tma(tile) for tile in asking.values())
+    assert all(fwd_hopper.o_by_tma(tile) for tile in configs.SM90_GLUON_FWD_SHORT.values() if tile.o_tma)
     tile = configs.SM90_GLUON_FWD[(128, False)]
     assert not fwd_hopper.o_by_tma(dataclasses.replace(tile, consumers=3, pingpong=False))
     assert fwd_hopper.o_by_tma(dataclasses.replace(tile, block_n=64))

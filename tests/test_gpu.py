@@ -215,6 +215,34 @@ def test_gluon_forward_three_consumers(shape, causal, window, softcap, queue, mo
     assert calls, "the Gluon forward did not run"
 
 
+SHORT_TILE_SHAPES = [
+    # key lengths below the entry's min_seqlen_k, at or above the short tile's: GQA, a partial last
+    # key tile, Sq < Sk and Sq > Sk, row counts that are not a multiple of the long tile's 192 rows
+    (2, 512, 512, 4, 2, 64), (1, 1024, 1000, 4, 4, 64), (2, 256, 1920, 2, 1, 64), (1, 1280, 640, 2, 2, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHORT_TILE_SHAPES, ids=[case_id(*s) for s in SHORT_TILE_SHAPES])
+def test_gluon_forward_short_tiles(shape, monkeypatch):
+    """configs.SM90_GLUON_FWD_SHORT as dispatched, with the real tables: calls whose key length
+    lies below their entry's min_seqlen_k run the short tile (two consumers with TMA output stores
+    at head dim 64), and their out, lse and gradients meet the tolerance rule."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("Gluon kernels: Hopper only")
+    head_dim, seqlen_k = shape[-1], shape[2]
+    short = configs.SM90_GLUON_FWD_SHORT[(head_dim, False)]
+    assert short.min_seqlen_k <= seqlen_k < configs.SM90_GLUON_FWD[(head_dim, False)].min_seqlen_k
+    chosen, real = [], configs.gluon_forward_tile
+
+    def spy(*args):
+        chosen.append(real(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(configs, "gluon_forward_tile", spy)
+    _check_forward_and_lse(shape, False, (-1, -1), 0.0)
+    assert chosen and all(tile is short for tile in chosen)
+
+
 def test_gluon_forward_queue_counter_is_zero_for_every_launch(monkeypatch):
     """The work queue's counter is kept per stream and reset by each launch's last take: launches
     of different tile counts in turn on one stream, on a side stream, and replays of a CUDA graph
@@ -498,7 +526,7 @@ def test_gluon_forward_dispatch_rules():
     """One check per rule of hopper_fwd_eligible: 16-bit, an entry of configs.SM90_GLUON_FWD for
     the head dim and mask, windows from a number of keys per row, no ALiBi/dropout (softcap is fine),
     dense, contiguous, query lengths multiples of 128 (64 for three-consumer tiles), at least the
-    entry's min_seqlen_k keys, Hopper."""
+    entry's min_seqlen_k keys (below it, its SM90_GLUON_FWD_SHORT tile's), Hopper."""
     from flashtile.features import Features
     from flashtile.ops.fwd_hopper import hopper_fwd_eligible
 
@@ -514,7 +542,19 @@ def test_gluon_forward_dispatch_rules():
     for (head_dim, masked), tile in configs.SM90_GLUON_FWD.items():
         features = causal if masked else plain
         assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k, seqlen_q=128, head_dim=head_dim), features, None)
-        assert not hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k - tile.block_n, seqlen_q=128,
+        # below the entry's length its short tile's rule, where it has one
+        short = configs.SM90_GLUON_FWD_SHORT.get((head_dim, masked))
+        shortest = tile if short is None else short
+        assert (short is not None) == hopper_fwd_eligible(
+            *qkv(seqlen_k=tile.min_seqlen_k - tile.block_n, seqlen_q=128, head_dim=head_dim), features, None)
+        if short is not None:
+            assert hopper_fwd_eligible(*qkv(seqlen_k=short.min_seqlen_k, seqlen_q=128, head_dim=head_dim), features,
+                                       None)
+            # softcap calls from the short tile's own softcap threshold (at or past the entry's: never)
+            capped = Features(0.1, window_right=0 if masked else -1, softcap=5.0)
+            assert hopper_fwd_eligible(*qkv(seqlen_k=short.min_seqlen_k, seqlen_q=128, head_dim=head_dim), capped,
+                                       None) == ((short.softcap_min_seqlen_k or 0) <= short.min_seqlen_k)
+        assert not hopper_fwd_eligible(*qkv(seqlen_k=shortest.min_seqlen_k - shortest.block_n, seqlen_q=128,
                                             head_dim=head_dim), features, None)
         # any key length from there: the last tile's keys past the end are masked
         assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k + tile.block_n // 2 + 1, seqlen_q=128,
@@ -536,6 +576,13 @@ def test_gluon_forward_dispatch_rules():
         features = causal if masked else plain
         assert hopper_fwd_eligible(*qkv(seqlen_q=2048 + 64, head_dim=head_dim), features, None)
         assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 32, head_dim=head_dim), features, None)
+    for (head_dim, masked), short in configs.SM90_GLUON_FWD_SHORT.items():  # its own consumers' row rule
+        features = causal if masked else plain
+        rows = 128 if short.consumers == 2 else 64
+        assert hopper_fwd_eligible(*qkv(seqlen_q=1024 + rows, seqlen_k=short.min_seqlen_k, head_dim=head_dim),
+                                   features, None)
+        assert not hopper_fwd_eligible(*qkv(seqlen_q=1024 + rows // 2, seqlen_k=short.min_seqlen_k,
+                                            head_dim=head_dim), features, None)
     assert hopper_fwd_eligible(*qkv(seqlen_q=128), causal, None)  # Sq < Sk
     assert hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), plain, None)
     # Sliding windows, and causal with Sq > Sk (its first rows see no key), take the causal

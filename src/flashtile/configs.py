@@ -19,7 +19,9 @@ The Gluon kernels (``ops/fwd_hopper.py``, ``ops/bwd_hopper.py``) have tables of 
 ``SM90_GLUON_FWD`` (tile and minimum key length per head dim and mask) and ``SM90_GLUON_BWD``
 (minimum key length), regenerated from ``bench/gluon_fwd_probe.py --coverage`` and
 ``bench/gluon_bwd_probe.py`` (``bash bench/gpu_session.sh gluon``), which time them against the
-``tl`` kernels on every length and print the ratios the entries quote.
+``tl`` kernels on every length and print the ratios the entries quote. Below an entry's length
+``SM90_GLUON_FWD_SHORT`` may give a tile of its own (``gluon_forward_tile``), chosen from
+``bench/gluon_fwd_probe.py --tiles``.
 """
 
 import functools
@@ -190,6 +192,33 @@ SM90_GLUON_FWD = {
     (256, False): GluonForwardTile(64, 2, 2, 512, o_tma=True),  # 1.42 1.52 1.59 1.56 1.57 1.47
     (256, True): GluonForwardTile(64, 2, 2, 512, o_tma=True),  # 1.23 1.37 1.44 1.47 1.55 1.45
 }
+
+# Key loops shorter than an SM90_GLUON_FWD entry's min_seqlen_k take the tile here where there is
+# one, from its own min_seqlen_k (gluon_forward_tile). Head dim 64 non-causal: the entry's three
+# consumers lose to the tl kernel below 2048 keys, two consumers with the output by TMA stores
+# win (bench/gluon_fwd_probe.py --tiles --head-dims 64, H100, 2026-11-25 08:44 UTC,
+# bench/results/h100_gluon_fwd_tiles64_short.json; TFLOP/s at 512 / 1024 / 2048 / 4096 keys: this
+# tile 354 / 407 / 444 / 445, the entry's 311 / 377 / 443 / 474, tl 344 / 388 / 412 / 423, cuDNN
+# 387 / 426 / 443 / 453; a repeat at 08:50 with ping-pong as a candidate: 351 / 404 / 446 against tl
+# 339 / 385 / 411, ping-pong 347 / 397 / 431). With softcap 30 it lost to the tl kernel (--tiles --softcap
+# 30, 08:51, bench/results/h100_gluon_fwd_tiles64_short_softcap.json: 275 / 308 against 297 / 313
+# TFLOP/s at 512 / 1024 keys), so softcap calls take it from the entry's min_seqlen_k (never).
+SM90_GLUON_FWD_SHORT = {
+    (64, False): GluonForwardTile(128, 3, 3, 512, pingpong=False, o_tma=True,
+                                  softcap_min_seqlen_k=2048),  # tl / this at 512 / 1024: 1.03 1.05
+}
+
+
+def gluon_forward_tile(head_dim: int, masked: bool, seqlen_k: int) -> GluonForwardTile | None:
+    """The Gluon forward's tile for a call with ``seqlen_k`` keys: the SM90_GLUON_FWD entry of
+    (head dim, masked), or its SM90_GLUON_FWD_SHORT tile below the entry's min_seqlen_k; None
+    without an entry. Whether the call is long enough for the tile (its min_seqlen_k, softcap's
+    threshold) is fwd_hopper.hopper_fwd_eligible's rule."""
+    key = (head_dim, masked)
+    tile = SM90_GLUON_FWD.get(key)
+    if tile is not None and seqlen_k < tile.min_seqlen_k:
+        return SM90_GLUON_FWD_SHORT.get(key, tile)
+    return tile
 
 # Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile
 # when a row sees at least this many keys (ops/common.mask_admitted): the smallest W from

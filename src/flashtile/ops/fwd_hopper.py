@@ -43,7 +43,8 @@ windows (and causal with ``seqlen_k < seqlen_q``) run one loop that masks the ti
 and rows that see no key give out 0 and LSE +inf. Covers what the schedule was measured on
 (docs/performance.md, issue 4 steps 5, 6, 12 and 13): 16-bit inputs, the (head dim, causal)
 entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256; each with its tile and the key
-length from which it beats the ``tl`` kernel), softcap or not, windows from
+length from which it beats the ``tl`` kernel; shorter key loops of an entry with a
+``configs.SM90_GLUON_FWD_SHORT`` tile take that one from its own length), softcap or not, windows from
 ``configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS`` keys per row, no ALiBi or dropout, dense batches with
 query lengths a multiple of 128 (64 with three consumers: the last work tile's rows past the end
 are computed and not stored), q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl``
@@ -650,7 +651,7 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
         return False
     # The size rules first: they turn away short calls, whose host time matters most, cheaply.
     seqlen_q, head_dim, seqlen_k = q.shape[1], q.shape[3], k.shape[1]
-    tile = configs.SM90_GLUON_FWD.get((head_dim, features.masked))
+    tile = configs.gluon_forward_tile(head_dim, features.masked, seqlen_k)
     if tile is None:
         return False
     min_seqlen_k = tile.min_seqlen_k
@@ -716,7 +717,7 @@ def hopper_fwd(q, k, v, features):
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     left, right = features.window_left, features.window_right
-    tile = configs.SM90_GLUON_FWD[(head_dim, features.masked)]
+    tile = configs.gluon_forward_tile(head_dim, features.masked, seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
     q_block, kv_box = (HALF_M.value, head_dim), (1, tile.block_n, head_dim)
