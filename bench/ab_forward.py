@@ -2,7 +2,8 @@
 kernel in one process, interleaved round by round (``ab_backward.py`` does the same for the
 backward; see there why). bf16, batch x seqlen = 16384, heads x head dim = 2048. Every length runs
 the Gluon kernel, whatever the table's thresholds say (the A/B is of the kernel, not of the
-dispatch); configurations whose call the kernel does not take (query lengths, windows narrower
+dispatch), with the tile the call is dispatched to (``configs.SM90_GLUON_FWD_SHORT``'s below their
+bounds); configurations whose call the kernel does not take (query lengths, windows narrower
 than its window threshold) are skipped.
 
 A variant is ``NAME=PATH``: a copy of ``ops/fwd_hopper.py`` with an edit (or the committed one,

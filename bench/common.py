@@ -84,6 +84,17 @@ def min_winning_seqlen(ratios: dict) -> int | None:
     return winning
 
 
+def short_tile_below(runs: list[dict], margin: float = 1.01) -> int | None:
+    """configs.SM90_GLUON_FWD_SHORT's ``below`` from ``--tiles`` runs: each run maps seqlen -> (the
+    entry's tile time / the short tile's time) over the lengths from the short tile's min_seqlen_k
+    up; the first length, ascending, at which some run that measured it has the short tile less than
+    ``margin`` times as fast (None: ahead at every length measured)."""
+    for seqlen in sorted(set().union(*runs)):
+        if any(run[seqlen] < margin for run in runs if seqlen in run):
+            return seqlen
+    return None
+
+
 def gluon_table_rows(rows, old="tl", new="gluon") -> list[str]:
     """configs-style lines ``(head_dim, causal): <min seqlen>,  # ratios`` from probe rows (dicts
     with head_dim, causal, seqlen and ms per kernel), one per (head dim, mask), in the format the

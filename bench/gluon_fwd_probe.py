@@ -256,8 +256,10 @@ def coverage(out_path, head_dims=None):
 # Tile candidates per (head dim, causal) for ``--tiles``: the table's entry is always timed first.
 TILE_CANDIDATES = {
     64: [dict(consumers=2), dict(consumers=2, o_tma=True), dict(consumers=2, o_tma=True, pingpong=True),
-         dict(consumers=3, pingpong=False), dict(consumers=3, pingpong=False, queue=True)],
-    128: [dict(k_slots=4, v_slots=2), dict(pingpong=False)],
+         dict(consumers=2, o_tma=True, q_slots=2), dict(consumers=3, pingpong=False),
+         dict(consumers=3, pingpong=False, queue=True)],
+    128: [dict(k_slots=4, v_slots=2), dict(pingpong=False), dict(q_slots=2, k_slots=2, v_slots=2),
+          dict(q_slots=2, k_slots=3, v_slots=2)],
     256: [dict(k_slots=3, v_slots=2), dict(pingpong=False), dict(k_slots=3, v_slots=2, pingpong=False)],
 }
 
@@ -305,7 +307,7 @@ def tiles(out_path, seqlens, head_dims=None):
                       f"tl {flops / tl_ms / 1e9:.0f} ({times[0] / tl_ms:.3f}) | "
                       + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'}"
                                    f"{'/%dwg' % t.consumers if t.consumers != 2 else ''}"
-                                   f"{'/queue' if t.queue and causal else ''}{'/o-tma' if t.o_tma else ''} "
+                                   f"{'/queue' if t.queue and causal else ''}{'/o-tma' if t.o_tma else ''}{'/q%d' % t.q_slots if t.q_slots > 1 else ''} "
                                    f"{flops / ms / 1e9:.0f} ({times[0] / ms:.3f})" for t, ms in zip(variants, times)),
                       flush=True)
     write_json(out_path, {"env": environment(), "rows": rows})

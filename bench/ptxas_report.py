@@ -94,7 +94,10 @@ def gluon_report(spec: str) -> str:
                                                         gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
 
     if kind in ("gluon", "gluon_short"):
-        tile = (configs.SM90_GLUON_FWD_SHORT if kind == "gluon_short" else configs.SM90_GLUON_FWD)[(head_dim, causal)]
+        if kind == "gluon_short":
+            tile = configs.SM90_GLUON_FWD_SHORT[(head_dim, causal)].tile
+        else:
+            tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
         kernel = fwd_hopper._hopper_fwd_kernel
         row_tail = 2048 % (fwd_hopper.HALF_M.value * tile.consumers) != 0
         o_tma = fwd_hopper.o_by_tma(tile) and not row_tail  # as hopper_fwd decides
@@ -104,7 +107,7 @@ def gluon_report(spec: str) -> str:
         constexprs = {"D": head_dim, "K_SLOTS": tile.k_slots, "V_SLOTS": tile.v_slots, "BOUND_LEFT": window,
                       "BOUND_RIGHT": causal, "KEY_TAIL": 2048 % tile.block_n != 0, "GUARD": window,
                       "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue,
-                      "CONSUMERS": tile.consumers, "ROW_TAIL": row_tail, "O_TMA": o_tma}
+                      "CONSUMERS": tile.consumers, "ROW_TAIL": row_tail, "O_TMA": o_tma, "Q_SLOTS": tile.q_slots}
     else:
         kernel, _, block_n, masked_tma_store = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)

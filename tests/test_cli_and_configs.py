@@ -166,8 +166,8 @@ def test_gluon_kernels_build_for_hopper_on_any_machine():
         assert int(re.search(r"shared (\d+) B", line).group(1)) <= H100_SHARED_BYTES, line
         if line.startswith(("gluon,", "gluon_short,")):  # the forward's output by TMA stores where its entry says so
             kind, mask, head_dim = line.split(":")[0].split(",")
-            table = configs.SM90_GLUON_FWD_SHORT if kind == "gluon_short" else configs.SM90_GLUON_FWD
-            tile = table[(int(head_dim), mask == "causal")]
+            key = (int(head_dim), mask == "causal")
+            tile = configs.SM90_GLUON_FWD_SHORT[key].tile if kind == "gluon_short" else configs.SM90_GLUON_FWD[key]
             assert (counts["UTMASTG"] > 0) == fwd_hopper.o_by_tma(tile), line
         # ptxas did not make the asynchronous MMAs wait for one another for want of registers
         assert "SERIALIZED" not in line, line
@@ -274,8 +274,8 @@ def test_gluon_tables_are_what_their_probes_measured():
     import os
 
     common = _bench_module("common")
-    gluon_table_rows, min_winning_seqlen, window_min_keys = (
-        common.gluon_table_rows, common.min_winning_seqlen, common.window_min_keys)
+    gluon_table_rows, min_winning_seqlen, window_min_keys, short_tile_below = (
+        common.gluon_table_rows, common.min_winning_seqlen, common.window_min_keys, common.short_tile_below)
     bench = os.path.dirname(common.__file__)
     assert min_winning_seqlen({512: 0.9, 1024: 1.1, 2048: 0.99, 4096: 1.2}) == 4096
     assert min_winning_seqlen({512: 1.0, 1024: 1.1}) == 512
@@ -302,32 +302,41 @@ def test_gluon_tables_are_what_their_probes_measured():
                    for row in firsts.values())
         ratios = {seqlen: row["tl_ms"] / row["ms"] for seqlen, row in firsts.items()}
         assert min_winning_seqlen(ratios) == tile.softcap_min_seqlen_k, (head_dim, causal, ratios)
-    # The short tiles (SM90_GLUON_FWD_SHORT), from --tiles rows timing that tile with the tl kernel:
-    # it wins at every length measured from its min_seqlen_k up to its entry's.
-    with open(os.path.join(bench, "results", "h100_gluon_fwd_tiles64_short.json")) as f:
-        short_rows = json.load(f)["rows"]
-
+    # The short tiles (SM90_GLUON_FWD_SHORT), from two --tiles runs (each (mask, length)'s first row
+    # is the entry's tile): ``below`` by common.short_tile_below, and in each run the short tile
+    # beats the tl kernel at every length measured from its min_seqlen_k to ``below``.
     def schedule(tile: dict) -> tuple:
-        return tuple(tile[field] for field in ("block_n", "k_slots", "v_slots", "pingpong", "queue", "consumers",
-                                               "o_tma"))
+        return tuple(tile.get(field, 1) for field in ("block_n", "k_slots", "v_slots", "pingpong", "queue",
+                                                       "consumers", "o_tma", "q_slots"))
 
+    runs = []
+    for run in ("run1", "run2"):
+        with open(os.path.join(bench, "results", f"h100_gluon_fwd_tiles_q2_{run}.json")) as f:
+            runs.append(json.load(f)["rows"])
     assert configs.SM90_GLUON_FWD_SHORT
-    for key, tile in configs.SM90_GLUON_FWD_SHORT.items():
-        below = configs.SM90_GLUON_FWD[key].min_seqlen_k
-        ratios = {row["seqlen"]: row["tl_ms"] / row["ms"] for row in short_rows
-                  if (row["head_dim"], row["causal"]) == key and row["softcap"] == 0 and row["seqlen"] < below
-                  and schedule(row["tile"]) == schedule(dataclasses.asdict(tile))}
-        assert len(ratios) >= 2 and min_winning_seqlen(ratios) == tile.min_seqlen_k, (key, ratios)
-    # With softcap (--tiles --softcap 30) the same rule; where it never wins, softcap calls never
-    # take it (their threshold is the entry's own length, where the short tile ends).
+    for key, short in configs.SM90_GLUON_FWD_SHORT.items():
+        entry_over_short, tl_over_short = [], []
+        for rows in runs:
+            firsts, shorts = {}, {}
+            for row in rows:
+                if (row["head_dim"], row["causal"]) == key and row["softcap"] == 0:
+                    firsts.setdefault(row["seqlen"], row)
+                    if schedule(row["tile"]) == schedule(dataclasses.asdict(short.tile)):
+                        shorts[row["seqlen"]] = row
+            measured = [s for s in sorted(shorts) if s >= short.tile.min_seqlen_k]
+            entry_over_short.append({s: firsts[s]["ms"] / shorts[s]["ms"] for s in measured})
+            tl_over_short.append({s: shorts[s]["tl_ms"] / shorts[s]["ms"] for s in measured if s < short.below})
+        assert short_tile_below(entry_over_short) == short.below, (key, entry_over_short)
+        for ratios in tl_over_short:
+            assert ratios and min_winning_seqlen(ratios) == short.tile.min_seqlen_k, (key, ratios)
+    # Softcap calls keep the entry's tile: the head-dim-64 short tile without its second Q buffer lost
+    # to the tl kernel with softcap at every length below its bound (--tiles --softcap 30).
     with open(os.path.join(bench, "results", "h100_gluon_fwd_tiles64_short_softcap.json")) as f:
-        capped_rows = json.load(f)["rows"]
-    for key, tile in configs.SM90_GLUON_FWD_SHORT.items():
-        below = configs.SM90_GLUON_FWD[key].min_seqlen_k
-        ratios = {row["seqlen"]: row["tl_ms"] / row["ms"] for row in capped_rows
-                  if (row["head_dim"], row["causal"]) == key and row["softcap"] > 0 and row["seqlen"] < below
-                  and schedule(row["tile"]) == schedule(dataclasses.asdict(tile))}
-        assert len(ratios) >= 2 and tile.softcap_min_seqlen_k == (min_winning_seqlen(ratios) or below), (key, ratios)
+        capped = [row for row in json.load(f)["rows"] if (row["head_dim"], row["causal"]) == (64, False)
+                  and row["seqlen"] < configs.SM90_GLUON_FWD_SHORT[(64, False)].below
+                  and schedule(row["tile"]) == schedule(dict(block_n=128, k_slots=3, v_slots=3, pingpong=False,
+                                                             queue=False, consumers=2, o_tma=True))]
+    assert len(capped) >= 2 and all(row["softcap"] > 0 and row["tl_ms"] < row["ms"] for row in capped)
     for name, table in (("fwd", configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS),
                         ("bwd", configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS)):
         with open(os.path.join(bench, "results", f"h100_gluon_{name}_windows.json")) as f:
@@ -351,21 +360,26 @@ def test_sm_count_asks_torch_once_per_device(monkeypatch):
 
 
 def test_gluon_forward_tile_by_key_length(monkeypatch):
-    """configs.gluon_forward_tile: an entry's tile from its min_seqlen_k on; below it the entry's
-    SM90_GLUON_FWD_SHORT tile where there is one (at any shorter length: the eligibility rule
-    checks the short tile's own minimum), else the entry's tile again; None without an entry."""
+    """configs.gluon_forward_tile: below an entry's SM90_GLUON_FWD_SHORT bound its short tile (at
+    any shorter length: the eligibility rule checks the short tile's own minimum), from the bound
+    on the entry's tile; softcap calls always the entry's; None without an entry."""
     tile_for = configs.gluon_forward_tile
-    main, short = configs.SM90_GLUON_FWD[(64, False)], configs.SM90_GLUON_FWD_SHORT[(64, False)]
-    assert short.min_seqlen_k < main.min_seqlen_k and short.consumers != main.consumers
-    assert tile_for(64, False, main.min_seqlen_k) is main and tile_for(64, False, 16384) is main
-    assert tile_for(64, False, main.min_seqlen_k - 1) is short and tile_for(64, False, short.min_seqlen_k) is short
-    assert tile_for(64, False, 64) is short
-    assert (128, True) not in configs.SM90_GLUON_FWD_SHORT
-    causal_128 = configs.SM90_GLUON_FWD[(128, True)]
-    assert tile_for(128, True, 64) is causal_128 and tile_for(128, True, 8192) is causal_128
+    for key, short in configs.SM90_GLUON_FWD_SHORT.items():
+        entry = configs.SM90_GLUON_FWD[key]
+        assert short.tile.min_seqlen_k < short.below and short.tile != entry
+        assert tile_for(*key, short.below - 1) is short.tile and tile_for(*key, short.tile.min_seqlen_k) is short.tile
+        assert tile_for(*key, 64) is short.tile
+        assert tile_for(*key, short.below) is entry and tile_for(*key, 16384) is entry
+        assert tile_for(*key, short.tile.min_seqlen_k, True) is entry  # softcap
+    # head dim 64 unmasked: two consumers below the entry's own length, where its three lose
+    short_64 = configs.SM90_GLUON_FWD_SHORT[(64, False)]
+    assert short_64.below == configs.SM90_GLUON_FWD[(64, False)].min_seqlen_k and short_64.tile.consumers == 2
+    assert (256, True) not in configs.SM90_GLUON_FWD_SHORT
+    causal_256 = configs.SM90_GLUON_FWD[(256, True)]
+    assert tile_for(256, True, 64) is causal_256 and tile_for(256, True, 8192) is causal_256
     assert tile_for(96, False, 8192) is None
     monkeypatch.setattr(configs, "SM90_GLUON_FWD_SHORT", {})
-    assert tile_for(64, False, 1024) is main
+    assert tile_for(64, False, 1024) is configs.SM90_GLUON_FWD[(64, False)]
 
 
 def test_gluon_forward_program_count(monkeypatch):
@@ -536,7 +550,7 @@ def test_gluon_forward_stores_by_tma_only_where_the_kernel_can():
     asking = {key: tile for key, tile in configs.SM90_GLUON_FWD.items() if tile.o_tma}
     assert {(256, False), (256, True)} <= set(asking)
     assert all(fwd_hopper.o_by_tma(tile) for tile in asking.values())
-    assert all(fwd_hopper.o_by_tma(tile) for tile in configs.SM90_GLUON_FWD_SHORT.values() if tile.o_tma)
+    assert all(fwd_hopper.o_by_tma(short.tile) for short in configs.SM90_GLUON_FWD_SHORT.values() if short.tile.o_tma)
     tile = configs.SM90_GLUON_FWD[(128, False)]
     assert not fwd_hopper.o_by_tma(dataclasses.replace(tile, consumers=3, pingpong=False))
     assert fwd_hopper.o_by_tma(dataclasses.replace(tile, block_n=64))

@@ -98,11 +98,12 @@ def _count_launches(monkeypatch, module_name, launcher, table, every_length):
 
 
 def _count_gluon_calls(monkeypatch):
-    """The Gluon forward's launches; its tiles serve every key length."""
+    """The Gluon forward's launches; the entries' tiles serve every key length."""
     import dataclasses
 
     every_length = {key: dataclasses.replace(tile, min_seqlen_k=1, softcap_min_seqlen_k=None)
                     for key, tile in configs.SM90_GLUON_FWD.items()}
+    monkeypatch.setattr(configs, "SM90_GLUON_FWD_SHORT", {})  # the entries' own tiles (short ones: their test)
     monkeypatch.setattr(configs, "SM90_GLUON_FWD_WINDOW_MIN_KEYS", {d: 1 for d in (64, 128, 256)})
     return _count_launches(monkeypatch, "fwd_hopper", "hopper_fwd", "SM90_GLUON_FWD", every_length)
 
@@ -215,23 +216,64 @@ def test_gluon_forward_three_consumers(shape, causal, window, softcap, queue, mo
     assert calls, "the Gluon forward did not run"
 
 
-SHORT_TILE_SHAPES = [
-    # key lengths below the entry's min_seqlen_k, at or above the short tile's: GQA, a partial last
-    # key tile, Sq < Sk and Sq > Sk, row counts that are not a multiple of the long tile's 192 rows
-    (2, 512, 512, 4, 2, 64), (1, 1024, 1000, 4, 4, 64), (2, 256, 1920, 2, 1, 64), (1, 1280, 640, 2, 2, 64),
+TWO_Q_SLOT_CASES = [
+    # (shape, causal, window, softcap): three programs each running several work tiles, so both Q
+    # slots are filled and reused (and the queue's work index passes through both); causal with
+    # Sq < Sk, a window with Sq > Sk (rows that see no key), GQA with a partial key tile, softcap
+    ((2, 1024, 1024, 4, 2, 128), False, (-1, -1), 0.0), ((2, 512, 768, 4, 4, 128), True, (-1, -1), 0.0),
+    ((1, 640, 1000, 4, 2, 64), False, (-1, -1), 0.0), ((2, 768, 512, 2, 1, 128), False, (100, 20), 0.0),
+    ((1, 512, 512, 2, 2, 64), True, (-1, -1), 5.0),
 ]
 
 
-@pytest.mark.parametrize("shape", SHORT_TILE_SHAPES, ids=[case_id(*s) for s in SHORT_TILE_SHAPES])
-def test_gluon_forward_short_tiles(shape, monkeypatch):
+@pytest.mark.parametrize("queue", [False, True], ids=["round-robin", "queue"])
+@pytest.mark.parametrize("shape, causal, window, softcap", TWO_Q_SLOT_CASES,
+                         ids=[f"{case_id(*c[0])}-{'causal' if c[1] else 'w%d_%d' % c[2]}-cap{c[3]:g}"
+                              for c in TWO_Q_SLOT_CASES])
+def test_gluon_forward_two_q_slots(shape, causal, window, softcap, queue, monkeypatch):
+    """Tiles with two Q buffers (``q_slots``: the producer loads the next work tile's Q while the
+    consumers read this one's) at head dims 64 and 128, two consumers with TMA output stores, on
+    every mask and both grid orders: out and lse by the tolerance rule, and the gradients through
+    the backward on that LSE."""
+    import dataclasses
+
+    from flashtile.ops import fwd_hopper
+
+    calls = _count_gluon_calls(monkeypatch)
+    for key, tile in list(configs.SM90_GLUON_FWD.items()):
+        if key[0] in (64, 128):  # two Q buffers next to rings of at most 3 + 2 slots fit head dim 128
+            monkeypatch.setitem(configs.SM90_GLUON_FWD, key, dataclasses.replace(
+                tile, consumers=2, pingpong=tile.pingpong and tile.consumers == 2, o_tma=True, q_slots=2,
+                k_slots=min(tile.k_slots, 3), v_slots=2))
+    monkeypatch.setattr(fwd_hopper, "program_count", lambda n_work, *_: (3, queue))
+    _check_forward_and_lse(shape, causal, window, softcap)
+    assert calls, "the Gluon forward did not run"
+
+
+SHORT_TILE_CASES = [
+    # (shape, causal, softcap): key lengths below the short tiles' bounds: GQA, a partial last key
+    # tile, Sq < Sk and Sq > Sk (causal: rows that see no key), row counts that are not a multiple of
+    # the head-dim-64 entry's 192 rows; with softcap the entry's tile runs instead
+    ((2, 512, 512, 4, 2, 64), False, 0.0), ((1, 1024, 1000, 4, 4, 64), False, 0.0),
+    ((2, 256, 1920, 2, 1, 64), False, 0.0), ((1, 1280, 640, 2, 2, 64), False, 0.0),
+    ((2, 512, 512, 4, 2, 128), False, 0.0), ((1, 640, 1000, 2, 1, 128), False, 0.0),
+    ((2, 512, 768, 4, 4, 128), True, 0.0), ((1, 2048, 2048, 2, 1, 128), True, 0.0),
+    ((1, 1280, 1024, 2, 2, 128), True, 0.0), ((1, 1024, 1024, 2, 2, 128), True, 5.0),
+]
+
+
+@pytest.mark.parametrize("shape, causal, softcap", SHORT_TILE_CASES,
+                         ids=[f"{case_id(*c[0])}-{'causal' if c[1] else 'full'}-cap{c[2]:g}" for c in SHORT_TILE_CASES])
+def test_gluon_forward_short_tiles(shape, causal, softcap, monkeypatch):
     """configs.SM90_GLUON_FWD_SHORT as dispatched, with the real tables: calls whose key length
-    lies below their entry's min_seqlen_k run the short tile (two consumers with TMA output stores
-    at head dim 64), and their out, lse and gradients meet the tolerance rule."""
+    lies below a short tile's bound run it (two Q buffers; at head dim 64 two consumers, not
+    three), softcap calls the entry's tile; out, lse and gradients meet the tolerance rule."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("Gluon kernels: Hopper only")
-    head_dim, seqlen_k = shape[-1], shape[2]
-    short = configs.SM90_GLUON_FWD_SHORT[(head_dim, False)]
-    assert short.min_seqlen_k <= seqlen_k < configs.SM90_GLUON_FWD[(head_dim, False)].min_seqlen_k
+    key, seqlen_k = (shape[-1], causal), shape[2]
+    short = configs.SM90_GLUON_FWD_SHORT[key]
+    assert short.tile.min_seqlen_k <= seqlen_k < short.below
+    expected = configs.SM90_GLUON_FWD[key] if softcap else short.tile
     chosen, real = [], configs.gluon_forward_tile
 
     def spy(*args):
@@ -239,8 +281,8 @@ def test_gluon_forward_short_tiles(shape, monkeypatch):
         return chosen[-1]
 
     monkeypatch.setattr(configs, "gluon_forward_tile", spy)
-    _check_forward_and_lse(shape, False, (-1, -1), 0.0)
-    assert chosen and all(tile is short for tile in chosen)
+    _check_forward_and_lse(shape, causal, (-1, -1), softcap)
+    assert chosen and all(tile is expected for tile in chosen)
 
 
 def test_gluon_forward_queue_counter_is_zero_for_every_launch(monkeypatch):
@@ -541,21 +583,21 @@ def test_gluon_forward_dispatch_rules():
 
     for (head_dim, masked), tile in configs.SM90_GLUON_FWD.items():
         features = causal if masked else plain
-        assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k, seqlen_q=128, head_dim=head_dim), features, None)
-        # below the entry's length its short tile's rule, where it has one
         short = configs.SM90_GLUON_FWD_SHORT.get((head_dim, masked))
-        shortest = tile if short is None else short
-        assert (short is not None) == hopper_fwd_eligible(
-            *qkv(seqlen_k=tile.min_seqlen_k - tile.block_n, seqlen_q=128, head_dim=head_dim), features, None)
+
+        def eligible(seqlen_k, features=features, head_dim=head_dim):
+            return hopper_fwd_eligible(*qkv(seqlen_k=seqlen_k, seqlen_q=128, head_dim=head_dim), features, None)
+
+        # the entry's tile from its length (past its short tile's bound); below, the short tile's rule
+        assert eligible(tile.min_seqlen_k if short is None else max(tile.min_seqlen_k, short.below))
+        shortest = tile if short is None else short.tile
+        assert eligible(shortest.min_seqlen_k) and not eligible(shortest.min_seqlen_k - shortest.block_n)
         if short is not None:
-            assert hopper_fwd_eligible(*qkv(seqlen_k=short.min_seqlen_k, seqlen_q=128, head_dim=head_dim), features,
-                                       None)
-            # softcap calls from the short tile's own softcap threshold (at or past the entry's: never)
+            assert eligible(short.below - 1)
+            # softcap calls keep the entry's tile and its threshold
             capped = Features(0.1, window_right=0 if masked else -1, softcap=5.0)
-            assert hopper_fwd_eligible(*qkv(seqlen_k=short.min_seqlen_k, seqlen_q=128, head_dim=head_dim), capped,
-                                       None) == ((short.softcap_min_seqlen_k or 0) <= short.min_seqlen_k)
-        assert not hopper_fwd_eligible(*qkv(seqlen_k=shortest.min_seqlen_k - shortest.block_n, seqlen_q=128,
-                                            head_dim=head_dim), features, None)
+            assert eligible(short.tile.min_seqlen_k, capped) == (
+                short.tile.min_seqlen_k >= (tile.softcap_min_seqlen_k or tile.min_seqlen_k))
         # any key length from there: the last tile's keys past the end are masked
         assert hopper_fwd_eligible(*qkv(seqlen_k=tile.min_seqlen_k + tile.block_n // 2 + 1, seqlen_q=128,
                                         head_dim=head_dim), features, None)
@@ -578,10 +620,10 @@ def test_gluon_forward_dispatch_rules():
         assert not hopper_fwd_eligible(*qkv(seqlen_q=2048 + 32, head_dim=head_dim), features, None)
     for (head_dim, masked), short in configs.SM90_GLUON_FWD_SHORT.items():  # its own consumers' row rule
         features = causal if masked else plain
-        rows = 128 if short.consumers == 2 else 64
-        assert hopper_fwd_eligible(*qkv(seqlen_q=1024 + rows, seqlen_k=short.min_seqlen_k, head_dim=head_dim),
+        rows = 128 if short.tile.consumers == 2 else 64
+        assert hopper_fwd_eligible(*qkv(seqlen_q=rows, seqlen_k=short.tile.min_seqlen_k, head_dim=head_dim),
                                    features, None)
-        assert not hopper_fwd_eligible(*qkv(seqlen_q=1024 + rows // 2, seqlen_k=short.min_seqlen_k,
+        assert not hopper_fwd_eligible(*qkv(seqlen_q=rows * 3 // 2, seqlen_k=short.tile.min_seqlen_k,
                                             head_dim=head_dim), features, None)
     assert hopper_fwd_eligible(*qkv(seqlen_q=128), causal, None)  # Sq < Sk
     assert hopper_fwd_eligible(*qkv(seqlen_q=16384 + 128), plain, None)

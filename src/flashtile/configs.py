@@ -19,13 +19,14 @@ The Gluon kernels (``ops/fwd_hopper.py``, ``ops/bwd_hopper.py``) have tables of 
 ``SM90_GLUON_FWD`` (tile and minimum key length per head dim and mask) and ``SM90_GLUON_BWD``
 (minimum key length), regenerated from ``bench/gluon_fwd_probe.py --coverage`` and
 ``bench/gluon_bwd_probe.py`` (``bash bench/gpu_session.sh gluon``), which time them against the
-``tl`` kernels on every length and print the ratios the entries quote. Below an entry's length
-``SM90_GLUON_FWD_SHORT`` may give a tile of its own (``gluon_forward_tile``), chosen from
-``bench/gluon_fwd_probe.py --tiles``.
+``tl`` kernels on every length and print the ratios the entries quote. Shorter key loops of an
+entry may take a tile of their own (``SM90_GLUON_FWD_SHORT``, ``gluon_forward_tile``), chosen
+from ``bench/gluon_fwd_probe.py --tiles``.
 """
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -144,6 +145,9 @@ class GluonForwardTile:
     # consumers take in turns (head dim 256: 32 KB of the 35 its rings and Q leave); False: stores
     # from the accumulators' layout.
     o_tma: bool = False
+    # Q buffers per consumer: 2 lets the producer load the next work tile's Q while the consumers
+    # still read this one's (worth it where work tiles are short: few key tiles each).
+    q_slots: int = 1
 
 
 # (head dim, causal) the Gluon forward covers, with its tile and the key length from which it
@@ -193,32 +197,49 @@ SM90_GLUON_FWD = {
     (256, True): GluonForwardTile(64, 2, 2, 512, o_tma=True),  # 1.23 1.37 1.44 1.47 1.55 1.45
 }
 
-# Key loops shorter than an SM90_GLUON_FWD entry's min_seqlen_k take the tile here where there is
-# one, from its own min_seqlen_k (gluon_forward_tile). Head dim 64 non-causal: the entry's three
-# consumers lose to the tl kernel below 2048 keys, two consumers with the output by TMA stores
-# win (bench/gluon_fwd_probe.py --tiles --head-dims 64, H100, 2026-11-25 08:44 UTC,
-# bench/results/h100_gluon_fwd_tiles64_short.json; TFLOP/s at 512 / 1024 / 2048 / 4096 keys: this
-# tile 354 / 407 / 444 / 445, the entry's 311 / 377 / 443 / 474, tl 344 / 388 / 412 / 423, cuDNN
-# 387 / 426 / 443 / 453; a repeat at 08:50 with ping-pong as a candidate: 351 / 404 / 446 against tl
-# 339 / 385 / 411, ping-pong 347 / 397 / 431). With softcap 30 it lost to the tl kernel (--tiles --softcap
-# 30, 08:51, bench/results/h100_gluon_fwd_tiles64_short_softcap.json: 275 / 308 against 297 / 313
-# TFLOP/s at 512 / 1024 keys), so softcap calls take it from the entry's min_seqlen_k (never).
+class ShortTile(NamedTuple):
+    """An SM90_GLUON_FWD entry's tile for its shorter key loops: key lengths below ``below`` take
+    ``tile`` (from the tile's own min_seqlen_k; shorter ones take the tl kernel)."""
+    below: int
+    tile: GluonForwardTile
+
+
+# Shorter key loops of an entry, without softcap, take a tile of their own (gluon_forward_tile):
+# where work tiles have few key tiles, their fixed costs weigh, and a second Q buffer (the producer
+# loads the next work tile's Q while the consumers still read this one's) takes the Q load off the
+# consumers' path; at long lengths its shared memory costs K/V ring depth, which loses. Chosen by
+# bench/gluon_fwd_probe.py --tiles (H100), each entry's tile against the candidates in one process,
+# two runs: bench/results/h100_gluon_fwd_tiles_q2_run1.json (2026-11-25 09:01-09:02 UTC) and
+# _run2.json (09:03). ``below``: the first length measured from the tile's min_seqlen_k up at which
+# the short tile was not at least 1% faster than the entry's in both runs (bench/common.py's
+# short_tile_below). Softcap calls keep the entry's tile: the head-dim-64 short tile without its
+# second Q buffer lost to the tl kernel with softcap 30 (bench/results/h100_gluon_fwd_tiles64_short_softcap.json,
+# 275 / 308 against 297 / 313 TFLOP/s at 512 / 1024 keys), and no other was measured with it.
 SM90_GLUON_FWD_SHORT = {
-    (64, False): GluonForwardTile(128, 3, 3, 512, pingpong=False, o_tma=True,
-                                  softcap_min_seqlen_k=2048),  # tl / this at 512 / 1024: 1.03 1.05
+    # Two consumers (not three), TMA output stores, two Q buffers. Entry's time / this one's at 512 /
+    # 1024 / 2048 keys, runs 1 / 2: 1.24 / 1.26, 1.14 / 1.10, 0.99 / 0.92; tl's time / this one's at
+    # 512 / 1024: 1.14 / 1.15, 1.09 / 1.06 (cuDNN 385 / 436 TFLOP/s, this tile 388 / 432 in run 1).
+    # Without the second Q buffer (--tiles 08:44 and 08:50): 1.03-1.05x the tl kernel.
+    (64, False): ShortTile(2048, GluonForwardTile(128, 3, 3, 512, pingpong=False, o_tma=True, q_slots=2)),
+    # K 3 / V 2 slots beside two Q buffers (229792 bytes of shared memory). Entry's time / this one's at
+    # 512 / 1024 / 2048 / 4096 keys: 1.033 / 1.033, 1.0098 / 1.021, 1.037 / 1.006, 0.922 / 0.985: the
+    # rule stops at 1024.
+    (128, False): ShortTile(1024, GluonForwardTile(128, 3, 2, 512, o_tma=True, q_slots=2)),
+    # K 2 / V 2 slots: 1.032 / 1.040, 1.021 / 1.012, 1.029 / 1.014, 1.004 / 1.005 (16384: 0.998 in run 1).
+    (128, True): ShortTile(4096, GluonForwardTile(128, 2, 2, 512, queue=True, o_tma=True, q_slots=2)),
 }
 
 
-def gluon_forward_tile(head_dim: int, masked: bool, seqlen_k: int) -> GluonForwardTile | None:
+def gluon_forward_tile(head_dim: int, masked: bool, seqlen_k: int, softcap: bool = False) -> GluonForwardTile | None:
     """The Gluon forward's tile for a call with ``seqlen_k`` keys: the SM90_GLUON_FWD entry of
-    (head dim, masked), or its SM90_GLUON_FWD_SHORT tile below the entry's min_seqlen_k; None
-    without an entry. Whether the call is long enough for the tile (its min_seqlen_k, softcap's
-    threshold) is fwd_hopper.hopper_fwd_eligible's rule."""
+    (head dim, masked), or below its SM90_GLUON_FWD_SHORT bound (without softcap) the short tile;
+    None without an entry. Whether the call is long enough for the tile (its min_seqlen_k,
+    softcap's threshold) is fwd_hopper.hopper_fwd_eligible's rule."""
     key = (head_dim, masked)
-    tile = SM90_GLUON_FWD.get(key)
-    if tile is not None and seqlen_k < tile.min_seqlen_k:
-        return SM90_GLUON_FWD_SHORT.get(key, tile)
-    return tile
+    short = SM90_GLUON_FWD_SHORT.get(key)
+    if short is not None and seqlen_k < short.below and not softcap:
+        return short.tile
+    return SM90_GLUON_FWD.get(key)
 
 # Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile
 # when a row sees at least this many keys (ops/common.mask_admitted): the smallest W from

@@ -43,8 +43,8 @@ windows (and causal with ``seqlen_k < seqlen_q``) run one loop that masks the ti
 and rows that see no key give out 0 and LSE +inf. Covers what the schedule was measured on
 (docs/performance.md, issue 4 steps 5, 6, 12 and 13): 16-bit inputs, the (head dim, causal)
 entries of ``configs.SM90_GLUON_FWD`` (head dims 64, 128, 256; each with its tile and the key
-length from which it beats the ``tl`` kernel; shorter key loops of an entry with a
-``configs.SM90_GLUON_FWD_SHORT`` tile take that one from its own length), softcap or not, windows from
+length from which it beats the ``tl`` kernel; shorter key loops without softcap take the entry's
+``configs.SM90_GLUON_FWD_SHORT`` tile where it has one), softcap or not, windows from
 ``configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS`` keys per row, no ALiBi or dropout, dense batches with
 query lengths a multiple of 128 (64 with three consumers: the last work tile's rows past the end
 are computed and not stored), q/k/v contiguous in ``(B, S, H, D)``. Everything else takes the ``tl``
@@ -83,8 +83,9 @@ def tanh_approx(x):
 def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
              work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group,
              lo_off, hi_off, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, QUEUE: gl.constexpr):
-    """For each of the program's work tiles (``_work``): each consumer's 64 rows of Q (once every
-    consumer has released the last tile's: ``q_empty``) and its K/V tiles into their rings (K and V
+    """For each of the program's work tiles (``_work``): each consumer's 64 rows of Q into the
+    tile's Q slot (work tile d takes slot d % Q_SLOTS, once every consumer has released the tile
+    that held it before: ``q_empty``) and its K/V tiles into their rings (K and V
     each with its own depth and mbarriers: a K slot is free once every consumer's S = Q K^T has
     run, a V slot only after their P V). Ring positions run on across work tiles, so the next tile's
     loads start while the consumers finish this one. The K/V descriptors are 3-D (batch, key,
@@ -93,7 +94,8 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
-    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    Q_SLOTS: gl.constexpr = q_ready.shape[0]
+    CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_SLOTS
     ring = 0  # K/V tiles loaded so far
     done = 0  # work tiles so far
     work = gl.program_id(0)
@@ -102,20 +104,23 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N, CONSUMERS * HALF)
         q_row0 = b * seqlen_q + first_row
-        mbarrier.wait(q_empty, (done & 1) ^ 1, pred=done > 0)
+        q_slot = done % Q_SLOTS
+        mbarrier.wait(q_empty.index(q_slot), ((done // Q_SLOTS) & 1) ^ 1, pred=done >= Q_SLOTS)
         if QUEUE:  # the consumers read the tile's index once Q has arrived (q_ready orders the store)
-            _post_work(work_slot, work)
-        mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
+            _post_work(work_slot.index(q_slot), work)
+        mbarrier.expect(q_ready.index(q_slot), CONSUMERS * q_desc.block_type.nbytes)
         for c in gl.static_range(CONSUMERS):
-            tma.async_copy_global_to_shared(q_desc, [q_row0 + c * HALF, h * D], q_ready, q_smem.index(c))
+            tma.async_copy_global_to_shared(q_desc, [q_row0 + c * HALF, h * D], q_ready.index(q_slot),
+                                            q_smem.index(q_slot * CONSUMERS + c))
         ring = _produce_kv(k_desc, v_desc, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, b,
                            (h // group_size) * D, first_tile, end_tile - first_tile, ring)
         done += 1
         work = _next_work(work, work_counter, n_work, QUEUE)
     if QUEUE:  # no tile left: the consumers read n_work and stop
-        mbarrier.wait(q_empty, (done & 1) ^ 1, pred=done > 0)
-        _post_work(work_slot, n_work)
-        mbarrier.arrive(q_ready, count=1)
+        q_slot = done % Q_SLOTS
+        mbarrier.wait(q_empty.index(q_slot), ((done // Q_SLOTS) & 1) ^ 1, pred=done >= Q_SLOTS)
+        _post_work(work_slot.index(q_slot), n_work)
+        mbarrier.arrive(q_ready.index(q_slot), count=1)
 
 
 @gluon.jit
@@ -304,19 +309,20 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
     ``ring`` counts the K/V tiles consumed so far (ring positions), ``done`` the work tiles; each
     tile of n key tiles runs n - 1 loop iterations, each one phase of the turn barriers."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
-    ROWS: gl.constexpr = q_smem.shape[0] * HALF_M
+    Q_SLOTS: gl.constexpr = q_ready.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[0] // Q_SLOTS * HALF_M
     ring = 0
     done = 0
     work = gl.program_id(0)
     if QUEUE:
-        mbarrier.wait(q_ready, 0)
-        work = _read_work(work_slot)
+        mbarrier.wait(q_ready.index(0), 0)
+        work = _read_work(work_slot.index(0))
     while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N, ROWS)
         if not QUEUE:
-            mbarrier.wait(q_ready, done & 1)
+            mbarrier.wait(q_ready.index(done % Q_SLOTS), (done // Q_SLOTS) & 1)
         _attend(C, ring, ring - done, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
                 turn, s_done, o_stage, o_turn, out_ptr, out_desc, lse_ptr, b * seqlen_q + first_row, h * D,
                 n_heads * D, (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off,
@@ -324,9 +330,9 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
                 BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, ROW_TAIL, O_TMA)
         ring += end_tile - first_tile
         done += 1
-        if QUEUE:
-            mbarrier.wait(q_ready, done & 1)  # the next tile's Q, or the producer's stop
-            work = _read_work(work_slot)
+        if QUEUE:  # the next tile's Q, or the producer's stop
+            mbarrier.wait(q_ready.index(done % Q_SLOTS), (done // Q_SLOTS) & 1)
+            work = _read_work(work_slot.index(done % Q_SLOTS))
         else:
             work += gl.num_programs(0)
 
@@ -344,8 +350,8 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     full_end)`` every row sees whole, the others (and the first, always) take the mask; ``turns``:
     the loop iterations run before this tile (the turn barriers' phase). GUARD: rows may see no
     key at all (out 0, LSE +inf). ROW_TAIL: the tile may run past the last query row (rows from
-    ``seqlen_q`` on are computed on whatever Q holds there and not stored). Releases Q
-    (``q_empty``) once its last product has run. O_TMA: the output leaves by a TMA store, staged in
+    ``seqlen_q`` on are computed on whatever Q holds there and not stored). Reads Q from the work
+    tile's slot (``done % Q_SLOTS``) and releases it (``q_empty``) once its last product has run. O_TMA: the output leaves by a TMA store, staged in
     the tile's last K slot where two consumers' rows fill it (``_store_out``; the slot is released
     after the store), else in ``o_stage`` (``_store_out_in_turns``)."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
@@ -357,7 +363,10 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    q = q_smem.index(C)
+    Q_SLOTS: gl.constexpr = q_empty.shape[0]
+    CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_SLOTS
+    q_slot = done % Q_SLOTS
+    q = q_smem.index(q_slot * CONSUMERS + C)
     row0 = first_row + C * HALF_M
     acc = gl.zeros([HALF_M, D], gl.float32, layout=o_layout)
     K_SLOTS: gl.constexpr = k_ring.shape[0]
@@ -375,7 +384,7 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
                               first_tile * BLOCK_N, row0, lo_off, hi_off, seqlen_k, qk_scale, True, MASK, BOUND_LEFT,
                               BOUND_RIGHT, KEY_TAIL, GUARD)
     l_i = gl.sum(p, axis=1)
-    P_OPERAND: gl.constexpr = q_smem.shape[0] == 3  # three consumers' registers (_fold_tile)
+    P_OPERAND: gl.constexpr = CONSUMERS == 3  # three consumers' registers (_fold_tile)
     if P_OPERAND:
         p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     ring0 = ring - first_tile  # key tile j sits at ring position ring0 + j
@@ -401,7 +410,7 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
                                               hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
                                               BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
                                               KEEP_LAST_K)
-    mbarrier.arrive(q_empty, count=1)  # every S = Q K^T of the tile has run
+    mbarrier.arrive(q_empty.index(q_slot), count=1)  # every S = Q K^T of the tile has run
     if KEEP_LAST_K:
         mbarrier.arrive(s_done, count=1)  # ... and no longer reads the last K slot
     mbarrier.wait(v_ready.index(last_pos % V_SLOTS), (last_pos // V_SLOTS) & 1)
@@ -539,7 +548,7 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
                        D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
                        BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
                        SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr, CONSUMERS: gl.constexpr,
-                       ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr):
+                       ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr, Q_SLOTS: gl.constexpr):
     # Program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks * batch *
     # n_heads, or with QUEUE tile p and then the next untaken one (work_counter counts those past
     # the first G), G programs (program_count), the producer loading a tile's Q and first K/V
@@ -551,14 +560,15 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     # or 3; ping-pong takes 2); ROW_TAIL: seqlen_q is not a multiple of the work tile's rows.
     # O_TMA: out_desc is a TMA descriptor over out (B * S, H * D) with 64-row boxes, through which
     # the output leaves (two consumers; staged in the last K slot where a K tile has 128 rows, else
-    # in o_stage); otherwise out_ptr takes stores.
+    # in o_stage); otherwise out_ptr takes stores. Q_SLOTS: work tiles' Q buffers (2: the producer
+    # loads the next tile's Q while the consumers still read this one's).
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not PINGPONG))
     gl.static_assert(not O_TMA or (CONSUMERS == 2 and not ROW_TAIL))
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     lo_off = seqlen_k - seqlen_q - window_left
     hi_off = seqlen_k - seqlen_q + window_right
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_SLOTS * CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     # The rings hold 2-D tiles (what the MMAs read); the producer views each slot as its 3-D box.
     kv_tile: gl.constexpr = [BLOCK_N, D]
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(kv_tile, k_desc.dtype)
@@ -569,8 +579,8 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     v_ready = gl.allocate_shared_memory(gl.int64, [V_SLOTS, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [V_SLOTS, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
     s_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     OWN_STAGE: gl.constexpr = O_TMA and not _out_in_last_k_slot(O_TMA, BLOCK_N)
     if OWN_STAGE:  # the output's staging buffer, taken in turns (_store_out_in_turns)
@@ -579,7 +589,7 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     else:  # staged in the last K slot (_store_out), or not staged: unused
         o_stage = q_smem
         o_turn = turn
-    work_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    work_slot = gl.allocate_shared_memory(gl.int32, [Q_SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for i in gl.static_range(K_SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=CONSUMERS)  # released by every consumer
@@ -588,8 +598,9 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
         mbarrier.init(v_empty.index(i), count=CONSUMERS)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
-    mbarrier.init(q_ready, count=1)
-    mbarrier.init(q_empty, count=CONSUMERS)  # released by every consumer
+    for i in gl.static_range(Q_SLOTS):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=CONSUMERS)  # released by every consumer
     mbarrier.init(s_done, count=CONSUMERS)  # every consumer's last S of the work tile has run (O_TMA)
     if OWN_STAGE:
         mbarrier.init(o_turn.index(0), count=1)
@@ -651,7 +662,7 @@ def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
         return False
     # The size rules first: they turn away short calls, whose host time matters most, cheaply.
     seqlen_q, head_dim, seqlen_k = q.shape[1], q.shape[3], k.shape[1]
-    tile = configs.gluon_forward_tile(head_dim, features.masked, seqlen_k)
+    tile = configs.gluon_forward_tile(head_dim, features.masked, seqlen_k, features.softcap > 0)
     if tile is None:
         return False
     min_seqlen_k = tile.min_seqlen_k
@@ -717,7 +728,7 @@ def hopper_fwd(q, k, v, features):
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     left, right = features.window_left, features.window_right
-    tile = configs.gluon_forward_tile(head_dim, features.masked, seqlen_k)
+    tile = configs.gluon_forward_tile(head_dim, features.masked, seqlen_k, features.softcap > 0)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
     q_block, kv_box = (HALF_M.value, head_dim), (1, tile.block_n, head_dim)
@@ -742,5 +753,5 @@ def hopper_fwd(q, k, v, features):
         q_desc, k_desc, v_desc, out, out_desc, lse, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
         n_work, order_group, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left,
         bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue, tile.consumers,
-        row_tail, o_tma, num_warps=4)
+        row_tail, o_tma, tile.q_slots, num_warps=4)
     return out, lse
