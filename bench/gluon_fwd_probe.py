@@ -307,7 +307,8 @@ def tiles(out_path, seqlens, head_dims=None):
                       f"tl {flops / tl_ms / 1e9:.0f} ({times[0] / tl_ms:.3f}) | "
                       + " | ".join(f"{t.block_n}/{t.k_slots}/{t.v_slots}/{'pp' if t.pingpong else 'no-pp'}"
                                    f"{'/%dwg' % t.consumers if t.consumers != 2 else ''}"
-                                   f"{'/queue' if t.queue and causal else ''}{'/o-tma' if t.o_tma else ''}{'/q%d' % t.q_slots if t.q_slots > 1 else ''} "
+                                   f"{'/queue' if t.queue and causal else ''}{'/o-tma' if t.o_tma else ''}"
+                                   f"{'/q%d' % t.q_slots if t.q_slots > 1 else ''} "
                                    f"{flops / ms / 1e9:.0f} ({times[0] / ms:.3f})" for t, ms in zip(variants, times)),
                       flush=True)
     write_json(out_path, {"env": environment(), "rows": rows})

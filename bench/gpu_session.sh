@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh gputests   # only the GPU tests
 #   bash bench/gpu_session.sh probe      # the probes behind non-tuned tile choices (bench/probe.py)
 #   bash bench/gpu_session.sh gluon      # the Gluon kernels against the tl kernels and SDPA: the ratios
-#                                        # behind configs.SM90_GLUON_FWD / SM90_GLUON_BWD and the
+#                                        # behind configs.SM90_GLUON_FWD (and _SHORT) / SM90_GLUON_BWD and the
 #                                        # window thresholds
 #   bash bench/gpu_session.sh decode     # KV-cache tests, decode benchmark (PROBE=1: tile/split probe
 #                                        # first) and the example generation loop
@@ -53,6 +53,10 @@ case "${1:-check}" in
   gluon)
     python3 bench/gluon_fwd_probe.py --coverage --out "$OUT/gluon_fwd.json" 2>&1 | tee "$OUT/gluon_fwd.log"
     python3 bench/gluon_fwd_probe.py --windows --out "$OUT/gluon_fwd_windows.json" 2>&1 | tee "$OUT/gluon_fwd_windows.log"
+    for run in 1 2; do  # configs.SM90_GLUON_FWD_SHORT comes from two runs (bench/common.short_tile_below)
+      python3 bench/gluon_fwd_probe.py --tiles --head-dims 64,128 --seqlens 512,1024,2048,4096,8192,16384 \
+        --out "$OUT/gluon_fwd_tiles_run$run.json" 2>&1 | tee "$OUT/gluon_fwd_tiles_run$run.log"
+    done
     python3 bench/gluon_bwd_probe.py --seqlens 512,1024,2048,4096,8192,16384 --out "$OUT/gluon_bwd.json" 2>&1 \
       | tee "$OUT/gluon_bwd.log"
     python3 bench/gluon_bwd_probe.py --windows --out "$OUT/gluon_bwd_windows.json" 2>&1 | tee "$OUT/gluon_bwd_windows.log"

@@ -228,7 +228,8 @@ def table_specs():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("specs", nargs="*")
-    parser.add_argument("--tables", action="store_true", help="report every entry of configs.SM90, SM90_LONG, SM90_GLUON_FWD(_SHORT)/BWD")
+    parser.add_argument("--tables", action="store_true",
+                        help="report every entry of configs.SM90, SM90_LONG, SM90_GLUON_FWD(_SHORT)/BWD")
     args = parser.parse_args()
     specs = [("", spec) for spec in args.specs] + (list(table_specs()) if args.tables else [])
     for table, spec in specs:

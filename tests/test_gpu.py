@@ -194,26 +194,35 @@ THREE_CONSUMER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("queue", [False, True], ids=["round-robin", "queue"])
-@pytest.mark.parametrize("shape, causal, window, softcap", THREE_CONSUMER_CASES,
-                         ids=[f"{case_id(*c[0])}-{'causal' if c[1] else 'w%d_%d' % c[2]}-cap{c[3]:g}"
-                              for c in THREE_CONSUMER_CASES])
-def test_gluon_forward_three_consumers(shape, causal, window, softcap, queue, monkeypatch):
-    """Head-dim-64 tiles with three consumer warpgroups (192 query rows per work tile, the
-    ``consumers`` field of configs.GluonForwardTile) on every mask, with the persistent grid's
-    two orders (3 programs); out and lse by the tolerance rule, and dq, dk, dv through the
-    backward on that LSE. Rows past the last query row are computed and never stored."""
+def _masked_case_ids(cases):
+    return [f"{case_id(*c[0])}-{'causal' if c[1] else 'w%d_%d' % c[2]}-cap{c[3]:g}" for c in cases]
+
+
+def _check_forced_tiles(monkeypatch, head_dims, changes, case, queue):
+    """The Gluon forward with the entries of ``head_dims`` changed (``changes(tile)``: the fields to
+    replace) at every length, on three programs in the given grid order, so that each runs several
+    work tiles: ``_check_forward_and_lse`` on ``case`` = (shape, causal, window, softcap)."""
     import dataclasses
 
     from flashtile.ops import fwd_hopper
 
     calls = _count_gluon_calls(monkeypatch)
     for key, tile in list(configs.SM90_GLUON_FWD.items()):
-        if key[0] == 64:
-            monkeypatch.setitem(configs.SM90_GLUON_FWD, key, dataclasses.replace(tile, consumers=3, pingpong=False))
+        if key[0] in head_dims:
+            monkeypatch.setitem(configs.SM90_GLUON_FWD, key, dataclasses.replace(tile, **changes(tile)))
     monkeypatch.setattr(fwd_hopper, "program_count", lambda n_work, *_: (3, queue))
-    _check_forward_and_lse(shape, causal, window, softcap)
+    _check_forward_and_lse(*case)
     assert calls, "the Gluon forward did not run"
+
+
+@pytest.mark.parametrize("queue", [False, True], ids=["round-robin", "queue"])
+@pytest.mark.parametrize("case", THREE_CONSUMER_CASES, ids=_masked_case_ids(THREE_CONSUMER_CASES))
+def test_gluon_forward_three_consumers(case, queue, monkeypatch):
+    """Head-dim-64 tiles with three consumer warpgroups (192 query rows per work tile, the
+    ``consumers`` field of configs.GluonForwardTile) on every mask, with the persistent grid's
+    two orders (3 programs); out and lse by the tolerance rule, and dq, dk, dv through the
+    backward on that LSE. Rows past the last query row are computed and never stored."""
+    _check_forced_tiles(monkeypatch, (64,), lambda tile: dict(consumers=3, pingpong=False), case, queue)
 
 
 TWO_Q_SLOT_CASES = [
@@ -227,27 +236,16 @@ TWO_Q_SLOT_CASES = [
 
 
 @pytest.mark.parametrize("queue", [False, True], ids=["round-robin", "queue"])
-@pytest.mark.parametrize("shape, causal, window, softcap", TWO_Q_SLOT_CASES,
-                         ids=[f"{case_id(*c[0])}-{'causal' if c[1] else 'w%d_%d' % c[2]}-cap{c[3]:g}"
-                              for c in TWO_Q_SLOT_CASES])
-def test_gluon_forward_two_q_slots(shape, causal, window, softcap, queue, monkeypatch):
+@pytest.mark.parametrize("case", TWO_Q_SLOT_CASES, ids=_masked_case_ids(TWO_Q_SLOT_CASES))
+def test_gluon_forward_two_q_slots(case, queue, monkeypatch):
     """Tiles with two Q buffers (``q_slots``: the producer loads the next work tile's Q while the
     consumers read this one's) at head dims 64 and 128, two consumers with TMA output stores, on
     every mask and both grid orders: out and lse by the tolerance rule, and the gradients through
     the backward on that LSE."""
-    import dataclasses
-
-    from flashtile.ops import fwd_hopper
-
-    calls = _count_gluon_calls(monkeypatch)
-    for key, tile in list(configs.SM90_GLUON_FWD.items()):
-        if key[0] in (64, 128):  # two Q buffers next to rings of at most 3 + 2 slots fit head dim 128
-            monkeypatch.setitem(configs.SM90_GLUON_FWD, key, dataclasses.replace(
-                tile, consumers=2, pingpong=tile.pingpong and tile.consumers == 2, o_tma=True, q_slots=2,
-                k_slots=min(tile.k_slots, 3), v_slots=2))
-    monkeypatch.setattr(fwd_hopper, "program_count", lambda n_work, *_: (3, queue))
-    _check_forward_and_lse(shape, causal, window, softcap)
-    assert calls, "the Gluon forward did not run"
+    # two Q buffers next to rings of at most 3 + 2 slots fit head dim 128
+    _check_forced_tiles(monkeypatch, (64, 128), lambda tile: dict(
+        consumers=2, pingpong=tile.pingpong and tile.consumers == 2, o_tma=True, q_slots=2,
+        k_slots=min(tile.k_slots, 3), v_slots=2), case, queue)
 
 
 SHORT_TILE_CASES = [

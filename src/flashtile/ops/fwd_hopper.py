@@ -351,9 +351,10 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     the loop iterations run before this tile (the turn barriers' phase). GUARD: rows may see no
     key at all (out 0, LSE +inf). ROW_TAIL: the tile may run past the last query row (rows from
     ``seqlen_q`` on are computed on whatever Q holds there and not stored). Reads Q from the work
-    tile's slot (``done % Q_SLOTS``) and releases it (``q_empty``) once its last product has run. O_TMA: the output leaves by a TMA store, staged in
-    the tile's last K slot where two consumers' rows fill it (``_store_out``; the slot is released
-    after the store), else in ``o_stage`` (``_store_out_in_turns``)."""
+    tile's slot (``done % Q_SLOTS``) and releases it (``q_empty``) once its last product has run.
+    O_TMA: the output leaves by a TMA store, staged in the tile's last K slot where two consumers'
+    rows fill it (``_store_out``; the slot is released after the store), else in ``o_stage``
+    (``_store_out_in_turns``)."""
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     MASK: gl.constexpr = MASKED if BOUND_LEFT or BOUND_RIGHT or KEY_TAIL else PLAIN
     KEEP_LAST_K: gl.constexpr = _out_in_last_k_slot(O_TMA, BLOCK_N)
