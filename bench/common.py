@@ -95,6 +95,68 @@ def short_tile_below(runs: list[dict], margin: float = 1.01) -> int | None:
     return None
 
 
+# What distinguishes one Gluon forward tile's schedule from another in --tiles rows (older rows lack
+# the later fields: their defaults).
+SCHEDULE_DEFAULTS = {"block_n": None, "k_slots": None, "v_slots": None, "pingpong": True, "queue": False,
+                     "consumers": 2, "o_tma": False, "q_slots": 1}
+
+
+def schedule(tile: dict) -> tuple:
+    """A --tiles row's tile as a comparable tuple of the fields in SCHEDULE_DEFAULTS."""
+    return tuple(tile.get(field, default) for field, default in SCHEDULE_DEFAULTS.items())
+
+
+def short_tiles(runs: list[list[dict]]) -> dict:
+    """configs.SM90_GLUON_FWD_SHORT from ``--tiles`` runs (each a list of rows; per head dim, mask and
+    length the first row is the entry's tile; rows with softcap are left out): per (head_dim, causal),
+    among the candidates every run measured, those that beat the tl kernel in every run from some
+    length up to their ``short_tile_below`` bound against the entry's tile; the one with the highest
+    bound, then the highest mean speed-up over the entry below it. ``{key: (below, schedule,
+    min_seqlen_k, speed-ups per run)}``; a key with no such candidate is absent."""
+    chosen = {}
+    for key in sorted({(r["head_dim"], r["causal"]) for rows in runs for r in rows}):
+        groups = []  # per run: seqlen -> (the entry's row, {schedule: row})
+        for rows in runs:
+            run = {}
+            for row in rows:
+                if (row["head_dim"], row["causal"]) == key and not row["softcap"]:
+                    entry, others = run.setdefault(row["seqlen"], (row, {}))
+                    if row is not entry:
+                        others.setdefault(schedule(row["tile"]), row)
+            groups.append(run)
+        best = None
+        for candidate in sorted(set.intersection(*({c for _, others in run.values() for c in others} for run in groups))):
+            faster = [{s: entry["ms"] / others[candidate]["ms"] for s, (entry, others) in run.items()
+                       if candidate in others} for run in groups]
+            below = short_tile_below(faster)
+            if below is None:  # ahead everywhere measured: a candidate for the entry itself, not a short tile
+                continue
+            over_tl = [{s: others[candidate]["tl_ms"] / others[candidate]["ms"] for s, (_, others) in run.items()
+                        if candidate in others and s < below} for run in groups]
+            starts = [min_winning_seqlen(ratios) for ratios in over_tl]
+            if not all(over_tl) or None in starts:
+                continue
+            gains = [ratio for ratios in faster for s, ratio in ratios.items() if s < below]
+            score = (below, sum(gains) / len(gains))
+            if best is None or score > best[0]:
+                best = (score, (below, candidate, max(starts), faster))
+        if best is not None:
+            chosen[key] = best[1]
+    return chosen
+
+
+def short_tile_rows(runs: list[list[dict]]) -> list[str]:
+    """configs-style lines for SM90_GLUON_FWD_SHORT (``short_tiles``), with the speed-ups they quote."""
+    lines = []
+    for key, (below, candidate, start, faster) in short_tiles(runs).items():
+        fields = ", ".join(f"{name}={value}" for name, value in zip(SCHEDULE_DEFAULTS, candidate))
+        quoted = " ".join(f"{s}: " + " / ".join(f"{run[s]:.3f}" for run in faster if s in run)
+                          for s in sorted(set().union(*faster)))
+        lines.append(f"{key}: ShortTile({below}, GluonForwardTile({fields}, min_seqlen_k={start})),"
+                     f"  # entry / this at {quoted}")
+    return lines
+
+
 def gluon_table_rows(rows, old="tl", new="gluon") -> list[str]:
     """configs-style lines ``(head_dim, causal): <min seqlen>,  # ratios`` from probe rows (dicts
     with head_dim, causal, seqlen and ms per kernel), one per (head dim, mask), in the format the

@@ -13,8 +13,9 @@ schedule one technique at a time, non-causal, head dim 128, bf16, against the tl
 of ``configs.SM90_GLUON_FWD``, causal and not, seqlen 512..16384 (batch x seqlen = 16384, heads
 x head dim = 2048): what decides the head dims and the minimum key length it is dispatched for.
 ``--tiles`` times each head dim's table tile against other ring depths and without ping-pong
-(``TILE_CANDIDATES``) and, causal, with its ``queue`` switched; ``--windows`` times sliding
-windows against the tl kernel.
+(``TILE_CANDIDATES``) and, causal, with its ``queue`` switched; ``--short-tiles RUN.json ...``
+prints ``configs.SM90_GLUON_FWD_SHORT`` from two or more such runs (``bench/common.short_tiles``);
+``--windows`` times sliding windows against the tl kernel.
 
     PYTHONPATH=src python3 bench/gluon_fwd_probe.py [--coverage | --tiles | --windows] [--out results.json]
 """
@@ -362,11 +363,24 @@ def main():
     parser.add_argument("--seqlens", default="1024,4096,16384", help="--tiles: comma-separated")
     parser.add_argument("--head-dims", help="--tiles, --coverage, --windows: comma-separated (default: all)")
     parser.add_argument("--softcap", type=float, default=0.0, help="--tiles: flashtile's calls with this softcap")
+    parser.add_argument("--short-tiles", nargs="+", metavar="RUN_JSON",
+                        help="print configs.SM90_GLUON_FWD_SHORT from --tiles runs' JSON (no GPU needed)")
     parser.add_argument("--out", default="bench/results/h100_gluon_fwd.json")
     args = parser.parse_args()
     global SOFTCAP
     SOFTCAP = args.softcap
     head_dims = set(map(int, args.head_dims.split(","))) if args.head_dims else None
+    if args.short_tiles:
+        import json
+
+        from common import short_tile_rows
+
+        runs = []
+        for path in args.short_tiles:
+            with open(path) as f:
+                runs.append(json.load(f)["rows"])
+        print("\n".join(short_tile_rows(runs)))
+        return
     # Each entry's own tile at every length: what --coverage's thresholds and --tiles' candidates are
     # measured on (a configs.SM90_GLUON_FWD_SHORT tile is one of TILE_CANDIDATES).
     configs.SM90_GLUON_FWD_SHORT = {}

@@ -57,6 +57,7 @@ case "${1:-check}" in
       python3 bench/gluon_fwd_probe.py --tiles --head-dims 64,128 --seqlens 512,1024,2048,4096,8192,16384 \
         --out "$OUT/gluon_fwd_tiles_run$run.json" 2>&1 | tee "$OUT/gluon_fwd_tiles_run$run.log"
     done
+    python3 bench/gluon_fwd_probe.py --short-tiles "$OUT"/gluon_fwd_tiles_run[12].json | tee "$OUT/gluon_fwd_short.log"
     python3 bench/gluon_bwd_probe.py --seqlens 512,1024,2048,4096,8192,16384 --out "$OUT/gluon_bwd.json" 2>&1 \
       | tee "$OUT/gluon_bwd.log"
     python3 bench/gluon_bwd_probe.py --windows --out "$OUT/gluon_bwd_windows.json" 2>&1 | tee "$OUT/gluon_bwd_windows.log"

@@ -274,12 +274,16 @@ def test_gluon_tables_are_what_their_probes_measured():
     import os
 
     common = _bench_module("common")
-    gluon_table_rows, min_winning_seqlen, window_min_keys, short_tile_below = (
-        common.gluon_table_rows, common.min_winning_seqlen, common.window_min_keys, common.short_tile_below)
+    gluon_table_rows, min_winning_seqlen, window_min_keys, short_tiles, schedule = (
+        common.gluon_table_rows, common.min_winning_seqlen, common.window_min_keys, common.short_tiles,
+        common.schedule)
     bench = os.path.dirname(common.__file__)
     assert min_winning_seqlen({512: 0.9, 1024: 1.1, 2048: 0.99, 4096: 1.2}) == 4096
     assert min_winning_seqlen({512: 1.0, 1024: 1.1}) == 512
     assert min_winning_seqlen({512: 1.2, 1024: 0.9}) is None
+    assert common.short_tile_below([{512: 1.05, 1024: 1.02, 2048: 1.0}, {512: 1.04, 1024: 1.005}]) == 1024
+    assert common.short_tile_below([{512: 1.05, 4096: 1.2}, {512: 1.02, 2048: 0.99}]) == 2048
+    assert common.short_tile_below([{512: 1.05}, {512: 1.02}]) is None
     for table, name, min_of in ((configs.SM90_GLUON_FWD, "fwd", lambda tile: tile.min_seqlen_k),
                                 (configs.SM90_GLUON_BWD, "bwd", lambda entry: entry)):
         with open(os.path.join(bench, "results", f"h100_gluon_{name}.json")) as f:
@@ -302,40 +306,23 @@ def test_gluon_tables_are_what_their_probes_measured():
                    for row in firsts.values())
         ratios = {seqlen: row["tl_ms"] / row["ms"] for seqlen, row in firsts.items()}
         assert min_winning_seqlen(ratios) == tile.softcap_min_seqlen_k, (head_dim, causal, ratios)
-    # The short tiles (SM90_GLUON_FWD_SHORT), from two --tiles runs (each (mask, length)'s first row
-    # is the entry's tile): ``below`` by common.short_tile_below, and in each run the short tile
-    # beats the tl kernel at every length measured from its min_seqlen_k to ``below``.
-    def schedule(tile: dict) -> tuple:
-        return tuple(tile.get(field, 1) for field in ("block_n", "k_slots", "v_slots", "pingpong", "queue",
-                                                       "consumers", "o_tma", "q_slots"))
-
+    # The short tiles (SM90_GLUON_FWD_SHORT): what common.short_tiles chooses from the two --tiles
+    # runs (the rule `gluon_fwd_probe.py --short-tiles` prints), bound, schedule and first length.
     runs = []
     for run in ("run1", "run2"):
         with open(os.path.join(bench, "results", f"h100_gluon_fwd_tiles_q2_{run}.json")) as f:
             runs.append(json.load(f)["rows"])
-    assert configs.SM90_GLUON_FWD_SHORT
-    for key, short in configs.SM90_GLUON_FWD_SHORT.items():
-        entry_over_short, tl_over_short = [], []
-        for rows in runs:
-            firsts, shorts = {}, {}
-            for row in rows:
-                if (row["head_dim"], row["causal"]) == key and row["softcap"] == 0:
-                    firsts.setdefault(row["seqlen"], row)
-                    if schedule(row["tile"]) == schedule(dataclasses.asdict(short.tile)):
-                        shorts[row["seqlen"]] = row
-            measured = [s for s in sorted(shorts) if s >= short.tile.min_seqlen_k]
-            entry_over_short.append({s: firsts[s]["ms"] / shorts[s]["ms"] for s in measured})
-            tl_over_short.append({s: shorts[s]["tl_ms"] / shorts[s]["ms"] for s in measured if s < short.below})
-        assert short_tile_below(entry_over_short) == short.below, (key, entry_over_short)
-        for ratios in tl_over_short:
-            assert ratios and min_winning_seqlen(ratios) == short.tile.min_seqlen_k, (key, ratios)
+    chosen = {key: (below, candidate, start) for key, (below, candidate, start, _) in short_tiles(runs).items()}
+    assert chosen == {key: (short.below, schedule(dataclasses.asdict(short.tile)), short.tile.min_seqlen_k)
+                      for key, short in configs.SM90_GLUON_FWD_SHORT.items()}
+    assert {short.tile.softcap_min_seqlen_k for short in configs.SM90_GLUON_FWD_SHORT.values()} == {None}
     # Softcap calls keep the entry's tile: the head-dim-64 short tile without its second Q buffer lost
     # to the tl kernel with softcap at every length below its bound (--tiles --softcap 30).
     with open(os.path.join(bench, "results", "h100_gluon_fwd_tiles64_short_softcap.json")) as f:
         capped = [row for row in json.load(f)["rows"] if (row["head_dim"], row["causal"]) == (64, False)
                   and row["seqlen"] < configs.SM90_GLUON_FWD_SHORT[(64, False)].below
                   and schedule(row["tile"]) == schedule(dict(block_n=128, k_slots=3, v_slots=3, pingpong=False,
-                                                             queue=False, consumers=2, o_tma=True))]
+                                                             consumers=2, o_tma=True))]
     assert len(capped) >= 2 and all(row["softcap"] > 0 and row["tl_ms"] < row["ms"] for row in capped)
     for name, table in (("fwd", configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS),
                         ("bwd", configs.SM90_GLUON_BWD_WINDOW_MIN_KEYS)):

@@ -211,8 +211,10 @@ class ShortTile(NamedTuple):
 # bench/gluon_fwd_probe.py --tiles (H100), each entry's tile against the candidates in one process,
 # two runs: bench/results/h100_gluon_fwd_tiles_q2_run1.json (2026-11-25 09:01-09:02 UTC) and
 # _run2.json (09:03). ``below``: the first length measured from the tile's min_seqlen_k up at which
-# the short tile was not at least 1% faster than the entry's in both runs (bench/common.py's
-# short_tile_below). Softcap calls keep the entry's tile: the head-dim-64 short tile without its
+# the short tile was not at least 1% faster than the entry's in both runs; ``min_seqlen_k``: where it
+# beats the tl kernel from, in both runs; of the candidates, the one with the highest bound
+# (bench/common.short_tiles; ``bench/gluon_fwd_probe.py --short-tiles RUN1.json RUN2.json`` prints
+# these entries from the runs, a CPU test holds the table to them). Softcap calls keep the entry's tile: the head-dim-64 short tile without its
 # second Q buffer lost to the tl kernel with softcap 30 (bench/results/h100_gluon_fwd_tiles64_short_softcap.json,
 # 275 / 308 against 297 / 313 TFLOP/s at 512 / 1024 keys), and no other was measured with it.
 SM90_GLUON_FWD_SHORT = {
