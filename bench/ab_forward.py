@@ -13,6 +13,9 @@ relative to the current kernel (> 1: the variant is faster) and the largest diff
 output and LSE from the current kernel's (the forward is deterministic: 0 for the same arithmetic).
 
     PYTHONPATH=src python3 bench/ab_forward.py --variant old=bench/_old.py [--masks full,causal,window]
+
+``NAME=:entry-tiles`` is the current kernel with ``configs.SM90_GLUON_FWD_SHORT`` off: each entry's own
+tile at every length, against the short tiles as dispatched (an A/B of that table).
 """
 
 import dataclasses
@@ -52,13 +55,26 @@ def compare(variants, head_dim, mask, seqlen, rounds):
     return row
 
 
+ENTRY_TILES = ":entry-tiles"
+
+
+def entry_tiles_forward(q, k, v, features):
+    """The current kernel on each table entry's own tile (``configs.SM90_GLUON_FWD_SHORT`` off)."""
+    short, configs.SM90_GLUON_FWD_SHORT = configs.SM90_GLUON_FWD_SHORT, {}
+    try:
+        return fwd_hopper.hopper_fwd(q, k, v, features)
+    finally:
+        configs.SM90_GLUON_FWD_SHORT = short
+
+
 def main():
     args = parse_args(__doc__, "512,1024,2048,4096,16384")
     for key, tile in list(configs.SM90_GLUON_FWD.items()):  # every length: see the module docstring
         configs.SM90_GLUON_FWD[key] = dataclasses.replace(tile, min_seqlen_k=1, softcap_min_seqlen_k=None)
     configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS = dict.fromkeys(configs.SM90_GLUON_FWD_WINDOW_MIN_KEYS, 1)
     variants = dict([("current", fwd_hopper.hopper_fwd)]
-                    + [load_variant(spec, "hopper_fwd") for spec in args.variant])
+                    + [(spec.partition("=")[0], entry_tiles_forward) if spec.endswith("=" + ENTRY_TILES)
+                       else load_variant(spec, "hopper_fwd") for spec in args.variant])
     return run(args, variants, compare, "max_diff")
 
 
