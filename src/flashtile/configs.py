@@ -197,6 +197,7 @@ SM90_GLUON_FWD = {
     (256, True): GluonForwardTile(64, 2, 2, 512, o_tma=True),  # 1.23 1.37 1.44 1.47 1.55 1.45
 }
 
+
 class ShortTile(NamedTuple):
     """An SM90_GLUON_FWD entry's tile for its shorter key loops: key lengths below ``below`` take
     ``tile`` (from the tile's own min_seqlen_k; shorter ones take the tl kernel)."""
@@ -214,9 +215,11 @@ class ShortTile(NamedTuple):
 # the short tile was not at least 1% faster than the entry's in both runs; ``min_seqlen_k``: where it
 # beats the tl kernel from, in both runs; of the candidates, the one with the highest bound
 # (bench/common.short_tiles; ``bench/gluon_fwd_probe.py --short-tiles RUN1.json RUN2.json`` prints
-# these entries from the runs, a CPU test holds the table to them). Softcap calls keep the entry's tile: the head-dim-64 short tile without its
-# second Q buffer lost to the tl kernel with softcap 30 (bench/results/h100_gluon_fwd_tiles64_short_softcap.json,
-# 275 / 308 against 297 / 313 TFLOP/s at 512 / 1024 keys), and no other was measured with it.
+# these entries from the runs, a CPU test holds the table to them). A third, interleaved A/B with
+# windows (bench/ab_forward.py --variant entry=:entry-tiles, 09:34, bench/results/h100_ab_short_tiles.json).
+# Softcap calls keep the entry's tile: the head-dim-64 short tile without its second Q buffer lost
+# to the tl kernel with softcap 30 (bench/results/h100_gluon_fwd_tiles64_short_softcap.json, 275 /
+# 308 against 297 / 313 TFLOP/s at 512 / 1024 keys), and no other was measured with it.
 SM90_GLUON_FWD_SHORT = {
     # Two consumers (not three), TMA output stores, two Q buffers. Entry's time / this one's at 512 /
     # 1024 / 2048 keys, runs 1 / 2: 1.24 / 1.26, 1.14 / 1.10, 0.99 / 0.92; tl's time / this one's at
@@ -242,6 +245,7 @@ def gluon_forward_tile(head_dim: int, masked: bool, seqlen_k: int, softcap: bool
     if short is not None and seqlen_k < short.below and not softcap:
         return short.tile
     return SM90_GLUON_FWD.get(key)
+
 
 # Sliding windows (and causal with Sq > Sk) take the Gluon forward with the causal entry's tile
 # when a row sees at least this many keys (ops/common.mask_admitted): the smallest W from
@@ -275,8 +279,8 @@ SM90_GLUON_BWD_WINDOW_MIN_KEYS = {
 # 8192 before the TMA reductions and the grouped causal grid (ops/hopper_order.py); causal head
 # dim 256 at 1024 before its split-role kernel. The 2026-11-24 19:28 run
 # (bench/results/h100_gluon_bwd_1928.json, before the one-launch dQ buffer and the TMA dK/dV
-# stores) started head dims 64 and 128 at 1024 / 2048 / 1024 / 1024 keys. Set GLUON_BWD to False to time the tl kernels on
-# the same shapes; deterministic=True always takes them.
+# stores) started head dims 64 and 128 at 1024 / 2048 / 1024 / 1024 keys. Set GLUON_BWD to False
+# to time the tl kernels on the same shapes; deterministic=True always takes them.
 GLUON_BWD = True
 # The Gluon backward's float32 dQ buffer (4 bytes per element of q) is split over two launches of
 # half the heads each from this many query rows (bwd_hopper.head_chunks). H100, bf16, batch x
