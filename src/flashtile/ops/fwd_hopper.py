@@ -104,8 +104,7 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N, CONSUMERS * HALF)
         q_row0 = b * seqlen_q + first_row
-        q_slot = done % Q_SLOTS
-        mbarrier.wait(q_empty.index(q_slot), ((done // Q_SLOTS) & 1) ^ 1, pred=done >= Q_SLOTS)
+        q_slot = _wait_q_slot(q_empty, done, True)
         if QUEUE:  # the consumers read the tile's index once Q has arrived (q_ready orders the store)
             _post_work(work_slot.index(q_slot), work)
         mbarrier.expect(q_ready.index(q_slot), CONSUMERS * q_desc.block_type.nbytes)
@@ -117,8 +116,7 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
         done += 1
         work = _next_work(work, work_counter, n_work, QUEUE)
     if QUEUE:  # no tile left: the consumers read n_work and stop
-        q_slot = done % Q_SLOTS
-        mbarrier.wait(q_empty.index(q_slot), ((done // Q_SLOTS) & 1) ^ 1, pred=done >= Q_SLOTS)
+        q_slot = _wait_q_slot(q_empty, done, True)
         _post_work(work_slot.index(q_slot), n_work)
         mbarrier.arrive(q_ready.index(q_slot), count=1)
 
@@ -151,6 +149,20 @@ def _read_work(work_slot):
     """A consumer warpgroup reads the index ``_post_work`` wrote."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     return gl.max(work_slot.load(layout), axis=0)
+
+
+@gluon.jit
+def _wait_q_slot(barriers, done, FREE: gl.constexpr):
+    """Wait on work tile ``done``'s Q slot (``done % Q_SLOTS``): for its Q to arrive (``q_ready``),
+    or with FREE for every consumer to have released the tile that held the slot before
+    (``q_empty``; the first use of each slot does not wait). Returns the slot."""
+    Q_SLOTS: gl.constexpr = barriers.shape[0]
+    slot = done % Q_SLOTS
+    if FREE:
+        mbarrier.wait(barriers.index(slot), ((done // Q_SLOTS) & 1) ^ 1, pred=done >= Q_SLOTS)
+    else:
+        mbarrier.wait(barriers.index(slot), (done // Q_SLOTS) & 1)
+    return slot
 
 
 @gluon.jit
@@ -325,7 +337,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N, ROWS)
         if not QUEUE:
-            mbarrier.wait(q_ready.index(done % Q_SLOTS), (done // Q_SLOTS) & 1)
+            _wait_q_slot(q_ready, done, False)
         _attend(C, ring, ring - done, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
                 turn, s_done, o_stage, o_turn, out_ptr, out_desc, lse_ptr, b * seqlen_q + first_row, h * D,
                 n_heads * D, (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off,
@@ -334,8 +346,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
         ring += end_tile - first_tile
         done += 1
         if QUEUE:  # the next tile's Q, or the producer's stop
-            mbarrier.wait(q_ready.index(done % Q_SLOTS), (done // Q_SLOTS) & 1)
-            work = _read_work(work_slot.index(done % Q_SLOTS))
+            work = _read_work(work_slot.index(_wait_q_slot(q_ready, done, False)))
         else:
             work += gl.num_programs(0)
 
