@@ -125,7 +125,8 @@ def short_tiles(runs: list[list[dict]]) -> dict:
                         others.setdefault(schedule(row["tile"]), row)
             groups.append(run)
         best = None
-        for candidate in sorted(set.intersection(*({c for _, others in run.values() for c in others} for run in groups))):
+        measured_by_all = set.intersection(*({c for _, others in run.values() for c in others} for run in groups))
+        for candidate in sorted(measured_by_all):
             faster = [{s: entry["ms"] / others[candidate]["ms"] for s, (entry, others) in run.items()
                        if candidate in others} for run in groups]
             below = short_tile_below(faster)
