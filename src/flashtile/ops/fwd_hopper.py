@@ -199,18 +199,15 @@ def _masked_scores(s, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, BOUND_LEFT
     ``key < seqlen_k`` (checked only with KEY_TAIL: a tile running past the last key)."""
     HALF_M: gl.constexpr = s.shape[0]
     BLOCK_N: gl.constexpr = s.shape[1]
-    # Each bound as one integer per row (the row's last / first visible column of the tile),
-    # compared with the column index. With the offset folded into the column vector instead, the
-    # compiler built per-column offsets and bit masks: a masked iteration at head dim 128 causal
-    # took 913 SASS instructions against 679 now (470 unmasked), and the head-dim-128 causal forward
-    # runs 1.04-1.14x as fast at 512-2048 tokens in this form (docs/performance.md, step 31).
+    # The bounds compare key - row with an offset: scalars folded into the column vector first,
+    # so the rows stay the constant 0 .. HALF_M - 1 (fewer live registers).
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))[None, :]
-    rows = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s.type.layout))
+    rows = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s.type.layout))[:, None]
     t = s * qk_scale
     if BOUND_RIGHT:
-        t = gl.where(cols <= (rows + (row0 + hi_off - key0))[:, None], t, float("-inf"))
+        t = gl.where(cols + (key0 - row0 - hi_off) <= rows, t, float("-inf"))
     if BOUND_LEFT:
-        t = gl.where(cols >= (rows + (row0 + lo_off - key0))[:, None], t, float("-inf"))
+        t = gl.where(cols + (key0 - row0 - lo_off) >= rows, t, float("-inf"))
     if KEY_TAIL:
         t = gl.where(cols < seqlen_k - key0, t, float("-inf"))
     return t
