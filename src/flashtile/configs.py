@@ -178,10 +178,12 @@ SM90_GLUON_FWD = {
     # Gluon kernel forced): 64 1.22 / 1.05 / 0.99 (it runs from 8192 only), 128 1.14 / 1.03 / 0.99,
     # 256 1.03 / 1.01 / 1.00.
     # Head dim 64 causal with the queue (03:07 --tiles, queue / one program per tile at 1024 ...
-    # 16384: 1.17 1.10 1.07 1.02 1.08; 1.02-1.03 at 8192-16384 at 21:29): from 4096 keys (was 8192).
-    # With softcap 30 (03:41, same file): 0.89 0.95 1.001 1.02, from 8192.
-    (64, True): GluonForwardTile(128, 3, 3, 4096, pingpong=False, queue=True,
-                                 softcap_min_seqlen_k=8192, o_tma=True),  # 0.75 0.82 0.97 1.06 1.10 1.06
+    # 16384: 1.17 1.10 1.07 1.02 1.08; 1.02-1.03 at 8192-16384 at 21:29): from 4096 keys (was 8192;
+    # 0.75 0.82 0.97 1.06 1.10 1.06 at 03:07). From 2048 since step 31's masks (--coverage --head-dims
+    # 64, 2026-11-25 10:21 UTC, bench/results/h100_gluon_fwd_64_1021.json, merged into h100_gluon_fwd.json).
+    # With softcap 30 (03:41, before step 31, same file as above): 0.89 0.95 1.001 1.02, from 8192.
+    (64, True): GluonForwardTile(128, 3, 3, 2048, pingpong=False, queue=True,
+                                 softcap_min_seqlen_k=8192, o_tma=True),  # 0.86 0.96 1.06 1.12 1.11 1.04
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
     (128, False): GluonForwardTile(128, 3, 3, 512, o_tma=True),  # 1.34 1.26 1.33 1.22 1.16 1.09
@@ -254,10 +256,13 @@ def gluon_forward_tile(head_dim: int, masked: bool, seqlen_k: int, softcap: bool
 # UTC, bench/results/h100_gluon_fwd_windows.json; the worse of the two windows' Gluon / tl time
 # ratios at W = 128 / 256 / 512 / 1024 / 2048 / 4096). Head dims 128 and 256 lost one cell at
 # 256 amid wins (0.75, 0.94), which the rule follows. Head dim 64 re-measured 2026-11-25 03:24 UTC
-# with its causal entry's work queue (step 23; was 0.44 0.58 0.67 0.79 0.91 1.07): still 4096.
+# with its causal entry's work queue (step 23; was 0.44 0.58 0.67 0.79 0.91 1.07): still 4096 (0.52
+# 0.75 0.85 0.93 0.91 1.12). Head dims 64 and 128 re-measured after step 31's cheaper masks
+# (2026-11-25 10:22 UTC, bench/results/h100_gluon_fwd_windows_1022.json, merged into the file above;
+# head dim 128 was 1.06 0.75 1.12 1.12 1.09 1.10, from 512).
 SM90_GLUON_FWD_WINDOW_MIN_KEYS = {
-    64: 4096,  # 0.52 0.75 0.85 0.93 0.91 1.12
-    128: 512,  # 1.06 0.75 1.12 1.12 1.09 1.10
+    64: 1024,  # 0.74 0.92 0.96 1.02 1.10 1.11
+    128: 128,  # 1.73 1.71 1.56 1.36 1.18 1.14
     256: 512,  # 1.18 0.94 1.28 1.29 1.27 1.25
 }
 
