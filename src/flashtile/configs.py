@@ -212,28 +212,31 @@ class ShortTile(NamedTuple):
 # loads the next work tile's Q while the consumers still read this one's) takes the Q load off the
 # consumers' path; at long lengths its shared memory costs K/V ring depth, which loses. Chosen by
 # bench/gluon_fwd_probe.py --tiles (H100), each entry's tile against the candidates in one process,
-# two runs: bench/results/h100_gluon_fwd_tiles_q2_run1.json (2026-11-25 09:01-09:02 UTC) and
-# _run2.json (09:03). ``below``: the first length measured from the tile's min_seqlen_k up at which
-# the short tile was not at least 1% faster than the entry's in both runs; ``min_seqlen_k``: where it
-# beats the tl kernel from, in both runs; of the candidates, the one with the highest bound
+# two runs after step 31's masks: bench/results/h100_gluon_fwd_tiles_1048_run1.json (2026-11-25 10:43
+# UTC) and _run2.json (10:47). ``below``: the first length measured from the tile's min_seqlen_k up at
+# which the short tile was not at least 1% faster than the entry's in both runs; ``min_seqlen_k``:
+# where it beats the tl kernel from, in both runs; of the candidates, the one with the highest bound
 # (bench/common.short_tiles; ``bench/gluon_fwd_probe.py --short-tiles RUN1.json RUN2.json`` prints
-# these entries from the runs, a CPU test holds the table to them). A third, interleaved A/B with
-# windows (bench/ab_forward.py --variant entry=:entry-tiles, 09:34, bench/results/h100_ab_short_tiles.json).
+# these entries from the runs, a CPU test holds the table to them). The first table (before step 31,
+# runs bench/results/h100_gluon_fwd_tiles_q2_run{1,2}.json, 09:01-09:03) also gave head dim 128 causal
+# K 2 / V 2 slots below 4096 (1.01-1.04x its entry); after step 31 it read 1.033 / 0.753, 1.003 /
+# 0.990, 1.012 / 1.040, 1.021 / 1.012 at 512 / 1024 / 2048 / 4096, and the rule drops it.
 # Softcap calls keep the entry's tile: the head-dim-64 short tile without its second Q buffer lost
 # to the tl kernel with softcap 30 (bench/results/h100_gluon_fwd_tiles64_short_softcap.json, 275 /
 # 308 against 297 / 313 TFLOP/s at 512 / 1024 keys), and no other was measured with it.
 SM90_GLUON_FWD_SHORT = {
     # Two consumers (not three), TMA output stores, two Q buffers. Entry's time / this one's at 512 /
-    # 1024 / 2048 keys, runs 1 / 2: 1.24 / 1.26, 1.14 / 1.10, 0.99 / 0.92; tl's time / this one's at
-    # 512 / 1024: 1.14 / 1.15, 1.09 / 1.06 (cuDNN 385 / 436 TFLOP/s, this tile 388 / 432 in run 1).
+    # 1024 / 2048 keys, runs 1 / 2: 1.244 / 1.243, 1.140 / 1.121, 0.925 / 1.021; tl's time / this
+    # one's at 512 / 1024: 1.13 / 1.16, 1.09 / 1.07 (cuDNN 385 / 434 TFLOP/s, this tile 388 / 424 in run 1).
     # Without the second Q buffer (--tiles 08:44 and 08:50): 1.03-1.05x the tl kernel.
     (64, False): ShortTile(2048, GluonForwardTile(128, 3, 3, 512, pingpong=False, o_tma=True, q_slots=2)),
-    # K 3 / V 2 slots beside two Q buffers (229792 bytes of shared memory). Entry's time / this one's at
-    # 512 / 1024 / 2048 / 4096 keys: 1.033 / 1.033, 1.0098 / 1.021, 1.037 / 1.006, 0.922 / 0.985: the
-    # rule stops at 1024.
+    # The causal entry's tile with two Q buffers: 1.114 / 1.111, 1.090 / 1.102, 1.038 / 1.068, 0.951 /
+    # 1.045 at 512 / 1024 / 2048 / 4096; against the tl kernel 0.97 / 0.97 at 512 (it keeps those),
+    # 1.03 / 1.04 at 1024 (305 / 309 TFLOP/s against 297 / 297; cuDNN 339 / 341).
+    (64, True): ShortTile(4096, GluonForwardTile(128, 3, 3, 1024, pingpong=False, queue=True, o_tma=True, q_slots=2)),
+    # K 3 / V 2 slots beside two Q buffers (229792 bytes of shared memory): 1.029 / 1.038, 1.021 /
+    # 1.000, 1.020 / 1.021, 0.954 / 0.951 at 512 / 1024 / 2048 / 4096: the rule stops at 1024.
     (128, False): ShortTile(1024, GluonForwardTile(128, 3, 2, 512, o_tma=True, q_slots=2)),
-    # K 2 / V 2 slots: 1.032 / 1.040, 1.021 / 1.012, 1.029 / 1.014, 1.004 / 1.005 (16384: 0.998 in run 1).
-    (128, True): ShortTile(4096, GluonForwardTile(128, 2, 2, 512, queue=True, o_tma=True, q_slots=2)),
 }
 
 
