@@ -99,7 +99,7 @@ def gluon_report(spec: str) -> str:
         else:
             tile = configs.SM90_GLUON_FWD[(head_dim, causal)]
         kernel = fwd_hopper._hopper_fwd_kernel
-        row_tail = 2048 % (fwd_hopper.HALF_M.value * tile.consumers) != 0
+        row_tail = 2048 % fwd_hopper._rows(tile) != 0
         o_tma = fwd_hopper.o_by_tma(tile) and not row_tail  # as hopper_fwd decides
         types = {"q_desc": desc_type(fwd_hopper.HALF_M.value), "k_desc": desc_type(tile.block_n, boxes=True),
                  "v_desc": desc_type(tile.block_n, boxes=True), "out_ptr": "*bf16", "work_counter": "*i32",
