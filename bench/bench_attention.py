@@ -51,11 +51,18 @@ def make_inputs(method, batch, heads, seqlen, head_dim):
     return rand(), rand(), rand()
 
 
-def measure(method, batch, heads, seqlen, head_dim, causal, repeats=2):
-    """Best of ``repeats`` medians (ms) per mode; the machine is shared, so one run can be
-    hit by a neighbour. Modes the method cannot run (unsupported / out of memory) are absent."""
-    runs = [measure_once(method, batch, heads, seqlen, head_dim, causal) for _ in range(repeats)]
-    return {mode: min(run[mode] for run in runs) for mode in runs[0] if all(mode in run for run in runs)}
+def measure(methods, batch, heads, seqlen, head_dim, causal, repeats=2):
+    """``{method: {mode: ms}}``: best of ``repeats`` medians per mode; the machine is shared, so
+    one run can be hit by a neighbour. The methods take turns, round by round, so a slow stretch
+    of the machine falls on all of them, not on one (until 2026-11-25 12:00 UTC each method ran its
+    repeats back to back). Modes a method cannot run (unsupported / out of memory) are absent."""
+    runs = {method: [] for method in methods}
+    for _ in range(repeats):
+        for method in methods:
+            runs[method].append(measure_once(method, batch, heads, seqlen, head_dim, causal))
+    return {method: {mode: min(run[mode] for run in method_runs) for mode in method_runs[0]
+                     if all(mode in run for run in method_runs)}
+            for method, method_runs in runs.items()}
 
 
 def measure_once(method, batch, heads, seqlen, head_dim, causal):
@@ -167,8 +174,7 @@ def main():
         for causal in (False, True):
             for seqlen in seqlens:
                 batch = args.batch or max(1, 16384 // seqlen)
-                for method in methods:
-                    times = measure(method, batch, heads, seqlen, head_dim, causal)
+                for method, times in measure(methods, batch, heads, seqlen, head_dim, causal).items():
                     for mode, ms in times.items():
                         flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, mode)
                         records.append(dict(method=method, mode=mode, batch=batch, heads=heads, seqlen=seqlen,

@@ -345,6 +345,28 @@ def test_gluon_forward_windows(shape, window, monkeypatch):
     assert calls, "the Gluon forward did not run"
 
 
+HALF_DIAGONAL_CASES = [
+    # (shape, causal, window, softcap): right bounds whose diagonal leaves consumer 0 (a work tile's
+    # first 64 rows) the last key tile's first half (fwd_hopper._half_diagonal): square causal;
+    # Sk - Sq = 64 (consumer 0 sees none of the last tile), 100 (part of its first half), 165 with
+    # a partial last key tile; Sq > Sk (first rows see no key); a right-only window; softcap; GQA
+    ((2, 1024, 1024, 4, 2, 128), True, (-1, -1), 0.0), ((1, 512, 576, 2, 1, 128), True, (-1, -1), 0.0),
+    ((1, 512, 612, 2, 2, 64), True, (-1, -1), 0.0), ((1, 640, 805, 2, 1, 128), True, (-1, -1), 0.0),
+    ((1, 768, 640, 2, 2, 64), True, (-1, -1), 0.0), ((1, 512, 512, 2, 1, 128), False, (-1, 32), 0.0),
+    ((1, 512, 512, 2, 2, 64), True, (-1, -1), 5.0), ((1, 384, 384, 4, 1, 128), True, (-1, -1), 5.0),
+]
+
+
+@pytest.mark.parametrize("case", HALF_DIAGONAL_CASES, ids=_masked_case_ids(HALF_DIAGONAL_CASES))
+def test_gluon_forward_half_diagonal(case, monkeypatch):
+    """Consumer 0's half key tile on the diagonal (two consumers, 128-key tiles: head dims 64 and
+    128 under a right bound), at every offset of the diagonal against the tiles: out, lse and,
+    through the backward on that LSE, dq, dk, dv by the tolerance rule."""
+    calls = _count_gluon_calls(monkeypatch)
+    _check_forward_and_lse(*case)
+    assert calls, "the Gluon forward did not run"
+
+
 GLUON_BWD_WINDOW_CASES = [
     # lengths multiples of the backward's tiles: both bounds, one key, right bound only, left bound
     # only, Sq > Sk (the first rows see no key), GQA, head dims 64 / 128 / 256

@@ -38,7 +38,9 @@ fast at 512 tokens and 1.04x at 4096, head dim 256 1.31x and 1.06x; the TMA stor
 K/V tiles are 3-D TMA boxes (batch entry, key, column): a last tile that runs past the entry's
 keys reads zeros there, never the next entry's keys, and its keys past the end are masked, so
 every key length runs. Causal: the tiles the diagonal cuts (the last one or two of each program)
-apply the mask; work tiles go head-major with each head's longest Q tiles first. Sliding
+apply the mask, and where a work tile's first 64 rows see none of its last key tile's second
+half, their consumer multiplies only the first (``_half_diagonal``; 1.01-1.03x at 512-1024
+tokens, head dim 128); work tiles go head-major with each head's longest Q tiles first. Sliding
 windows (and causal with ``seqlen_k < seqlen_q``) run one loop that masks the tiles an edge cuts,
 and rows that see no key give out 0 and LSE +inf. Covers what the schedule was measured on
 (docs/performance.md, issue 4 steps 5, 6, 12 and 13): 16-bit inputs, the (head dim, causal)
@@ -262,7 +264,7 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
                acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, last_pos,
                MASK: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
                GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, P_OPERAND: gl.constexpr,
-               KEEP_LAST_K: gl.constexpr):
+               KEEP_LAST_K: gl.constexpr, KEYS: gl.constexpr):
     """Consumer C's iteration at ring position i (the tile whose first key is ``key0``; its turn
     barrier's phase ``turn_phase``): issue S_i = Q K_i^T and O += P_{i-1} V_{i-1} asynchronously
     (on its turn when PINGPONG), then fold S_i into the online softmax while the second product
@@ -272,7 +274,8 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     float32 scores (at the start of an iteration the float32 P of the last tile and the next S
     would be live together: 64 registers more, which three consumers' 160 do not have).
     KEEP_LAST_K: the K slot at ring position ``last_pos`` (the work tile's last) is kept for the
-    output (``_store_out``)."""
+    output (``_store_out``). KEYS: S takes the K tile's first KEYS keys only (the slot's BLOCK_N,
+    or half of it on the diagonal: ``_half_diagonal``); the returned P is ``[HALF_M, KEYS]``."""
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     o_layout: gl.constexpr = acc.type.layout
@@ -283,11 +286,15 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     mbarrier.wait(v_ready.index(v_slot), ((i - 1) // V_SLOTS) & 1)
     if PINGPONG:
         mbarrier.wait(turn.index(C), turn_phase)  # this warpgroup's turn to issue
-    BLOCK_N: gl.constexpr = k_ring.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    s_tok = warpgroup_mma(q, k_ring.index(k_slot).permute((1, 0)), gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
+                                                       instr_shape=[16, KEYS, 16])
+    s_tok = warpgroup_mma(q, _first_keys(k_ring.index(k_slot), KEYS).permute((1, 0)),
+                          gl.zeros([HALF_M, KEYS], gl.float32, s_layout), use_acc=False, is_async=True)
+    # Row statistics in the layout of this S's rows (the same threads at any KEYS: a no-op
+    # conversion, needed because the type names the tile's width), and back on return.
+    carried: gl.constexpr = m_i.type.layout
+    m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
+    l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
     if P_OPERAND:
         p_op = p
     else:
@@ -308,7 +315,7 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     if P_OPERAND:
         p = gl.convert_layout(p.to(q.dtype), p_layout)
-    return acc, p, m_new, l_i
+    return acc, p, gl.convert_layout(m_new, carried), gl.convert_layout(l_i, carried)
 
 
 @gluon.jit
@@ -409,28 +416,45 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, (j < full_start) | (j >= full_end), last_pos,
                                           EDGES, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG,
-                                          P_OPERAND, KEEP_LAST_K)
+                                          P_OPERAND, KEEP_LAST_K, BLOCK_N)
+        acc = _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos, KEEP_LAST_K,
+                            P_OPERAND)
     else:
         for j in range(gl.maximum(full_start, first_tile + 1), full_end):  # tiles every row sees whole
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
                                           k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, False, last_pos, PLAIN, BOUND_LEFT,
-                                          BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND, KEEP_LAST_K)
-        if MASK == MASKED:  # the diagonal / right edge, and a last tile past the last key
-            for j in range(gl.maximum(full_end, first_tile + 1), end_tile):
+                                          BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND, KEEP_LAST_K,
+                                          BLOCK_N)
+        # The diagonal / right edge, and a last tile past the last key; on the diagonal consumer 0
+        # may need only the last tile's first half (_half_diagonal), which runs after the loop.
+        HALF_DIAG: gl.constexpr = _half_diagonal_applies(C, BOUND_RIGHT, BLOCK_N, CONSUMERS)
+        half = 0  # 1: the last tile runs as a half tile after the loop
+        if HALF_DIAG:
+            half = _half_diagonal(row0, hi_off, seqlen_k, first_tile, end_tile, BLOCK_N).to(gl.int32)
+        if MASK == MASKED:
+            for j in range(gl.maximum(full_end, first_tile + 1), end_tile - half):
                 acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
                                               k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off,
                                               hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
                                               BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
-                                              KEEP_LAST_K)
-    mbarrier.arrive(q_empty.index(q_slot), count=1)  # every S = Q K^T of the tile has run
-    if KEEP_LAST_K:
-        mbarrier.arrive(s_done, count=1)  # ... and no longer reads the last K slot
-    mbarrier.wait(v_ready.index(last_pos % V_SLOTS), (last_pos // V_SLOTS) & 1)
-    if not P_OPERAND:
-        p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    acc = warpgroup_mma(p, v_ring.index(last_pos % V_SLOTS), acc)
-    mbarrier.arrive(v_empty.index(last_pos % V_SLOTS), count=1)
+                                              KEEP_LAST_K, BLOCK_N)
+        if HALF_DIAG:
+            if half != 0:
+                j = end_tile - 1
+                acc, p_half, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
+                                                   k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0,
+                                                   lo_off, hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos,
+                                                   MASKED, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
+                                                   PINGPONG, P_OPERAND, KEEP_LAST_K, HALF_M)
+                acc = _last_product(acc, p_half, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
+                                    KEEP_LAST_K, P_OPERAND)
+            else:
+                acc = _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
+                                    KEEP_LAST_K, P_OPERAND)
+        else:
+            acc = _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos, KEEP_LAST_K,
+                                P_OPERAND)
 
     if GUARD:  # rows that saw no key: out 0, LSE +inf (FlashAttention-2's convention)
         has_keys = l_i > 0.0
@@ -459,6 +483,53 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     else:
         gl.store(out_ptr + out_rows[:, None] * row_stride + cols[None, :], out.to(q_smem.dtype))
         gl.store(lse_ptr + lse_row0 + lse_rows, lse)
+
+
+@gluon.jit
+def _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos, KEEP_LAST_K: gl.constexpr,
+                  P_OPERAND: gl.constexpr):
+    """The work tile's last ``O += P V`` (V: the first ``p.shape[1]`` keys of the last V slot; P
+    as float32 scores, or already the 16-bit operand with P_OPERAND), after releasing the tile's Q
+    slot (``q_empty``: every S = Q K^T has run) and, with KEEP_LAST_K, the last K slot to the
+    output staging (``s_done``)."""
+    V_SLOTS: gl.constexpr = v_ring.shape[0]
+    mbarrier.arrive(q_empty.index(q_slot), count=1)
+    if KEEP_LAST_K:
+        mbarrier.arrive(s_done, count=1)
+    v_slot = last_pos % V_SLOTS
+    mbarrier.wait(v_ready.index(v_slot), (last_pos // V_SLOTS) & 1)
+    if not P_OPERAND:
+        p = gl.convert_layout(p.to(v_ring.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout,
+                                                                       k_width=2))
+    acc = warpgroup_mma(p, _first_keys(v_ring.index(v_slot), p.shape[1]), acc)
+    mbarrier.arrive(v_empty.index(v_slot), count=1)
+    return acc
+
+
+@gluon.jit
+def _first_keys(tile, KEYS: gl.constexpr):
+    """A K or V slot's first KEYS rows (keys): the whole slot where KEYS is its height."""
+    if KEYS == tile.shape[0]:
+        return tile
+    return tile.slice(0, KEYS, dim=0)
+
+
+@gluon.constexpr_function
+def _half_diagonal_applies(C, BOUND_RIGHT, BLOCK_N, CONSUMERS):
+    """Whether consumer C may take only the first half of the work tile's last key tile
+    (``_half_diagonal``): consumer 0 of two under a right bound, with 128-key tiles (two
+    consumers' 64 rows each: its rows end half a tile before consumer 1's)."""
+    return C == 0 and BOUND_RIGHT and CONSUMERS == 2 and BLOCK_N == 2 * HALF_M.value
+
+
+@gluon.jit
+def _half_diagonal(row0, hi_off, seqlen_k, first_tile, end_tile, BLOCK_N: gl.constexpr):
+    """Whether rows ``row0 .. row0 + HALF_M - 1`` see none of the last key tile's second half
+    (keys past ``row + hi_off`` or ``seqlen_k`` are hidden) and the tile is not the work tile's
+    first (which runs before the loop): then S and P V take its first HALF_M keys only, half the
+    products (a square causal call's every diagonal tile but a head's first)."""
+    last_key = gl.minimum(row0 + HALF_M - 1 + hi_off, seqlen_k - 1)
+    return (end_tile - first_tile > 1) & (last_key < (end_tile - 1) * BLOCK_N + HALF_M)
 
 
 @gluon.constexpr_function
