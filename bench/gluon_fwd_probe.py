@@ -257,7 +257,8 @@ def coverage(out_path, head_dims=None):
 # Tile candidates per (head dim, causal) for ``--tiles``: the table's entry is always timed first.
 TILE_CANDIDATES = {
     64: [dict(consumers=2), dict(consumers=2, o_tma=True), dict(consumers=2, o_tma=True, pingpong=True),
-         dict(consumers=2, o_tma=True, q_slots=2), dict(consumers=3, pingpong=False),
+         dict(consumers=2, o_tma=True, q_slots=2), dict(consumers=2, o_tma=True, q_slots=2, pingpong=True),
+         dict(consumers=3, pingpong=False),
          dict(consumers=3, pingpong=False, queue=True)],
     128: [dict(k_slots=4, v_slots=2), dict(pingpong=False), dict(q_slots=2, k_slots=2, v_slots=2),
           dict(q_slots=2, k_slots=3, v_slots=2)],

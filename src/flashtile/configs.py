@@ -167,8 +167,9 @@ SM90_GLUON_FWD = {
     # bench/results/h100_gluon_fwd_tiles64_0307.json, 3 / 2 consumers at 1024 ... 16384: 0.97 1.05
     # 1.06 1.09 1.14; causal 0.66 0.73 0.78 0.92 1.02: the masked tiles spill at 160 registers) and
     # the coverage run after it (bench/results/h100_gluon_fwd_64_0307.json): from 2048 keys.
-    # With softcap 30 (--tiles --softcap 30, 03:41, bench/results/h100_gluon_fwd_tiles64_softcap.json,
-    # Gluon / tl time at 2048 / 4096 / 8192 / 16384): 0.995 1.02 1.09 1.08, from 4096.
+    # With softcap 30 (--tiles --softcap 30, 03:41, bench/results/h100_gluon_fwd_tiles64_softcap_0341.json,
+    # tl / Gluon time at 2048 / 4096 / 8192 / 16384): 0.995 1.02 1.09 1.08, from 4096; again after
+    # steps 31 and 33 (12:09-12:10, h100_gluon_fwd_tiles64_softcap.json): 0.990 1.057 1.110 1.103.
     (64, False): GluonForwardTile(128, 3, 3, 2048, pingpong=False, consumers=3,
                                   softcap_min_seqlen_k=4096),  # 0.92 0.97 1.07 1.09 1.13 1.10
     # The queue (step 18, queue / one program per tile, 21:29 UTC, causal 8192 / 16384, window
@@ -181,9 +182,12 @@ SM90_GLUON_FWD = {
     # 16384: 1.17 1.10 1.07 1.02 1.08; 1.02-1.03 at 8192-16384 at 21:29): from 4096 keys (was 8192;
     # 0.75 0.82 0.97 1.06 1.10 1.06 at 03:07). From 2048 since step 31's masks (--coverage --head-dims
     # 64, 2026-11-25 10:21 UTC, bench/results/h100_gluon_fwd_64_1021.json, merged into h100_gluon_fwd.json).
-    # With softcap 30 (03:41, before step 31, same file as above): 0.89 0.95 1.001 1.02, from 8192.
+    # With softcap 30 (--tiles --softcap 30 after steps 31 and 33, 2026-11-25 12:09 and 12:10 UTC,
+    # bench/results/h100_gluon_fwd_tiles64_softcap.json, tl / Gluon time at 2048 / 4096 / 8192 / 16384:
+    # 0.991 1.051 1.044 1.071; 4096 again in the second run: 1.049): from 4096 (was 8192 at 03:41,
+    # before step 31: 0.89 0.95 1.001 1.02, now bench/results/h100_gluon_fwd_tiles64_softcap_0341.json).
     (64, True): GluonForwardTile(128, 3, 3, 2048, pingpong=False, queue=True,
-                                 softcap_min_seqlen_k=8192, o_tma=True),  # 0.86 0.96 1.06 1.12 1.11 1.04
+                                 softcap_min_seqlen_k=4096, o_tma=True),  # 0.86 0.96 1.06 1.12 1.11 1.04
     # 2 slots: 502 / 475 TFLOP/s, 3: 582 / 598 (probe 08:03 above, B4 S4096 / B1 S16384); K 4 / V 2
     # and no ping-pong were within -3% / +4% of these (--tiles), K 4 / V 2 lost half at 1024 causal.
     (128, False): GluonForwardTile(128, 3, 3, 512, o_tma=True),  # 1.34 1.26 1.33 1.22 1.16 1.09
@@ -262,11 +266,13 @@ def gluon_forward_tile(head_dim: int, masked: bool, seqlen_k: int, softcap: bool
 # with its causal entry's work queue (step 23; was 0.44 0.58 0.67 0.79 0.91 1.07): still 4096 (0.52
 # 0.75 0.85 0.93 0.91 1.12). Head dims 64 and 128 re-measured after step 31's cheaper masks
 # (2026-11-25 10:22 UTC, bench/results/h100_gluon_fwd_windows_1022.json, merged into the file above;
-# head dim 128 was 1.06 0.75 1.12 1.12 1.09 1.10, from 512).
+# head dim 128 was 1.06 0.75 1.12 1.12 1.09 1.10, from 512). Head dim 256 re-measured after steps 31
+# and 33 (2026-11-25 12:09 UTC, bench/results/h100_gluon_fwd_windows_256_1209.json, merged likewise;
+# was 1.18 0.94 1.28 1.29 1.27 1.25, from 512).
 SM90_GLUON_FWD_WINDOW_MIN_KEYS = {
     64: 1024,  # 0.74 0.92 0.96 1.02 1.10 1.11
     128: 128,  # 1.73 1.71 1.56 1.36 1.18 1.14
-    256: 512,  # 1.18 0.94 1.28 1.29 1.27 1.25
+    256: 128,  # 1.38 1.38 1.39 1.35 1.31 1.27
 }
 
 # The same rule for the Gluon backward's windows (bench/gluon_bwd_probe.py --windows, H100,
