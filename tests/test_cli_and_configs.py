@@ -310,7 +310,7 @@ def test_gluon_tables_are_what_their_probes_measured():
     # runs (the rule `gluon_fwd_probe.py --short-tiles` prints), bound, schedule and first length.
     runs = []
     for run in ("run1", "run2"):
-        with open(os.path.join(bench, "results", f"h100_gluon_fwd_tiles_1048_{run}.json")) as f:
+        with open(os.path.join(bench, "results", f"h100_gluon_fwd_tiles_1221_{run}.json")) as f:
             runs.append(json.load(f)["rows"])
     chosen = {key: (below, candidate, start) for key, (below, candidate, start, _) in short_tiles(runs).items()}
     assert chosen == {key: (short.below, schedule(dataclasses.asdict(short.tile)), short.tile.min_seqlen_k)

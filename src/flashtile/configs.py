@@ -216,31 +216,36 @@ class ShortTile(NamedTuple):
 # loads the next work tile's Q while the consumers still read this one's) takes the Q load off the
 # consumers' path; at long lengths its shared memory costs K/V ring depth, which loses. Chosen by
 # bench/gluon_fwd_probe.py --tiles (H100), each entry's tile against the candidates in one process,
-# two runs after step 31's masks: bench/results/h100_gluon_fwd_tiles_1048_run1.json (2026-11-25 10:43
-# UTC) and _run2.json (10:47). ``below``: the first length measured from the tile's min_seqlen_k up at
-# which the short tile was not at least 1% faster than the entry's in both runs; ``min_seqlen_k``:
-# where it beats the tl kernel from, in both runs; of the candidates, the one with the highest bound
-# (bench/common.short_tiles; ``bench/gluon_fwd_probe.py --short-tiles RUN1.json RUN2.json`` prints
-# these entries from the runs, a CPU test holds the table to them). The first table (before step 31,
-# runs bench/results/h100_gluon_fwd_tiles_q2_run{1,2}.json, 09:01-09:03) also gave head dim 128 causal
-# K 2 / V 2 slots below 4096 (1.01-1.04x its entry); after step 31 it read 1.033 / 0.753, 1.003 /
-# 0.990, 1.012 / 1.040, 1.021 / 1.012 at 512 / 1024 / 2048 / 4096, and the rule drops it.
-# Softcap calls keep the entry's tile: the head-dim-64 short tile without its second Q buffer lost
-# to the tl kernel with softcap 30 (bench/results/h100_gluon_fwd_tiles64_short_softcap.json, 275 /
-# 308 against 297 / 313 TFLOP/s at 512 / 1024 keys), and no other was measured with it.
+# two runs after step 33's half diagonal tile: bench/results/h100_gluon_fwd_tiles_1221_run1.json and
+# _run2.json (2026-11-25 12:21 UTC). ``below``: the first length measured from the tile's
+# min_seqlen_k up at which the short tile was not at least 1% faster than the entry's in both runs;
+# ``min_seqlen_k``: where it beats the tl kernel from, in both runs; of the candidates, the one with
+# the highest bound (bench/common.short_tiles; ``bench/gluon_fwd_probe.py --short-tiles RUN1.json
+# RUN2.json`` prints these entries from the runs, a CPU test holds the table to them). The runs
+# before (after step 31: bench/results/h100_gluon_fwd_tiles_1048_run{1,2}.json, 10:43 / 10:47) gave
+# the same table but for head dim 128 causal, whose K 2 / V 2 tile read 1.033 / 0.753 at 512 there
+# and was dropped; before step 31 (h100_gluon_fwd_tiles_q2_run{1,2}.json, 09:01-09:03) it had held
+# below 4096 keys. Softcap calls keep the entry's tile: the head-dim-64 short tile without its
+# second Q buffer lost to the tl kernel with softcap 30
+# (bench/results/h100_gluon_fwd_tiles64_short_softcap.json, 275 / 308 against 297 / 313 TFLOP/s at
+# 512 / 1024 keys), and no other was measured with it. Ratios below: entry's time / this tile's,
+# runs 1 / 2, and the tl kernel's time / this tile's.
 SM90_GLUON_FWD_SHORT = {
-    # Two consumers (not three), TMA output stores, two Q buffers. Entry's time / this one's at 512 /
-    # 1024 / 2048 keys, runs 1 / 2: 1.244 / 1.243, 1.140 / 1.121, 0.925 / 1.021; tl's time / this
-    # one's at 512 / 1024: 1.13 / 1.16, 1.09 / 1.07 (cuDNN 385 / 434 TFLOP/s, this tile 388 / 424 in run 1).
-    # Without the second Q buffer (--tiles 08:44 and 08:50): 1.03-1.05x the tl kernel.
+    # Two consumers (not three), TMA output stores, two Q buffers: 1.247 / 1.260, 1.121 / 1.166,
+    # 0.991 / 0.966 at 512 / 1024 / 2048 keys; tl 1.15 / 1.16 at 512, 1.09 / 1.11 at 1024 (390 / 391
+    # TFLOP/s at 512 against cuDNN's 385 / 385). Without the second Q buffer (--tiles 08:44 and
+    # 08:50): 1.03-1.05x the tl kernel.
     (64, False): ShortTile(2048, GluonForwardTile(128, 3, 3, 512, pingpong=False, o_tma=True, q_slots=2)),
-    # The causal entry's tile with two Q buffers: 1.114 / 1.111, 1.090 / 1.102, 1.038 / 1.068, 0.951 /
-    # 1.045 at 512 / 1024 / 2048 / 4096; against the tl kernel 0.97 / 0.97 at 512 (it keeps those),
-    # 1.03 / 1.04 at 1024 (305 / 309 TFLOP/s against 297 / 297; cuDNN 339 / 341).
+    # The causal entry's tile with two Q buffers: 1.099 / 1.086, 1.069 / 1.052, 1.029 / 1.016, 1.069 /
+    # 0.969 at 512 / 1024 / 2048 / 4096; tl 0.99 / 0.98 at 512 (it keeps those), 1.03 / 1.04 at 1024
+    # (307 / 304 TFLOP/s against cuDNN's 342 / 335).
     (64, True): ShortTile(4096, GluonForwardTile(128, 3, 3, 1024, pingpong=False, queue=True, o_tma=True, q_slots=2)),
-    # K 3 / V 2 slots beside two Q buffers (229792 bytes of shared memory): 1.029 / 1.038, 1.021 /
-    # 1.000, 1.020 / 1.021, 0.954 / 0.951 at 512 / 1024 / 2048 / 4096: the rule stops at 1024.
+    # K 3 / V 2 slots beside two Q buffers (229792 bytes of shared memory): 1.036 / 1.036, 0.980 /
+    # 1.031 at 512 / 1024: the rule stops at 1024; tl 1.54 / 1.54 at 512.
     (128, False): ShortTile(1024, GluonForwardTile(128, 3, 2, 512, o_tma=True, q_slots=2)),
+    # K 2 / V 2 slots beside two Q buffers: 1.061 / 1.064, 1.001 / 1.028 at 512 / 1024: the rule stops
+    # at 1024; tl 1.46 / 1.47 at 512 (291 / 290 TFLOP/s against cuDNN's 317 / 312).
+    (128, True): ShortTile(1024, GluonForwardTile(128, 2, 2, 512, queue=True, o_tma=True, q_slots=2)),
 }
 
 
