@@ -366,7 +366,8 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     """Consumer warpgroup C on one work tile: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``
     (``first_row``: the tile's first row's position); writes their output and LSE. Key tiles
     ``[first_tile, end_tile)``, the first at ring position ``ring``: those in ``[full_start,
-    full_end)`` every row sees whole, the others (and the first, always) take the mask; ``turns``:
+    full_end)`` every row sees whole, the others (and the first, always) take the mask (consumer 0
+    may take only the last tile's first 64 keys: ``_half_diagonal``); ``turns``:
     the loop iterations run before this tile (the turn barriers' phase). GUARD: rows may see no
     key at all (out 0, LSE +inf). ROW_TAIL: the tile may run past the last query row (rows from
     ``seqlen_q`` on are computed on whatever Q holds there and not stored). Reads Q from the work
@@ -518,7 +519,8 @@ def _first_keys(tile, KEYS: gl.constexpr):
 def _half_diagonal_applies(C, BOUND_RIGHT, BLOCK_N, CONSUMERS):
     """Whether consumer C may take only the first half of the work tile's last key tile
     (``_half_diagonal``): consumer 0 of two under a right bound, with 128-key tiles (two
-    consumers' 64 rows each: its rows end half a tile before consumer 1's)."""
+    consumers' 64 rows each: its rows end half a tile before consumer 1's). Asked only where no
+    left bound is set (a left bound takes the loop that decides per tile)."""
     return C == 0 and BOUND_RIGHT and CONSUMERS == 2 and BLOCK_N == 2 * HALF_M.value
 
 
