@@ -54,8 +54,9 @@ def make_inputs(method, batch, heads, seqlen, head_dim):
 def measure(methods, batch, heads, seqlen, head_dim, causal, repeats=2):
     """``{method: {mode: ms}}``: best of ``repeats`` medians per mode; the machine is shared, so
     one run can be hit by a neighbour. The methods take turns, round by round, so a slow stretch
-    of the machine falls on all of them, not on one (until 2026-11-25 12:00 UTC each method ran its
-    repeats back to back). Modes a method cannot run (unsupported / out of memory) are absent."""
+    of the machine falls on all of them, not on one (before the 2026-11-25 11:56 UTC run each
+    method ran its repeats back to back). Modes a method cannot run (unsupported / out of memory)
+    are absent."""
     runs = {method: [] for method in methods}
     for _ in range(repeats):
         for method in methods:
