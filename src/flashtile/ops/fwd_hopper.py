@@ -440,19 +440,15 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
                                               hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
                                               BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
                                               KEEP_LAST_K, BLOCK_N)
-        if HALF_DIAG:
-            if half != 0:
-                j = end_tile - 1
-                acc, p_half, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
-                                                   k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0,
-                                                   lo_off, hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos,
-                                                   MASKED, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP,
-                                                   PINGPONG, P_OPERAND, KEEP_LAST_K, HALF_M)
-                acc = _last_product(acc, p_half, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
-                                    KEEP_LAST_K, P_OPERAND)
-            else:
-                acc = _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
-                                    KEEP_LAST_K, P_OPERAND)
+        if half != 0:  # decided at compile time where HALF_DIAG is off (half is the constant 0)
+            j = end_tile - 1
+            acc, p_half, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
+                                               k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0,
+                                               lo_off, hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
+                                               BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
+                                               KEEP_LAST_K, HALF_M)
+            acc = _last_product(acc, p_half, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
+                                KEEP_LAST_K, P_OPERAND)
         else:
             acc = _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos, KEEP_LAST_K,
                                 P_OPERAND)
