@@ -42,12 +42,13 @@ def kernel_times(fn, calls=20) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
-def host_ms(fn, calls=20) -> float:
+def host_ms(fn, calls=20, sleep_cycles=2_000_000_000) -> float:
     """Host time per call to issue ``fn``'s work, behind a sleep kernel that keeps the GPU busy
-    (so no call waits for the device)."""
+    (so no call waits for the device): ``sleep_cycles`` must outlast the calls' issue (the
+    default, ~1 s at H100 clocks, does for any cell)."""
     fn()
     torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # ~1 s at H100 clocks: longer than the calls below take to issue
+    torch.cuda._sleep(sleep_cycles)
     start = time.perf_counter()
     for _ in range(calls):
         fn()

@@ -163,7 +163,7 @@ def sass_summary(compiled) -> str:
         sass = subprocess.run([nvdisasm, cubin.name], capture_output=True, text=True, check=True).stdout
     ops = [op for _, op, _ in sass_instructions(sass)]
     counts = {op: sum(1 for o in ops if o.split(".")[0] == op)
-              for op in ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UTMAREDG")}
+              for op in ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UTMAREDG", "MUFU", "FFMA")}
     stores, loads = loop_spills(sass)
     return "SASS " + ", ".join(f"{op} {n}" for op, n in counts.items()) + f", in loops STL {stores} LDL {loads}"
 

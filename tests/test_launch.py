@@ -181,6 +181,53 @@ def test_fast_launch_sends_unkeyed_arguments_through_triton_every_time(recording
     assert len(kernel.slow_calls) == 2 and kernel.fast_calls == [] and fast.compiled == {}
 
 
+def test_fast_launch_repeats_skip_the_specialization_key(recording, monkeypatch):
+    """A launch whose exact values were seen before takes its variant from ``recent`` without
+    ``specialization_key``; new values of an unspecialized integer go through it once each."""
+    kernel, fast = recording
+    calls = []
+    real = launch.specialization_key
+    monkeypatch.setattr(launch, "specialization_key", lambda *args: calls.append(args) or real(*args))
+    x = torch.zeros(32, dtype=torch.float16)
+    for m in (7, 7, 7, 9, 9, 7):
+        fast[(1,)](x, 32, 0.5, m, FLAG=False)
+    assert len(calls) == 2 and len(kernel.slow_calls) == 1 and len(kernel.fast_calls) == 5
+    assert len(fast.recent) == 2
+
+
+@pytest.mark.parametrize("second", [1.0, True], ids=["float", "bool"])
+def test_fast_launch_exact_key_tells_equal_values_of_other_types_apart(recording, second):
+    """1, 1.0 and True are equal and hash alike: the exact key holds each argument's type, so an
+    integer argument passed as a float (another kernel signature) is a new variant."""
+    kernel, fast = recording
+    x = torch.zeros(32, dtype=torch.float16)
+    fast[(1,)](x, 1, 0.5, 7, FLAG=False)
+    fast[(1,)](x, second, 0.5, 7, FLAG=False)
+    assert len(kernel.slow_calls) == 2 and kernel.fast_calls == []
+
+
+def test_fast_launch_exact_key_reads_alignment_not_address(recording):
+    """Tensors enter the exact key as dtype and 16-byte alignment: another tensor at another
+    aligned address repeats the key, an unaligned view is a new variant."""
+    kernel, fast = recording
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64, dtype=torch.float16)
+    for t in (x, y, x[8:], x[1:]):
+        fast[(1,)](t, 32, 0.5, 7, FLAG=False)
+    assert len(kernel.slow_calls) == 2
+    assert [call[9].data_ptr() for call in kernel.fast_calls] == [y.data_ptr(), x[8:].data_ptr()]
+    assert len(fast.recent) == 2
+
+
+def test_fast_launch_bounds_its_exact_keys(recording, monkeypatch):
+    kernel, fast = recording
+    monkeypatch.setattr(launch, "_MAX_RECENT", 3)
+    x = torch.zeros(32, dtype=torch.float16)
+    for m in range(5):  # unspecialized: one variant, five exact keys
+        fast[(1,)](x, 32, 0.5, m, FLAG=False)
+    assert len(kernel.slow_calls) == 1 and len(kernel.fast_calls) == 4
+    assert len(fast.recent) == 2  # full at the fourth key: started over with it, then the fifth
+
+
 def test_specialization_key_tells_constexpr_types_apart():
     kinds = (launch._CONSTEXPR,)
     keys = {launch.specialization_key(kinds, [value], ()) for value in (True, 1, 1.0)}

@@ -56,6 +56,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
+from flashtile import configs
+from flashtile.ops.bwd import launch_delta
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.descriptors import descriptor
 from flashtile.ops.fwd_hopper import tanh_approx
@@ -395,8 +397,6 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
 
 def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
     """Whether a backward takes this kernel: see the module docstring. Pure host checks."""
-    from flashtile import configs
-
     if not configs.GLUON_BWD or features.deterministic or varlen is not None:
         return False
     # The size rules first: they turn away short calls, whose host time matters most, cheaply.
@@ -442,8 +442,6 @@ def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int, seqle
     """``(first KV head, KV heads)`` per launch. The float32 dQ buffer covers one launch's heads:
     two halves from ``configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN`` query rows where each half still
     gives every SM two programs, otherwise one launch (see the constant for what each costs)."""
-    from flashtile import configs
-
     half = n_kv_heads // 2
     if (seqlen_q >= configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN and n_kv_heads % 2 == 0
             and half * programs_per_kv_head >= 2 * sm_count):
@@ -454,9 +452,6 @@ def head_chunks(n_kv_heads: int, programs_per_kv_head: int, sm_count: int, seqle
 def hopper_bwd(dout, q, k, v, out, lse, features):
     """``(dq, dk, dv)`` for an eligible call (``hopper_bwd_eligible``); ``out`` and ``lse`` are the
     forward's."""
-    from flashtile import configs
-    from flashtile.ops.bwd import launch_delta
-
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     group_size = n_heads // n_kv_heads

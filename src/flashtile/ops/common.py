@@ -8,7 +8,7 @@ import torch
 import triton
 from triton.runtime import _allocation
 
-from flashtile import philox
+from flashtile import configs, philox
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -42,8 +42,6 @@ def gluon_applies(q, k, features, varlen, *tensors, any_window=False) -> bool:
     (causal only with seqlen_k >= seqlen_q: no fully masked rows) or, with ``any_window``, any
     sliding window, softcap or not, no ALiBi or dropout, and ``tensors`` contiguous
     ``(B, S, H, D)`` and 16-byte aligned for TMA. Pure host checks."""
-    from flashtile import configs
-
     if not (q.is_cuda and varlen is None and q.dtype in (torch.bfloat16, torch.float16)):
         return False
     batch, seqlen_q, n_heads, _ = q.shape

@@ -62,6 +62,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.runtime import driver
 
+from flashtile import configs
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.descriptors import descriptor
 from flashtile.ops.hopper_order import head_and_rank, head_group
@@ -738,8 +739,6 @@ def _rows(tile) -> int:
 
 def hopper_fwd_eligible(q, k, v, features, varlen) -> bool:
     """Whether a forward takes this kernel: see the module docstring. Pure host checks."""
-    from flashtile import configs
-
     if not configs.GLUON_FWD or varlen is not None:
         return False
     # The size rules first: they turn away short calls, whose host time matters most, cheaply.
@@ -776,8 +775,6 @@ def program_count(n_work: int, masked: bool, queue: bool, device) -> tuple[int, 
     per SM taking tiles from a queue where the table entry says ``queue``, else one program per
     work tile (the hardware hands each SM the next as one ends). One program per tile with
     ``configs.GLUON_FWD_PERSISTENT`` off."""
-    from flashtile import configs
-
     if not configs.GLUON_FWD_PERSISTENT or (masked and not queue):
         return n_work, False
     programs = min(n_work, configs.sm_count(device))
@@ -805,8 +802,6 @@ def _work_counter(device) -> torch.Tensor:
 
 def hopper_fwd(q, k, v, features):
     """``(out, lse)`` for an eligible call (``hopper_fwd_eligible``)."""
-    from flashtile import configs
-
     batch, seqlen_q, n_heads, head_dim = q.shape
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     left, right = features.window_left, features.window_right
