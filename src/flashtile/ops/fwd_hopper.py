@@ -25,7 +25,8 @@ Three partitions (warp specialization):
   192 rows (FlashAttention-3's head-dim-64 tile) on 160 registers each, where the bound is the
   exponentials rather than the tensor cores: a third warpgroup's softmax to overlap, and a third
   less shared-memory traffic per score (+3-14% at 2048-16384 tokens, docs/performance.md
-  step 23).
+  step 23). At head dim 64 each row's sum of P comes from a third product issued with P V,
+  ``P @ ones`` (``_row_sums_by_mma``; 1.01-1.04x, step 36), not from adds in registers.
 
 Each consumer's output rows leave by pointer stores from the accumulator's layout (4 bytes per
 thread and row piece), or, where the table entry says ``o_tma`` (two consumers: head dims 128
@@ -73,6 +74,18 @@ HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two or three per
 PLAIN, MASKED, EDGES = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)  # how a loop's tiles take the mask
 CONSUMER_REGS = gl.constexpr(232)  # setmaxnreg for each consumer warpgroup; the producer gets 24
 CONSUMER_REGS_3 = gl.constexpr(160)  # the same with three consumers: (64K - 128 * 24) / 3 / 128, rounded down to 8
+# Head dims whose row sums of P come from the tensor cores (``_row_sums_by_mma``).
+ROW_SUM_MMA_HEAD_DIMS = (64,)
+SUM_N = gl.constexpr(8)  # the narrowest warpgroup MMA: P times a [keys, 8] tile whose column 0 is ones
+
+
+@gluon.constexpr_function
+def _row_sums_by_mma(head_dim):
+    """Whether the consumers sum each row of P by a warpgroup MMA, ``P @ ones`` (N = 8, column 0
+    ones), issued with ``P V``, instead of adding its elements in registers: at head dim 64 the
+    softmax is bound by instruction issue (docs/performance.md, step 34), and the adds are a sixth
+    of its instructions. The sums are of the 16-bit P that P V uses."""
+    return head_dim in ROW_SUM_MMA_HEAD_DIMS
 
 
 @gluon.jit
@@ -262,7 +275,7 @@ def _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_m
 
 @gluon.jit
 def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn,
-               acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, last_pos,
+               ones, acc, p, m_i, l_i, row0, lo_off, hi_off, seqlen_k, qk_scale, softcap_in, tile_masked, last_pos,
                MASK: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
                GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, P_OPERAND: gl.constexpr,
                KEEP_LAST_K: gl.constexpr, KEYS: gl.constexpr):
@@ -276,7 +289,9 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     would be live together: 64 registers more, which three consumers' 160 do not have).
     KEEP_LAST_K: the K slot at ring position ``last_pos`` (the work tile's last) is kept for the
     output (``_store_out``). KEYS: S takes the K tile's first KEYS keys only (the slot's BLOCK_N,
-    or half of it on the diagonal: ``_half_diagonal``); the returned P is ``[HALF_M, KEYS]``."""
+    or half of it on the diagonal: ``_half_diagonal``); the returned P is ``[HALF_M, KEYS]``.
+    ``l_i``: the row sums of P so far, [HALF_M]; with ``_row_sums_by_mma`` a [HALF_M, SUM_N]
+    accumulator (column 0) that ``P_{i-1} @ ones`` updates with P_{i-1} V_{i-1}."""
     K_SLOTS: gl.constexpr = k_ring.shape[0]
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     o_layout: gl.constexpr = acc.type.layout
@@ -293,36 +308,48 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
                           gl.zeros([HALF_M, KEYS], gl.float32, s_layout), use_acc=False, is_async=True)
     # Row statistics in the layout of this S's rows (the same threads at any KEYS: a no-op
     # conversion, needed because the type names the tile's width), and back on return.
+    SUM_MMA: gl.constexpr = _row_sums_by_mma(q.shape[1])
     carried: gl.constexpr = m_i.type.layout
     m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
-    l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
+    if not SUM_MMA:
+        l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
     if P_OPERAND:
         p_op = p
     else:
         p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+    if SUM_MMA:  # issued before P V, so that the wait below leaves P V alone running
+        l_tok = warpgroup_mma(_sum_operand(p_op, l_i), _ones_keys(ones, p_op.shape[1]), l_i, is_async=True)
     acc_tok = warpgroup_mma(p_op, v_ring.index(v_slot), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - C), count=1)
-    s = warpgroup_mma_wait(1, deps=[s_tok])  # S_i done; P_{i-1} V_{i-1} may still run
+    if SUM_MMA:
+        s, l_i = warpgroup_mma_wait(1, deps=[s_tok, l_tok])  # S_i and P_{i-1}'s row sums done
+    else:
+        s = warpgroup_mma_wait(1, deps=[s_tok])  # S_i done; P_{i-1} V_{i-1} may still run
     _release_k(k_empty, i, last_pos, KEEP_LAST_K)
     if SOFTCAP:
         s = tanh_approx(s * softcap_in)
     p, m_new, m_sub = _softmax_step(s, m_i, key0, row0, lo_off, hi_off, seqlen_k, qk_scale, tile_masked, MASK,
                                     BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD)
     alpha = gl.exp2(m_i - m_sub)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
+    if not SUM_MMA:
+        l_i = l_i * alpha + gl.sum(p, axis=1)
     acc, p_op = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
     mbarrier.arrive(v_empty.index(v_slot), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     if P_OPERAND:
         p = gl.convert_layout(p.to(q.dtype), p_layout)
-    return acc, p, gl.convert_layout(m_new, carried), gl.convert_layout(l_i, carried)
+    if SUM_MMA:  # P_i's sums are added with P_i V_i, in the next iteration or _last_product
+        l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
+    else:
+        l_i = gl.convert_layout(l_i, carried)
+    return acc, p, gl.convert_layout(m_new, carried), l_i
 
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-             s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
-             num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D: gl.constexpr,
+             s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
+             n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D: gl.constexpr,
              BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
              SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr, ROW_TAIL: gl.constexpr,
              O_TMA: gl.constexpr):
@@ -345,7 +372,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
         if not QUEUE:
             _wait_q_slot(q_ready, done, False)
         _attend(C, ring, ring - done, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
-                turn, s_done, o_stage, o_turn, out_ptr, out_desc, lse_ptr, b * seqlen_q + first_row, h * D,
+                turn, s_done, o_stage, o_turn, ones, out_ptr, out_desc, lse_ptr, b * seqlen_q + first_row, h * D,
                 n_heads * D, (b * n_heads + h).to(gl.int64) * seqlen_q + first_row, first_row, lo_off, hi_off,
                 seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in, D, BOUND_LEFT,
                 BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, ROW_TAIL, O_TMA)
@@ -359,8 +386,9 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
 
 @gluon.jit
 def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
-            turn, s_done, o_stage, o_turn, out_ptr, out_desc, lse_ptr, q_row0, q_col0, row_stride, lse_row0, first_row,
-            lo_off, hi_off, seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale, softcap_in,
+            turn, s_done, o_stage, o_turn, ones, out_ptr, out_desc, lse_ptr, q_row0, q_col0, row_stride, lse_row0,
+            first_row, lo_off, hi_off, seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale,
+            softcap_in,
             D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
             GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, ROW_TAIL: gl.constexpr,
             O_TMA: gl.constexpr):
@@ -405,7 +433,12 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
     p, m_i, _ = _softmax_step(s, gl.full([HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout)),
                               first_tile * BLOCK_N, row0, lo_off, hi_off, seqlen_k, qk_scale, True, MASK, BOUND_LEFT,
                               BOUND_RIGHT, KEY_TAIL, GUARD)
-    l_i = gl.sum(p, axis=1)
+    SUM_MMA: gl.constexpr = _row_sums_by_mma(D)
+    if SUM_MMA:  # the sums come with each P V (_fold_tile, _last_product)
+        l_i = gl.zeros([HALF_M, SUM_N], gl.float32, layout=gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SUM_N, 16]))
+    else:
+        l_i = gl.sum(p, axis=1)
     P_OPERAND: gl.constexpr = CONSUMERS == 3  # three consumers' registers (_fold_tile)
     if P_OPERAND:
         p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
@@ -415,16 +448,16 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
         # Masked tiles at both ends: one loop that decides per tile (a loop per kind spilled).
         for j in range(first_tile + 1, end_tile):
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
-                                          k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
+                                          k_empty, v_ready, v_empty, turn, ones, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, (j < full_start) | (j >= full_end), last_pos,
                                           EDGES, BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG,
                                           P_OPERAND, KEEP_LAST_K, BLOCK_N)
-        acc = _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos, KEEP_LAST_K,
-                            P_OPERAND)
+        acc, l_i = _last_product(acc, l_i, p, ones, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
+                                 KEEP_LAST_K, P_OPERAND)
     else:
         for j in range(gl.maximum(full_start, first_tile + 1), full_end):  # tiles every row sees whole
             acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring, k_ready,
-                                          k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off, hi_off,
+                                          k_empty, v_ready, v_empty, turn, ones, acc, p, m_i, l_i, row0, lo_off, hi_off,
                                           seqlen_k, qk_scale, softcap_in, False, last_pos, PLAIN, BOUND_LEFT,
                                           BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND, KEEP_LAST_K,
                                           BLOCK_N)
@@ -437,23 +470,25 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
         if MASK == MASKED:
             for j in range(gl.maximum(full_end, first_tile + 1), end_tile - half):
                 acc, p, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
-                                              k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0, lo_off,
-                                              hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
+                                              k_ready, k_empty, v_ready, v_empty, turn, ones, acc, p, m_i, l_i, row0,
+                                              lo_off, hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
                                               BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
                                               KEEP_LAST_K, BLOCK_N)
         if half != 0:  # decided at compile time where HALF_DIAG is off (half is the constant 0)
             j = end_tile - 1
             acc, p_half, m_i, l_i = _fold_tile(ring0 + j, (turn0 + j) & 1, j * BLOCK_N, C, q, k_ring, v_ring,
-                                               k_ready, k_empty, v_ready, v_empty, turn, acc, p, m_i, l_i, row0,
+                                               k_ready, k_empty, v_ready, v_empty, turn, ones, acc, p, m_i, l_i, row0,
                                                lo_off, hi_off, seqlen_k, qk_scale, softcap_in, True, last_pos, MASKED,
                                                BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, P_OPERAND,
                                                KEEP_LAST_K, HALF_M)
-            acc = _last_product(acc, p_half, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
-                                KEEP_LAST_K, P_OPERAND)
+            acc, l_i = _last_product(acc, l_i, p_half, ones, v_ring, v_ready, v_empty, q_empty, s_done, q_slot,
+                                     last_pos, KEEP_LAST_K, P_OPERAND)
         else:
-            acc = _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos, KEEP_LAST_K,
-                                P_OPERAND)
+            acc, l_i = _last_product(acc, l_i, p, ones, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
+                                     KEEP_LAST_K, P_OPERAND)
 
+    if SUM_MMA:  # column 0 holds the sums, the others 0
+        l_i = gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, s_layout))
     if GUARD:  # rows that saw no key: out 0, LSE +inf (FlashAttention-2's convention)
         has_keys = l_i > 0.0
         safe_l = gl.where(has_keys, l_i, 1.0)
@@ -484,12 +519,13 @@ def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty,
 
 
 @gluon.jit
-def _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos, KEEP_LAST_K: gl.constexpr,
-                  P_OPERAND: gl.constexpr):
+def _last_product(acc, l_i, p, ones, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, last_pos,
+                  KEEP_LAST_K: gl.constexpr, P_OPERAND: gl.constexpr):
     """The work tile's last ``O += P V`` (V: the first ``p.shape[1]`` keys of the last V slot; P
     as float32 scores, or already the 16-bit operand with P_OPERAND), after releasing the tile's Q
     slot (``q_empty``: every S = Q K^T has run) and, with KEEP_LAST_K, the last K slot to the
-    output staging (``s_done``)."""
+    output staging (``s_done``). Returns ``(acc, l_i)``: with ``_row_sums_by_mma`` this P's row
+    sums are added to ``l_i`` too."""
     V_SLOTS: gl.constexpr = v_ring.shape[0]
     mbarrier.arrive(q_empty.index(q_slot), count=1)
     if KEEP_LAST_K:
@@ -499,9 +535,34 @@ def _last_product(acc, p, v_ring, v_ready, v_empty, q_empty, s_done, q_slot, las
     if not P_OPERAND:
         p = gl.convert_layout(p.to(v_ring.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout,
                                                                        k_width=2))
+    if _row_sums_by_mma(acc.shape[1]):
+        l_i = _add_row_sums(l_i, p, ones)
     acc = warpgroup_mma(p, _first_keys(v_ring.index(v_slot), p.shape[1]), acc)
     mbarrier.arrive(v_empty.index(v_slot), count=1)
-    return acc
+    return acc, l_i
+
+
+@gluon.jit
+def _add_row_sums(l_acc, p_op, ones):
+    """``l_acc += P @ ones``: P (the 16-bit A operand of P V, [HALF_M, keys]) against the first keys
+    of ``ones`` ([SUM_N, BLOCK_N], row 0 ones, read transposed); ``l_acc`` is [HALF_M, SUM_N], its
+    column 0 the row sums, the others 0. Synchronous."""
+    return warpgroup_mma(_sum_operand(p_op, l_acc), _ones_keys(ones, p_op.shape[1]), l_acc)
+
+
+@gluon.jit
+def _sum_operand(p_op, l_acc):
+    """P V's A operand as the A operand of ``P @ ones`` (the same registers: an MMA's A layout does
+    not depend on its N)."""
+    return gl.convert_layout(p_op, gl.DotOperandLayout(operand_index=0, parent=l_acc.type.layout, k_width=2))
+
+
+@gluon.jit
+def _ones_keys(ones, KEYS: gl.constexpr):
+    """The B operand of ``P @ ones`` for a P of KEYS keys: [KEYS, SUM_N]."""
+    if KEYS == ones.shape[1]:
+        return ones.permute((1, 0))
+    return ones.slice(0, KEYS, dim=1).permute((1, 0))
 
 
 @gluon.jit
@@ -673,6 +734,15 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
         o_stage = q_smem
         o_turn = turn
     work_slot = gl.allocate_shared_memory(gl.int32, [Q_SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    if _row_sums_by_mma(D):  # [SUM_N, BLOCK_N], row 0 ones: P @ ones^T gives P's row sums
+        ones_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        first = gl.arange(0, SUM_N, layout=gl.SliceLayout(1, ones_layout))[:, None] == 0
+        ones_value = gl.where(first, gl.full([SUM_N, BLOCK_N], 1.0, gl.float32, ones_layout), 0.0)
+        ones = gl.allocate_shared_memory(k_desc.dtype, [SUM_N, BLOCK_N],
+                                         gl.NVMMASharedLayout.get_default_for([SUM_N, BLOCK_N], k_desc.dtype),
+                                         ones_value.to(k_desc.dtype))
+    else:  # unused
+        ones = k_ring
     for i in gl.static_range(K_SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=CONSUMERS)  # released by every consumer
@@ -698,17 +768,17 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     if CONSUMERS == 3:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
-                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
-                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
+                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
-                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
-                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
+                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (2, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
-                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
-                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
+                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
                         n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
@@ -716,13 +786,13 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
     else:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
-                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
-                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
+                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
-                        s_done, o_stage, o_turn, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k, n_heads,
-                        num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D, BOUND_LEFT,
-                        BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
+                        s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
+                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
                         n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
