@@ -74,8 +74,6 @@ HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (two or three per
 PLAIN, MASKED, EDGES = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)  # how a loop's tiles take the mask
 CONSUMER_REGS = gl.constexpr(232)  # setmaxnreg for each consumer warpgroup; the producer gets 24
 CONSUMER_REGS_3 = gl.constexpr(160)  # the same with three consumers: (64K - 128 * 24) / 3 / 128, rounded down to 8
-# Head dims whose row sums of P come from the tensor cores (``_row_sums_by_mma``).
-ROW_SUM_MMA_HEAD_DIMS = (64,)
 SUM_N = gl.constexpr(8)  # the narrowest warpgroup MMA: P times a [keys, 8] tile whose column 0 is ones
 
 
@@ -84,8 +82,11 @@ def _row_sums_by_mma(head_dim):
     """Whether the consumers sum each row of P by a warpgroup MMA, ``P @ ones`` (N = 8, column 0
     ones), issued with ``P V``, instead of adding its elements in registers: at head dim 64 the
     softmax is bound by instruction issue (docs/performance.md, step 34), and the adds are a sixth
-    of its instructions. The sums are of the 16-bit P that P V uses."""
-    return head_dim in ROW_SUM_MMA_HEAD_DIMS
+    of its instructions. The sums are of the 16-bit P that P V uses. At head dim 128 it spilled
+    (ptxas: 4 -> 252 bytes unmasked, 60 spill stores in the loop; step 36). The rule is written
+    here, not in a module-level constant, because triton's cache keys on this function's source
+    and not on the globals it reads."""
+    return head_dim == 64
 
 
 @gluon.jit
