@@ -319,7 +319,7 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
     else:
         p_op = gl.convert_layout(p.to(q.dtype), p_layout)
     if SUM_MMA:  # issued before P V, so that the wait below leaves P V alone running
-        l_tok = warpgroup_mma(_sum_operand(p_op, l_i), _ones_keys(ones, p_op.shape[1]), l_i, is_async=True)
+        l_tok = _add_row_sums(l_i, p_op, ones, True)
     acc_tok = warpgroup_mma(p_op, v_ring.index(v_slot), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - C), count=1)
@@ -389,8 +389,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
 def _attend(C: gl.constexpr, ring, turns, done, q_smem, k_ring, v_ring, q_empty, k_ready, k_empty, v_ready, v_empty,
             turn, s_done, o_stage, o_turn, ones, out_ptr, out_desc, lse_ptr, q_row0, q_col0, row_stride, lse_row0,
             first_row, lo_off, hi_off, seqlen_q, seqlen_k, first_tile, full_start, full_end, end_tile, qk_scale,
-            softcap_in,
-            D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
+            softcap_in, D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
             GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, ROW_TAIL: gl.constexpr,
             O_TMA: gl.constexpr):
     """Consumer warpgroup C on one work tile: query rows ``q_row0 + C * HALF_M + [0, HALF_M)``
@@ -537,41 +536,29 @@ def _last_product(acc, l_i, p, ones, v_ring, v_ready, v_empty, q_empty, s_done, 
         p = gl.convert_layout(p.to(v_ring.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout,
                                                                        k_width=2))
     if _row_sums_by_mma(acc.shape[1]):
-        l_i = _add_row_sums(l_i, p, ones)
+        l_i = _add_row_sums(l_i, p, ones, False)
     acc = warpgroup_mma(p, _first_keys(v_ring.index(v_slot), p.shape[1]), acc)
     mbarrier.arrive(v_empty.index(v_slot), count=1)
     return acc, l_i
 
 
 @gluon.jit
-def _add_row_sums(l_acc, p_op, ones):
-    """``l_acc += P @ ones``: P (the 16-bit A operand of P V, [HALF_M, keys]) against the first keys
-    of ``ones`` ([SUM_N, BLOCK_N], row 0 ones, read transposed); ``l_acc`` is [HALF_M, SUM_N], its
-    column 0 the row sums, the others 0. Synchronous."""
-    return warpgroup_mma(_sum_operand(p_op, l_acc), _ones_keys(ones, p_op.shape[1]), l_acc)
+def _add_row_sums(l_acc, p_op, ones, IS_ASYNC: gl.constexpr):
+    """``l_acc += P @ ones``: P (the 16-bit A operand of P V, [HALF_M, keys], in the same registers:
+    an MMA's A layout does not depend on its N) against the first keys of ``ones`` ([SUM_N,
+    BLOCK_N], row 0 ones, read transposed); ``l_acc`` is [HALF_M, SUM_N], its column 0 the row
+    sums, the others 0. IS_ASYNC: as ``warpgroup_mma``'s (a token to wait on)."""
+    a = gl.convert_layout(p_op, gl.DotOperandLayout(operand_index=0, parent=l_acc.type.layout, k_width=2))
+    return warpgroup_mma(a, _first_keys(ones, p_op.shape[1], 1).permute((1, 0)), l_acc, is_async=IS_ASYNC)
 
 
 @gluon.jit
-def _sum_operand(p_op, l_acc):
-    """P V's A operand as the A operand of ``P @ ones`` (the same registers: an MMA's A layout does
-    not depend on its N)."""
-    return gl.convert_layout(p_op, gl.DotOperandLayout(operand_index=0, parent=l_acc.type.layout, k_width=2))
-
-
-@gluon.jit
-def _ones_keys(ones, KEYS: gl.constexpr):
-    """The B operand of ``P @ ones`` for a P of KEYS keys: [KEYS, SUM_N]."""
-    if KEYS == ones.shape[1]:
-        return ones.permute((1, 0))
-    return ones.slice(0, KEYS, dim=1).permute((1, 0))
-
-
-@gluon.jit
-def _first_keys(tile, KEYS: gl.constexpr):
-    """A K or V slot's first KEYS rows (keys): the whole slot where KEYS is its height."""
-    if KEYS == tile.shape[0]:
+def _first_keys(tile, KEYS: gl.constexpr, DIM: gl.constexpr = 0):
+    """A tile's first KEYS keys along dimension DIM (a K or V slot's rows; the ones tile's columns):
+    the whole tile where KEYS is its extent."""
+    if KEYS == tile.shape[DIM]:
         return tile
-    return tile.slice(0, KEYS, dim=0)
+    return tile.slice(0, KEYS, dim=DIM)
 
 
 @gluon.constexpr_function
