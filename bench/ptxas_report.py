@@ -109,16 +109,19 @@ def gluon_report(spec: str) -> str:
                       "SOFTCAP": softcap, "PINGPONG": tile.pingpong, "QUEUE": tile.queue,
                       "CONSUMERS": tile.consumers, "ROW_TAIL": row_tail, "O_TMA": o_tma, "Q_SLOTS": tile.q_slots}
     else:
-        kernel, _, block_n, masked_tma_store = bwd_hopper._kernel_for(head_dim)
+        kernel, _, block_n, masked_tma_store, _ = bwd_hopper._kernel_for(head_dim)
         q_type, kv_type = desc_type(bwd_hopper.BLOCK_M), desc_type(block_n)
         dq_block = [bwd_hopper.BLOCK_M, 32]
         dq_type = mangle_type(TensorDescriptor.from_tensor(
             torch.empty(4096, 2 * head_dim), dq_block, gl.NVMMASharedLayout.get_default_for(dq_block, gl.float32)))
         types = {"q_desc": q_type, "do_desc": q_type, "k_desc": kv_type, "v_desc": kv_type, "delta_ptr": "*fp32",
-                 "dq_desc": dq_type, "softmax_scale": "fp32"}
+                 "dq_desc": dq_type, "softmax_scale": "fp32", "dq_acc_ptr": "*fp32", "dq_ptr": "*bf16",
+                 "counters": "*i32"}
         # dK/dV: TMA descriptors, or pointers where a masked kernel stores from its accumulators
         types["dk_out"] = types["dv_out"] = desc_type(64) if masked_tma_store or not causal else "*bf16"
         constexprs = {"D": head_dim, "BOUND_LEFT": window, "BOUND_RIGHT": causal, "SOFTCAP": softcap}
+        if "CAST_DQ" in kernel.arg_names:  # as hopper_bwd decides for 2048 rows of 2 heads per KV head
+            constexprs["CAST_DQ"] = bwd_hopper.cast_dq_in_kernel(head_dim, causal, 2, 2048)
     types |= {"lse_ptr": "*fp32", "qk_scale": "fp32", "softcap_in": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),

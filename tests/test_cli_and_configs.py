@@ -264,6 +264,27 @@ def test_gluon_backward_splits_the_dq_buffer_only_for_long_sequences_that_keep_t
     assert head_chunks(1, 1000, 132, long) == [(0, 1)]
 
 
+def test_gluon_backward_casts_dq_in_the_kernel_only_where_measured_faster():
+    """Unmasked head dim 128 only (docs/performance.md step 37: causal and head dim 64 ran slower),
+    and only while every program's Q tiles fit the list of tiles it may convert."""
+    from flashtile.ops.bwd_hopper import BLOCK_M, MAX_OWNED, cast_dq_in_kernel
+
+    assert cast_dq_in_kernel(128, False, 1, 16384)
+    assert not cast_dq_in_kernel(128, True, 1, 2048)  # causal or a window
+    assert not cast_dq_in_kernel(64, False, 1, 2048) and not cast_dq_in_kernel(256, False, 1, 2048)
+    rows = MAX_OWNED.value * BLOCK_M
+    assert cast_dq_in_kernel(128, False, 4, rows // 4) and not cast_dq_in_kernel(128, False, 4, rows // 4 + BLOCK_M)
+
+
+def test_delta_kernel_refuses_a_counter_buffer_of_the_wrong_size():
+    from flashtile.ops import bwd
+
+    out = torch.zeros(1, 128, 2, 64)
+    delta = torch.empty(1, 2, 128)
+    with pytest.raises(ValueError, match="counts: expected one counter per 64 rows"):
+        bwd.launch_delta(out, out, delta, counts=torch.zeros(3, dtype=torch.int32))
+
+
 def test_gluon_tables_are_what_their_probes_measured():
     """SM90_GLUON_FWD / SM90_GLUON_BWD (and their window thresholds) hold the shortest
     length from which the committed probe results show the Gluon kernel at least as fast as the

@@ -439,6 +439,27 @@ def test_gluon_backward_matches_oracle(shape, causal, dtype, monkeypatch):
     assert calls, "the Gluon backward did not run"
 
 
+CAST_SHAPES = [(2, 1024, 1024, 4, 2, 128), (1, 320, 1152, 4, 4, 128)]
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["cast-in-kernel", "cast-after"])
+@pytest.mark.parametrize("shape", CAST_SHAPES, ids=[case_id(*s) for s in CAST_SHAPES])
+def test_gluon_backward_casts_dq_either_way(shape, in_kernel, monkeypatch):
+    """Unmasked head dim 128: dQ converted to the input dtype inside the kernel, by the program
+    whose reductions complete each tile (bwd_hopper's CAST_DQ), or by the cast after it; GQA, one
+    launch and one launch per KV head (each with its own dQ buffer, the counters shared)."""
+    from flashtile.ops import bwd_hopper
+
+    calls = _count_gluon_bwd_calls(monkeypatch)
+    monkeypatch.setattr(bwd_hopper, "cast_dq_in_kernel", lambda *args: in_kernel)
+    q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
+    check_against_oracle(attention(False), q, k, v)
+    one_launch = len(calls)
+    monkeypatch.setattr(bwd_hopper, "head_chunks", lambda n_kv_heads, *_: [(h, 1) for h in range(n_kv_heads)])
+    check_against_oracle(attention(False), q, k, v)
+    assert one_launch and len(calls) > one_launch, "the Gluon backward did not run"
+
+
 def test_gluon_launches_reuse_encoded_descriptors(monkeypatch):
     """ops/launch.FastLaunch calls triton's C launcher itself and keeps each encoded TMA
     descriptor per address, shape and strides: repeated calls (whose tensors come back at the

@@ -46,12 +46,13 @@ from flashtile.ops.tiles import (
 
 @triton.jit(do_not_specialize=["seqlen_q", "num_m_blocks"])
 def _delta_kernel(
-    O, DO, DELTA, ZERO,
+    O, DO, DELTA, ZERO, COUNTS,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_zb, stride_zs, stride_zh,
     n_heads, seqlen_q, num_m_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_FILL: tl.constexpr,
+    ZERO_COUNTS: tl.constexpr,
 ):
     # Grid: (num_m_blocks * batch * n_heads,)
     pid = tl.program_id(0)
@@ -72,6 +73,8 @@ def _delta_kernel(
     if ZERO_FILL:  # the same rows of a float32 tensor laid out like O (see launch_delta)
         z_ptrs = ZERO + pid_b * stride_zb + pid_h * stride_zh + rows * stride_zs + offs_d[None, :]
         tl.store(z_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=mask)
+    if ZERO_COUNTS:  # an int32 counter per program, (batch, head, row block) in grid order
+        tl.store(COUNTS + pid, 0)
 
 
 _delta_launch = FastLaunch(_delta_kernel)
@@ -393,10 +396,12 @@ def _dq_kernel(
 _dq_launch = FastLaunch(_dq_kernel)
 
 
-def launch_delta(out, dout, delta, zero=None):
+def launch_delta(out, dout, delta, zero=None, counts=None):
     """delta <- rowsum(dout * out), float32 laid out like the LSE; and, given ``zero`` (float32,
     shaped like ``out``), zero <- 0 in the same pass: the Gluon backward's dQ accumulator, which
-    would otherwise take a fill kernel of its own (and ~50 us of host time per call).
+    would otherwise take a fill kernel of its own (and ~50 us of host time per call). Given
+    ``counts`` (int32, one per 64 rows of each head: (B, H, Sq / 64)), counts <- 0 as well: the
+    Gluon backward's dQ counters (CUDA only, where the row blocks are 64).
 
     Dense: out (B, Sq, H, D), delta (B, H, Sq). Varlen tensors arrive as one batch entry:
     out (1, total, H, D), delta (1, H, total).
@@ -405,11 +410,14 @@ def launch_delta(out, dout, delta, zero=None):
     block_m = 64 if out.is_cuda else 16
     num_m_blocks = cdiv(seqlen_q, block_m)
     zero_strides = zero.stride()[:3] if zero is not None else (0, 0, 0)
+    if counts is not None and (block_m != 64 or counts.numel() != num_m_blocks * batch * n_heads):
+        raise ValueError(f"counts: expected one counter per 64 rows of each head, got {counts.numel()}")
     _delta_launch[(num_m_blocks * batch * n_heads,)](
-        out, dout, delta, delta if zero is None else zero,
+        out, dout, delta, delta if zero is None else zero, delta if counts is None else counts,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *zero_strides,
         n_heads, seqlen_q, num_m_blocks,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=padded_head_dim(head_dim), ZERO_FILL=zero is not None,
+        ZERO_COUNTS=counts is not None,
     )
 
 

@@ -33,8 +33,10 @@ With softcap the scores are ``cap * tanh(S * scale / cap)``: S becomes ``tanh(S 
 The dQ sums first went out as ``red.global.add.v4.f32`` instructions from every thread (480-506
 TFLOP/s at head dim 128); a TMA bulk reduction per 32 columns (``_tma_reduce_add``) replaced them
 (docs/performance.md). ``dQ_acc`` is float32 and zero-filled (by the delta kernel, which runs
-first); the launcher casts it to the input dtype, half of the heads at a time from
-``configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN`` query rows (peak memory). The sums depend
+first), covering half of the heads at a time from ``configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN`` query
+rows (peak memory). Unmasked at head dim 128 the kernel converts it to dq itself: the program whose
+reductions complete a tile converts it after its loop (CAST_DQ, ``cast_dq_in_kernel``; the comment
+above ``NOTES``); otherwise the launcher casts it after the kernel. The sums depend
 on their order, so this path is not bitwise reproducible: calls with ``deterministic=True`` take
 the ``tl`` kernels. Covers what ``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim,
 causal) entries of ``configs.SM90_GLUON_BWD`` (head dims 64, 128 and 256, each from the key
@@ -93,6 +95,126 @@ def _reduce_dq(dq_desc, dq, staging, row, col):
     fence_async_shared()
     for i in gl.static_range(staging.shape[1] // PIECE):
         _tma_reduce_add(dq_desc, [row, col + i * PIECE], staging.slice(i * PIECE, PIECE, dim=1))
+
+
+# Unmasked, dQ can leave the kernel in the input dtype (CAST_DQ, ``cast_dq_in_kernel``). Each 64-row
+# tile of dQ_acc takes one TMA reduction per consumer from every program of its KV head; a counter
+# per tile counts the programs whose reductions of it have completed, and the program whose count
+# completes it converts the tile's float32 sums to dq after its own loop. That replaces the cast
+# kernel after the backward (B * Sq * H * D * 6 bytes through HBM: 67 us at every length of the
+# benchmark; docs/performance.md, step 37). The counting runs in a warp of its own (``_count_tiles``,
+# in the producer's warpgroup): the consumers only wait for their reductions to complete and post a
+# notice per tile through a ring of NOTES mbarrier pairs. Conversions wait for the end of the
+# program: the last program to reach a tile tends to be the same one for every tile of a head, and
+# converting as the counts came in put all of a head's conversions on that program's path.
+NOTES = gl.constexpr(8)
+MAX_OWNED = gl.constexpr(2048)  # tiles a program can convert (``owned``: 8 KB of shared memory)
+
+
+@gluon.jit
+def _wait_reductions(PENDING: gl.constexpr):
+    """Until at most PENDING of this thread's bulk groups are in flight, the rest completed: their
+    sums are in L2 and visible to the generic proxy (``tma.store_wait`` waits only until they
+    have read shared memory)."""
+    lanes = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))  # an operand for the asm
+    if PENDING == 0:
+        asm: gl.constexpr = "cp.async.bulk.wait_group 0;\n\tmov.b32 $0, $1;"
+    elif PENDING == 1:
+        asm: gl.constexpr = "cp.async.bulk.wait_group 1;\n\tmov.b32 $0, $1;"
+    else:
+        gl.static_assert(PENDING == 2, "at most two TMA reductions per dQ tile")
+        asm: gl.constexpr = "cp.async.bulk.wait_group 2;\n\tmov.b32 $0, $1;"
+    gl.inline_asm_elementwise(asm, "=r,r", [lanes], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _post_reduced(full, empty, x):
+    """Consumer side: tell ``_count_tiles`` that this warpgroup's reductions of its tile x have
+    completed (nothing for x < 0). The mbarrier arrive releases what the warpgroup's last
+    barrier ordered after the completion."""
+    slot = gl.maximum(x, 0) % NOTES
+    mbarrier.wait(empty.index(slot), ((x // NOTES) & 1) ^ 1, pred=x >= NOTES)
+    mbarrier.arrive(full.index(slot), count=1, pred=x >= 0)
+
+
+@gluon.jit
+def _count_tile(counter):
+    """Lane 0 adds 1 to ``*counter`` (relaxed, GPU scope: every count follows its reductions'
+    completion, and the converted sums are read from L2 after the count that says they are all
+    there) and gets the count before it; the other lanes get -1. Not reduced across the warp here:
+    ``_convert_if_last`` reads it two tiles later, so the atomic's round trip (long, with every
+    program of the head counting the same tile at about the same time) never holds up the loop."""
+    lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    return gl.inline_asm_elementwise(
+        "{\n\t.reg .pred p;\n\tsetp.eq.s32 p, $2, 0;\n\tmov.u32 $0, 0xffffffff;\n\t"
+        "@p atom.relaxed.gpu.global.add.u32 $0, [$1], 1;\n\t}",
+        "=r,l,r", [counter + lane * 0, lane], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _own_if_last(count, x, owned, n_owned, num_n_blocks):
+    """Appends tile x to ``owned`` if ``count`` (``_count_tile``'s, for x) shows this program's
+    count was the tile's last: every one of the KV head's ``num_n_blocks`` programs adds into every
+    tile (unmasked). Nothing for x < 0; returns the list's new length."""
+    if x >= 0:
+        if gl.max(count, axis=0) == num_n_blocks - 1:
+            owned.index(n_owned).store(gl.full([1], x, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+            n_owned += 1
+    return n_owned
+
+
+@gluon.jit
+def _count_tiles(full0, empty0, full1, empty1, counters, owned, owned_len, owned_done, b, h0, n_heads, seqlen_q, n_m,
+                 total, num_n_blocks, BLOCK_M: gl.constexpr):
+    """The counting warp: for each tile x of the program's loop, once both consumers have posted
+    it (``_post_reduced``), counts the program's reductions of it; two tiles later, when the count
+    is back, lists x in ``owned`` if it was the tile's last. Then publishes the list's length
+    (``owned_len``, ``owned_done``) for the consumers' ``_convert_owned``."""
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    n_owned = total * 0  # a runtime value: the branches that append change it
+    # Tile x - 2's and x - 1's counts (none yet). Their first values must differ: triton carries a
+    # variable through the loop only if the body changes it, and ``older = old`` would not.
+    older = gl.full([32], -1, gl.int32, one)
+    old = gl.full([32], -2, gl.int32, one)
+    for x in range(total):
+        slot = x % NOTES
+        phase = (x // NOTES) & 1
+        mbarrier.wait(full0.index(slot), phase)
+        mbarrier.wait(full1.index(slot), phase)
+        count = _count_tile(counters + (b * n_heads + h0 + x // n_m).to(gl.int64) * (seqlen_q // BLOCK_M) + x % n_m)
+        mbarrier.arrive(empty0.index(slot), count=1)
+        mbarrier.arrive(empty1.index(slot), count=1)
+        n_owned = _own_if_last(older, x - 2, owned, n_owned, num_n_blocks)
+        older = old
+        old = count
+    n_owned = _own_if_last(older, total - 2, owned, n_owned, num_n_blocks)
+    n_owned = _own_if_last(old, total - 1, owned, n_owned, num_n_blocks)
+    owned_len.store(gl.full([1], n_owned, gl.int32, one))
+    mbarrier.arrive(owned_done, count=1)
+
+
+@gluon.jit
+def _convert_owned(C: gl.constexpr, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr, acc_heads, b, h0, dq_h0,
+                   n_heads, seqlen_q, n_m, D: gl.constexpr, BLOCK_M: gl.constexpr):
+    """After the loop, consumer C's columns of the dQ tiles ``_count_tiles`` listed: dq =
+    dQ_acc's float32 sums (``.cg``: from L2, never a line this SM's L1 held), two tiles per step
+    so that both tiles' loads are in flight at once."""
+    mbarrier.wait(owned_done, 0)
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    n_owned = gl.max(owned_len.load(one), axis=0)
+    COLS: gl.constexpr = D // 2
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (COLS // 4), COLS // 4], [4, 1], [1, 0])
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))[:, None]
+    cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))[None, :] + C * COLS
+    for k in range(0, n_owned, 2):
+        x0 = gl.max(owned.index(k).load(one), axis=0)
+        x1 = gl.max(owned.index(gl.minimum(k + 1, n_owned - 1)).load(one), axis=0)  # x0 again past the end
+        row0 = (b * seqlen_q + (x0 % n_m) * BLOCK_M + rows).to(gl.int64)
+        row1 = (b * seqlen_q + (x1 % n_m) * BLOCK_M + rows).to(gl.int64)
+        acc0 = gl.load(dq_acc_ptr + (row0 * acc_heads + dq_h0 + x0 // n_m) * D + cols, cache_modifier=".cg")
+        acc1 = gl.load(dq_acc_ptr + (row1 * acc_heads + dq_h0 + x1 // n_m) * D + cols, cache_modifier=".cg")
+        gl.store(dq_ptr + (row0 * n_heads + h0 + x0 // n_m) * D + cols, acc0.to(dq_ptr.dtype.element_ty))
+        gl.store(dq_ptr + (row1 * n_heads + h0 + x1 // n_m) * D + cols, acc1.to(dq_ptr.dtype.element_ty))
 
 
 @gluon.jit
@@ -178,13 +300,14 @@ def _own_ds_in_registers(D, BOUND_LEFT, BOUND_RIGHT):
 
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
-                 dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
-                 seqlen_q, m_begin, n_m, key_pos0, left_pos0, qk_scale, softcap_in, softmax_scale,
-                 BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
+                 dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, note_full, note_empty, dq_h0, b, h0,
+                 n_heads, seqlen_q, m_begin, n_m, key_pos0, left_pos0, qk_scale, softcap_in, softmax_scale,
+                 BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, CAST_DQ: gl.constexpr):
     """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``C D/2 + [0, D/2)``
     of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
     t + 1, whose S product runs while this tile's dQ is added (dP = dO V^T runs during the
-    exponentials). ``key_pos0`` / ``left_pos0``: the first / last row that sees the warpgroup's
+    exponentials). CAST_DQ: posts tile t - 2 to the counting warp (``note_full``/``note_empty``:
+    this warpgroup's ring). ``key_pos0`` / ``left_pos0``: the first / last row that sees the warpgroup's
     first key under the bounds that are set (``_mask_window``).
 
     Rows sit on the MMA's M side (S = Q K^T, not K Q^T), so each thread holds the LSE and delta
@@ -245,8 +368,13 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
         dv, dk, dq = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok])
     mbarrier.arrive(empty.index(slot), count=1)
     # The warpgroup's dQ columns reach L2 by TMA reductions from shared memory; the previous
-    # tile's reductions must have read the buffer first.
+    # tile's reductions must have read the buffer first (CAST_DQ: and tile t - 2's, complete, go
+    # to the counting warp).
+    if CAST_DQ:
+        _wait_reductions((D // 2) // dq_desc.block_type.shape[1])
     tma.store_wait(0)
+    if CAST_DQ:
+        _post_reduced(note_full, note_empty, t - 2)
     _reduce_dq(dq_desc, dq * softmax_scale, dq_s.index(C), b * seqlen_q + m0, (dq_h0 + t // n_m) * D + C * (D // 2))
     s = warpgroup_mma_wait(0, deps=[s_tok])
     return dk, dv, s, next_lse2, next_delta
@@ -254,11 +382,13 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
 
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
-             delta_ptr, dq_desc, dq_s, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
-             group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr,
-             BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
-    """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV.
-    ``dq_desc``'s columns start at head ``dq_h0`` for this program's group."""
+             delta_ptr, dq_desc, dq_s, note_full, note_empty, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
+             acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads,
+             seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
+             BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, CAST_DQ: gl.constexpr):
+    """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV (and
+    with CAST_DQ its columns of the dQ tiles the program converts). ``dq_desc``'s columns (and
+    ``dq_acc_ptr``'s) start at head ``dq_h0`` for this program's group."""
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     kd_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, D, 16])
@@ -284,9 +414,14 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     for t in range(total):
         dk, dv, s, lse2, delta = _fold_q_tile(
             C, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
-            dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, dq_h0, b, h0, n_heads,
+            dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, note_full, note_empty, dq_h0, b, h0, n_heads,
             seqlen_q, m_begin, n_m, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
-            BOUND_RIGHT, SOFTCAP)
+            BOUND_RIGHT, SOFTCAP, CAST_DQ)
+    if CAST_DQ:  # the last two tiles go to the counting warp once every reduction has completed
+        _wait_reductions(0)
+        tma.store_wait(0)
+        _post_reduced(note_full, note_empty, total - 2)
+        _post_reduced(note_full, note_empty, total - 1)
 
     # dK and dV leave through shared memory by TMA stores, whole 128-byte lines: stored straight
     # from the accumulators (4 bytes per thread and row piece) they took 2-8% of the backward at
@@ -303,6 +438,9 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     row = b * seqlen_k + n0 + C * HALF_N
     tma.async_copy_shared_to_global(dv_out, [row, kv_h * D], v_w)
     tma.async_copy_shared_to_global(dk_out, [row, kv_h * D], k_w)
+    if CAST_DQ:
+        _convert_owned(C, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr, acc_heads, b, h0, dq_h0, n_heads, seqlen_q,
+                       n_m, D, BLOCK_M)
     tma.store_wait(0)  # the stores and the last reduction have read shared memory before the program ends
 
 
@@ -345,14 +483,17 @@ def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_
 
 
 @gluon.jit
-def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dk_out, dv_out,
-                       seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
+def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dq_acc_ptr, dq_ptr, counters,
+                       dk_out, dv_out, seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
                        head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
-                       BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr):
+                       BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
+                       CAST_DQ: gl.constexpr):
     # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads)
     # in hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most
     # rows see) first. q/dO are viewed as 2-D (B * Sq, H * D), k/v (B * Sk, Hk * D); dq_desc is
-    # float32 (B * Sq, chunk_kv_heads * group_size * D).
+    # float32 (B * Sq, chunk_kv_heads * group_size * D), dq_acc_ptr its tensor. CAST_DQ: dq_ptr is dq
+    # (B, Sq, H, D) in the input dtype and counters int32 (B, H, Sq / BLOCK_M), zeros; otherwise
+    # neither is read.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m = _key_tile(
         seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M,
@@ -377,22 +518,61 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     mbarrier.init(ds_bar.index(0), count=2)  # both consumers' halves of dS^T stored
     mbarrier.init(ds_bar.index(1), count=2)
     mbarrier.init(kv_done, count=2)  # both consumers' last products have run
+    # CAST_DQ: the counting warp's notices (a ring of NOTES (full, empty) pairs per consumer) and
+    # its list of the tiles this program converts.
+    full0 = gl.allocate_shared_memory(gl.int64, [NOTES, 1], mbarrier.MBarrierLayout())
+    empty0 = gl.allocate_shared_memory(gl.int64, [NOTES, 1], mbarrier.MBarrierLayout())
+    full1 = gl.allocate_shared_memory(gl.int64, [NOTES, 1], mbarrier.MBarrierLayout())
+    empty1 = gl.allocate_shared_memory(gl.int64, [NOTES, 1], mbarrier.MBarrierLayout())
+    owned = gl.allocate_shared_memory(gl.int32, [MAX_OWNED, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    owned_len = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    owned_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    if CAST_DQ:
+        gl.static_assert(not (BOUND_LEFT or BOUND_RIGHT), "dQ is cast in the kernel only without a mask")
+        for i in gl.static_range(NOTES):
+            mbarrier.init(full0.index(i), count=1)
+            mbarrier.init(empty0.index(i), count=1)
+            mbarrier.init(full1.index(i), count=1)
+            mbarrier.init(empty1.index(i), count=1)
+        mbarrier.init(owned_done, count=1)
     _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
 
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
-    gl.warp_specialize([
-        (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
-                    delta_ptr, dq_desc, dq_s, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
-                    group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
-                    BOUND_RIGHT, SOFTCAP)),
-        (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
-                    delta_ptr, dq_desc, dq_s, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
-                    group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
-                    BOUND_RIGHT, SOFTCAP)),
-        (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
-                         group_size * n_m, h0)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    acc_heads = chunk_kv_heads * group_size
+    # (Gluon takes the partitions only as literals: the two lists repeat the first three.)
+    if CAST_DQ:
+        gl.warp_specialize([
+            (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
+                        delta_ptr, dq_desc, dq_s, full0, empty0, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
+            (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
+                        delta_ptr, dq_desc, dq_s, full1, empty1, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
+            (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
+                             group_size * n_m, h0)),
+            (_count_tiles, (full0, empty0, full1, empty1, counters, owned, owned_len, owned_done, b, h0, n_heads,
+                            seqlen_q, n_m, group_size * n_m, num_n_blocks, BLOCK_M)),
+        ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
+    else:
+        gl.warp_specialize([
+            (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
+                        delta_ptr, dq_desc, dq_s, full0, empty0, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
+            (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
+                        delta_ptr, dq_desc, dq_s, full1, empty1, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
+            (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
+                             group_size * n_m, h0)),
+        ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def hopper_bwd_eligible(q, k, v, dout, features, varlen) -> bool:
@@ -423,9 +603,20 @@ class BackwardKernel(NamedTuple):
     # dK and dV leave by TMA stores of 64-key boxes (``dk_out``/``dv_out`` descriptors) without a
     # mask, and with one where this is set; otherwise they are pointers to dk and dv.
     masked_tma_store: bool = True
+    # The kernel can convert dQ to the input dtype itself (this module's: CAST_DQ, its arguments
+    # after dq_desc the float32 buffer, dq and the counters); otherwise the launcher casts it.
+    can_cast_dq: bool = True
 
 
 _HOPPER_BWD = BackwardKernel(_hopper_bwd_kernel, FastLaunch(_hopper_bwd_kernel), BLOCK_N)
+
+
+def cast_dq_in_kernel(head_dim: int, masked: bool, group_size: int, seqlen_q: int) -> bool:
+    """Whether this module's kernel converts dQ to the input dtype itself (CAST_DQ): unmasked at head
+    dim 128, where it measured faster than the cast kernel (docs/performance.md, step 37: causal and
+    head dim 64 were slower), and where every program's Q tiles fit the list of tiles it may
+    convert."""
+    return head_dim == 128 and not masked and group_size * (seqlen_q // BLOCK_M) <= MAX_OWNED.value
 
 
 def _kernel_for(head_dim: int) -> BackwardKernel:
@@ -482,24 +673,42 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
     # One launch for every head: its float32 dQ accumulator is zeroed by the delta kernel, in the
     # pass that reads O and dO anyway. Split launches zero each chunk's as it is allocated.
     whole = torch.empty(q.shape, dtype=torch.float32, device=q.device) if len(chunks) == 1 else None
-    launch_delta(out, dout, delta, zero=whole)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if whole is None else None
+    cast_in_kernel = kernel.can_cast_dq and cast_dq_in_kernel(head_dim, features.masked, group_size, seqlen_q)
+    dq, counts = _dq_output(q, cast_in_kernel, whole is None)
+    launch_delta(out, dout, delta, zero=whole, counts=counts)
     for kv_head0, chunk in chunks:
         order_group = head_group(features.masked, batch * chunk, q_do_bytes)
         heads = slice(kv_head0 * group_size, (kv_head0 + chunk) * group_size)
         dq_acc = whole if whole is not None else torch.zeros(
             (batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
         dq_desc = descriptor(dq_acc, (batch * seqlen_q, chunk * group_size * head_dim), dq_block)
+        # This module's kernel: the float32 buffer, dq and the counters (stand-ins, unread, without
+        # CAST_DQ), and the flag last.
+        cast = ((dq_acc, dq, counts), (True,)) if cast_in_kernel else ((dq_acc, dq_acc, delta), (False,))
         launch[(num_n_blocks * batch * chunk,)](
-            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, dk_out, dv_out, seqlen_q, seqlen_k, n_heads,
-            group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features), features.softmax_scale,
-            features.window_left, features.window_right, head_dim, features.window_left >= 0,
-            features.window_right >= 0, features.softcap > 0, num_warps=NUM_WARPS)
-        if dq is None:  # one launch for every head: dQ is its buffer, cast (no slice assignment)
-            dq = dq_acc.to(q.dtype)
-        else:
-            dq[:, :, heads] = dq_acc
+            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, *(cast[0] if kernel.can_cast_dq else ()), dk_out,
+            dv_out, seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk, num_n_blocks, order_group,
+            *softcap_scales(features), features.softmax_scale, features.window_left, features.window_right, head_dim,
+            features.window_left >= 0, features.window_right >= 0, features.softcap > 0,
+            *(cast[1] if kernel.can_cast_dq else ()), num_warps=NUM_WARPS)
+        if not cast_in_kernel:
+            if dq is None:  # one launch for every head: dQ is its buffer, cast (no slice assignment)
+                dq = dq_acc.to(q.dtype)
+            else:
+                dq[:, :, heads] = dq_acc
         # Before the next chunk's buffer is allocated, or both would be alive at once (the
         # descriptor holds a reference to its tensor).
-        del dq_acc, dq_desc
+        del dq_acc, dq_desc, cast
     return dq, dk, dv
+
+
+def _dq_output(q, in_kernel, split):
+    """``(dq, counters)``. A kernel that converts dQ itself writes every tile of dq, counting each
+    tile's completed reductions in ``counters`` (int32 (B, H, Sq / BLOCK_M)), which the delta kernel
+    zeroes. Otherwise the launcher casts dQ: into ``dq`` for split launches, as a new tensor (dq
+    None here) for one."""
+    if not in_kernel:
+        return (torch.empty(q.shape, dtype=q.dtype, device=q.device) if split else None), None
+    batch, seqlen_q, n_heads, _ = q.shape
+    counts = torch.empty(batch * n_heads * (seqlen_q // BLOCK_M), dtype=torch.int32, device=q.device)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), counts

@@ -270,4 +270,5 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
-WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N, masked_tma_store=False)
+WIDE_BWD = BackwardKernel(_wide_bwd_kernel, FastLaunch(_wide_bwd_kernel), BLOCK_N, masked_tma_store=False,
+                          can_cast_dq=False)
