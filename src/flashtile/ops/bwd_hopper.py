@@ -142,7 +142,7 @@ def _count_tile(counter):
     """Lane 0 adds 1 to ``*counter`` (relaxed, GPU scope: every count follows its reductions'
     completion, and the converted sums are read from L2 after the count that says they are all
     there) and gets the count before it; the other lanes get -1. Not reduced across the warp here:
-    ``_convert_if_last`` reads it two tiles later, so the atomic's round trip (long, with every
+    ``_own_if_last`` reads it two tiles later, so the atomic's round trip (long, with every
     program of the head counting the same tile at about the same time) never holds up the loop."""
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     return gl.inline_asm_elementwise(
