@@ -62,7 +62,7 @@ from flashtile import configs
 from flashtile.ops.bwd import launch_delta
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.descriptors import descriptor
-from flashtile.ops.fwd_hopper import tanh_approx
+from flashtile.ops.fwd_hopper import post_scalar, read_scalar, tanh_approx
 from flashtile.ops.hopper_order import head_and_rank, head_group
 from flashtile.ops.launch import FastLaunch
 
@@ -111,20 +111,18 @@ NOTES = gl.constexpr(8)
 MAX_OWNED = gl.constexpr(2048)  # tiles a program can convert (``owned``: 8 KB of shared memory)
 
 
+@gluon.constexpr_function
+def _wait_group_asm(pending):
+    return f"cp.async.bulk.wait_group {pending};\n\tmov.b32 $0, $1;"
+
+
 @gluon.jit
 def _wait_reductions(PENDING: gl.constexpr):
     """Until at most PENDING of this thread's bulk groups are in flight, the rest completed: their
     sums are in L2 and visible to the generic proxy (``tma.store_wait`` waits only until they
     have read shared memory)."""
     lanes = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))  # an operand for the asm
-    if PENDING == 0:
-        asm: gl.constexpr = "cp.async.bulk.wait_group 0;\n\tmov.b32 $0, $1;"
-    elif PENDING == 1:
-        asm: gl.constexpr = "cp.async.bulk.wait_group 1;\n\tmov.b32 $0, $1;"
-    else:
-        gl.static_assert(PENDING == 2, "at most two TMA reductions per dQ tile")
-        asm: gl.constexpr = "cp.async.bulk.wait_group 2;\n\tmov.b32 $0, $1;"
-    gl.inline_asm_elementwise(asm, "=r,r", [lanes], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(_wait_group_asm(PENDING), "=r,r", [lanes], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -158,7 +156,7 @@ def _own_if_last(count, x, owned, n_owned, num_n_blocks):
     tile (unmasked). Nothing for x < 0; returns the list's new length."""
     if x >= 0:
         if gl.max(count, axis=0) == num_n_blocks - 1:
-            owned.index(n_owned).store(gl.full([1], x, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+            post_scalar(owned.index(n_owned), x)
             n_owned += 1
     return n_owned
 
@@ -189,7 +187,7 @@ def _count_tiles(full0, empty0, full1, empty1, counters, owned, owned_len, owned
         old = count
     n_owned = _own_if_last(older, total - 2, owned, n_owned, num_n_blocks)
     n_owned = _own_if_last(old, total - 1, owned, n_owned, num_n_blocks)
-    owned_len.store(gl.full([1], n_owned, gl.int32, one))
+    post_scalar(owned_len, n_owned)
     mbarrier.arrive(owned_done, count=1)
 
 
@@ -200,15 +198,14 @@ def _convert_owned(C: gl.constexpr, owned, owned_len, owned_done, dq_acc_ptr, dq
     dQ_acc's float32 sums (``.cg``: from L2, never a line this SM's L1 held), two tiles per step
     so that both tiles' loads are in flight at once."""
     mbarrier.wait(owned_done, 0)
-    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    n_owned = gl.max(owned_len.load(one), axis=0)
+    n_owned = read_scalar(owned_len)
     COLS: gl.constexpr = D // 2
     layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (COLS // 4), COLS // 4], [4, 1], [1, 0])
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))[:, None]
     cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))[None, :] + C * COLS
     for k in range(0, n_owned, 2):
-        x0 = gl.max(owned.index(k).load(one), axis=0)
-        x1 = gl.max(owned.index(gl.minimum(k + 1, n_owned - 1)).load(one), axis=0)  # x0 again past the end
+        x0 = read_scalar(owned.index(k))
+        x1 = read_scalar(owned.index(gl.minimum(k + 1, n_owned - 1)))  # x0 again past the end
         row0 = (b * seqlen_q + (x0 % n_m) * BLOCK_M + rows).to(gl.int64)
         row1 = (b * seqlen_q + (x1 % n_m) * BLOCK_M + rows).to(gl.int64)
         acc0 = gl.load(dq_acc_ptr + (row0 * acc_heads + dq_h0 + x0 // n_m) * D + cols, cache_modifier=".cg")
@@ -682,15 +679,19 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
         dq_acc = whole if whole is not None else torch.zeros(
             (batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
         dq_desc = descriptor(dq_acc, (batch * seqlen_q, chunk * group_size * head_dim), dq_block)
-        # This module's kernel: the float32 buffer, dq and the counters (stand-ins, unread, without
-        # CAST_DQ), and the flag last.
-        cast = ((dq_acc, dq, counts), (True,)) if cast_in_kernel else ((dq_acc, dq_acc, delta), (False,))
+        # This module's kernel takes the float32 buffer, dq and the counters after dq_desc (without
+        # CAST_DQ stand-ins, unread) and CAST_DQ last; bwd_hopper_wide's takes neither.
+        if kernel.can_cast_dq:
+            dq_args = (dq_acc, dq, counts) if cast_in_kernel else (dq_acc, dq_acc, delta)
+            flags = (cast_in_kernel,)
+        else:
+            dq_args = flags = ()
         launch[(num_n_blocks * batch * chunk,)](
-            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, *(cast[0] if kernel.can_cast_dq else ()), dk_out,
-            dv_out, seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk, num_n_blocks, order_group,
-            *softcap_scales(features), features.softmax_scale, features.window_left, features.window_right, head_dim,
-            features.window_left >= 0, features.window_right >= 0, features.softcap > 0,
-            *(cast[1] if kernel.can_cast_dq else ()), num_warps=NUM_WARPS)
+            q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, *dq_args, dk_out, dv_out, seqlen_q, seqlen_k,
+            n_heads, group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features),
+            features.softmax_scale, features.window_left, features.window_right, head_dim,
+            features.window_left >= 0, features.window_right >= 0, features.softcap > 0, *flags,
+            num_warps=NUM_WARPS)
         if not cast_in_kernel:
             if dq is None:  # one launch for every head: dQ is its buffer, cast (no slice assignment)
                 dq = dq_acc.to(q.dtype)
@@ -698,7 +699,7 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
                 dq[:, :, heads] = dq_acc
         # Before the next chunk's buffer is allocated, or both would be alive at once (the
         # descriptor holds a reference to its tensor).
-        del dq_acc, dq_desc, cast
+        del dq_acc, dq_desc, dq_args
     return dq, dk, dv
 
 

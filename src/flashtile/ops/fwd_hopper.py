@@ -123,7 +123,7 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
         q_row0 = b * seqlen_q + first_row
         q_slot = _wait_q_slot(q_empty, done, True)
         if QUEUE:  # the consumers read the tile's index once Q has arrived (q_ready orders the store)
-            _post_work(work_slot.index(q_slot), work)
+            post_scalar(work_slot.index(q_slot), work)
         mbarrier.expect(q_ready.index(q_slot), CONSUMERS * q_desc.block_type.nbytes)
         for c in gl.static_range(CONSUMERS):
             tma.async_copy_global_to_shared(q_desc, [q_row0 + c * HALF, h * D], q_ready.index(q_slot),
@@ -134,7 +134,7 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
         work = _next_work(work, work_counter, n_work, QUEUE)
     if QUEUE:  # no tile left: the consumers read n_work and stop
         q_slot = _wait_q_slot(q_empty, done, True)
-        _post_work(work_slot.index(q_slot), n_work)
+        post_scalar(work_slot.index(q_slot), n_work)
         mbarrier.arrive(q_ready.index(q_slot), count=1)
 
 
@@ -155,17 +155,18 @@ def _next_work(work, work_counter, n_work, QUEUE: gl.constexpr):
 
 
 @gluon.jit
-def _post_work(work_slot, work):
-    """The producer (one warp) writes a work tile's index to the shared slot the consumers read."""
+def post_scalar(slot, value):
+    """One warp writes an int32 to a one-element shared slot (the producer's work tile index for
+    the consumers; bwd_hopper's counting warp uses it too)."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    work_slot.store(gl.full([1], work, gl.int32, layout))
+    slot.store(gl.full([1], value, gl.int32, layout))
 
 
 @gluon.jit
-def _read_work(work_slot):
-    """A consumer warpgroup reads the index ``_post_work`` wrote."""
+def read_scalar(slot):
+    """A warpgroup reads the int32 ``post_scalar`` wrote."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    return gl.max(work_slot.load(layout), axis=0)
+    return gl.max(slot.load(layout), axis=0)
 
 
 @gluon.jit
@@ -365,7 +366,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
     work = gl.program_id(0)
     if QUEUE:
         mbarrier.wait(q_ready.index(0), 0)
-        work = _read_work(work_slot.index(0))
+        work = read_scalar(work_slot.index(0))
     while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
             work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
@@ -380,7 +381,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
         ring += end_tile - first_tile
         done += 1
         if QUEUE:  # the next tile's Q, or the producer's stop
-            work = _read_work(work_slot.index(_wait_q_slot(q_ready, done, False)))
+            work = read_scalar(work_slot.index(_wait_q_slot(q_ready, done, False)))
         else:
             work += gl.num_programs(0)
 
