@@ -121,7 +121,8 @@ def gluon_report(spec: str) -> str:
         types["dk_out"] = types["dv_out"] = desc_type(64) if masked_tma_store or not causal else "*bf16"
         constexprs = {"D": head_dim, "BOUND_LEFT": window, "BOUND_RIGHT": causal, "SOFTCAP": softcap}
         if "CAST_DQ" in kernel.arg_names:  # as hopper_bwd decides for 2048 rows of 2 heads per KV head
-            constexprs["CAST_DQ"] = bwd_hopper.cast_dq_in_kernel(head_dim, causal, 2, 2048)
+            constexprs["CAST_DQ"] = bwd_hopper.cast_dq_in_kernel(
+                head_dim, 511 if window else -1, 0 if causal else -1, 2, 2048, 2048)
     types |= {"lse_ptr": "*fp32", "qk_scale": "fp32", "softcap_in": "fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),

@@ -265,15 +265,24 @@ def test_gluon_backward_splits_the_dq_buffer_only_for_long_sequences_that_keep_t
 
 
 def test_gluon_backward_casts_dq_in_the_kernel_only_where_measured_faster():
-    """Unmasked head dim 128 only (docs/performance.md step 37: causal and head dim 64 ran slower),
-    and only while every program's Q tiles fit the list of tiles it may convert."""
-    from flashtile.ops.bwd_hopper import BLOCK_M, MAX_OWNED, cast_dq_in_kernel
+    """The head dims of CAST_DQ_HEAD_DIMS, unmasked or causal (a right bound alone that every row
+    sees key 0 under), and only while every program's Q tiles fit the list of tiles it may convert."""
+    from flashtile.ops.bwd_hopper import BLOCK_M, CAST_DQ_HEAD_DIMS, MAX_OWNED, cast_dq_in_kernel
 
-    assert cast_dq_in_kernel(128, False, 1, 16384)
-    assert not cast_dq_in_kernel(128, True, 1, 2048)  # causal or a window
-    assert not cast_dq_in_kernel(64, False, 1, 2048) and not cast_dq_in_kernel(256, False, 1, 2048)
+    def rule(head_dim, mask, group_size=1, seqlen_q=2048, seqlen_k=2048):
+        window = {"none": (-1, -1), "causal": (-1, 0), "right": (-1, 64), "left": (255, 0), "band": (255, 255)}
+        return cast_dq_in_kernel(head_dim, *window[mask], group_size, seqlen_q, seqlen_k)
+
+    for head_dim in (64, 128, 256):
+        assert rule(head_dim, "none") == (head_dim in CAST_DQ_HEAD_DIMS["none"])
+        assert rule(head_dim, "causal") == (head_dim in CAST_DQ_HEAD_DIMS["causal"])
+        assert not rule(head_dim, "left") and not rule(head_dim, "band")  # a left bound
+    causal_dim = CAST_DQ_HEAD_DIMS["causal"][0]
+    assert rule(causal_dim, "causal", seqlen_q=1024) and rule(causal_dim, "right")
+    assert not rule(causal_dim, "causal", seqlen_q=4096)  # Sq > Sk: the first rows see no key
+    assert rule(causal_dim, "right", seqlen_q=2048 + 64) and not rule(causal_dim, "right", seqlen_q=2048 + 128)
     rows = MAX_OWNED.value * BLOCK_M
-    assert cast_dq_in_kernel(128, False, 4, rows // 4) and not cast_dq_in_kernel(128, False, 4, rows // 4 + BLOCK_M)
+    assert rule(128, "none", 4, rows // 4, rows // 4) and not rule(128, "none", 4, rows // 4 + BLOCK_M, rows // 4)
 
 
 def test_delta_kernel_refuses_a_counter_buffer_of_the_wrong_size():

@@ -439,24 +439,34 @@ def test_gluon_backward_matches_oracle(shape, causal, dtype, monkeypatch):
     assert calls, "the Gluon backward did not run"
 
 
-CAST_SHAPES = [(2, 1024, 1024, 4, 2, 128), (1, 320, 1152, 4, 4, 128)]
+CAST_SHAPES = [(2, 1024, 1024, 4, 2, 128), (1, 320, 1152, 4, 4, 128), (1, 1024, 1024, 8, 2, 64)]
+# (causal, window_size): the masks the kernel may convert dQ under (bwd_hopper.cast_dq_in_kernel)
+CAST_MASKS = {"full": (False, (-1, -1)), "causal": (True, (-1, -1)), "right-window": (False, (-1, 96))}
 
 
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["cast-in-kernel", "cast-after"])
+@pytest.mark.parametrize("mask", list(CAST_MASKS))
 @pytest.mark.parametrize("shape", CAST_SHAPES, ids=[case_id(*s) for s in CAST_SHAPES])
-def test_gluon_backward_casts_dq_either_way(shape, in_kernel, monkeypatch):
-    """Unmasked head dim 128: dQ converted to the input dtype inside the kernel, by the program
-    whose reductions complete each tile (bwd_hopper's CAST_DQ), or by the cast after it; GQA, one
-    launch and one launch per KV head (each with its own dQ buffer, the counters shared)."""
+def test_gluon_backward_casts_dq_either_way(shape, mask, in_kernel, monkeypatch):
+    """dQ converted to the input dtype inside the kernel, by the program whose reductions complete
+    each tile (bwd_hopper's CAST_DQ; under a right bound each tile counts only the key tiles its
+    rows see, and with Sq < Sk the diagonal cuts tiles at other offsets), or by the cast after it;
+    GQA, one launch and one launch per KV head (each with its own dQ buffer, the counters shared)."""
     from flashtile.ops import bwd_hopper
 
     calls = _count_gluon_bwd_calls(monkeypatch)
     monkeypatch.setattr(bwd_hopper, "cast_dq_in_kernel", lambda *args: in_kernel)
+    causal, window = CAST_MASKS[mask]
+
+    def attn(q, k, v):
+        out, lse, _ = flashtile.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+        return out, lse
+
     q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device="cuda")
-    check_against_oracle(attention(False), q, k, v)
+    check_against_oracle(attn, q, k, v, causal=causal, window_size=window)
     one_launch = len(calls)
     monkeypatch.setattr(bwd_hopper, "head_chunks", lambda n_kv_heads, *_: [(h, 1) for h in range(n_kv_heads)])
-    check_against_oracle(attention(False), q, k, v)
+    check_against_oracle(attn, q, k, v, causal=causal, window_size=window)
     assert one_launch and len(calls) > one_launch, "the Gluon backward did not run"
 
 

@@ -34,9 +34,10 @@ The dQ sums first went out as ``red.global.add.v4.f32`` instructions from every 
 TFLOP/s at head dim 128); a TMA bulk reduction per 32 columns (``_tma_reduce_add``) replaced them
 (docs/performance.md). ``dQ_acc`` is float32 and zero-filled (by the delta kernel, which runs
 first), covering half of the heads at a time from ``configs.GLUON_BWD_SPLIT_DQ_MIN_SEQLEN`` query
-rows (peak memory). Unmasked at head dim 128 the kernel converts it to dq itself: the program whose
-reductions complete a tile converts it after its loop (CAST_DQ, ``cast_dq_in_kernel``; the comment
-above ``NOTES``); otherwise the launcher casts it after the kernel. The sums depend
+rows (peak memory). At head dim 128, unmasked or causal, the kernel converts it to dq itself: the
+program whose reductions complete a tile converts it after its loop (CAST_DQ, ``cast_dq_in_kernel``;
+the comment above ``NOTES``; under causal each program then takes its Q tiles last to first,
+``_q_step``); otherwise the launcher casts it after the kernel. The sums depend
 on their order, so this path is not bitwise reproducible: calls with ``deterministic=True`` take
 the ``tl`` kernels. Covers what ``hopper_bwd_eligible`` checks: 16-bit inputs, the (head dim,
 causal) entries of ``configs.SM90_GLUON_BWD`` (head dims 64, 128 and 256, each from the key
@@ -97,10 +98,11 @@ def _reduce_dq(dq_desc, dq, staging, row, col):
         _tma_reduce_add(dq_desc, [row, col + i * PIECE], staging.slice(i * PIECE, PIECE, dim=1))
 
 
-# Unmasked, dQ can leave the kernel in the input dtype (CAST_DQ, ``cast_dq_in_kernel``). Each 64-row
-# tile of dQ_acc takes one TMA reduction per consumer from every program of its KV head; a counter
-# per tile counts the programs whose reductions of it have completed, and the program whose count
-# completes it converts the tile's float32 sums to dq after its own loop. That replaces the cast
+# Unmasked or causal, dQ can leave the kernel in the input dtype (CAST_DQ, ``cast_dq_in_kernel``).
+# Each 64-row tile of dQ_acc takes one TMA reduction per consumer from every program of its KV head
+# whose keys its rows see (``_contributors``); a counter per tile counts the programs whose
+# reductions of it have completed, and the program whose count completes it converts the tile's
+# float32 sums to dq after its own loop. That replaces the cast
 # kernel after the backward (B * Sq * H * D * 6 bytes through HBM: 67 us at every length of the
 # benchmark; docs/performance.md, step 37). The counting runs in a warp of its own (``_count_tiles``,
 # in the producer's warpgroup): the consumers only wait for their reductions to complete and post a
@@ -150,20 +152,33 @@ def _count_tile(counter):
 
 
 @gluon.jit
-def _own_if_last(count, x, owned, n_owned, num_n_blocks):
+def _contributors(row, key_shift, num_n_blocks, BLOCK_M: gl.constexpr, BOUND_RIGHT: gl.constexpr):
+    """How many of the KV head's ``num_n_blocks`` programs add into the dQ tile of query rows
+    ``row + [0, BLOCK_M)``: all of them unmasked; under a right bound (causal), those whose first
+    key ``n0`` some row sees (``n0 <= row + BLOCK_M - 1 + key_shift``; every row sees key 0)."""
+    if BOUND_RIGHT:
+        return gl.minimum(num_n_blocks, (row + BLOCK_M - 1 + key_shift) // (2 * HALF_N) + 1)
+    else:
+        return num_n_blocks
+
+
+@gluon.jit
+def _own_if_last(count, x, owned, n_owned, m_first, n_m, key_shift, num_n_blocks, BLOCK_M: gl.constexpr,
+                 M_STEP: gl.constexpr, BOUND_RIGHT: gl.constexpr):
     """Appends tile x to ``owned`` if ``count`` (``_count_tile``'s, for x) shows this program's
-    count was the tile's last: every one of the KV head's ``num_n_blocks`` programs adds into every
-    tile (unmasked). Nothing for x < 0; returns the list's new length."""
+    count was the tile's last (``_contributors``). Nothing for x < 0; returns the list's new length."""
     if x >= 0:
-        if gl.max(count, axis=0) == num_n_blocks - 1:
+        row = m_first + (x % n_m) * M_STEP
+        if gl.max(count, axis=0) == _contributors(row, key_shift, num_n_blocks, BLOCK_M, BOUND_RIGHT) - 1:
             post_scalar(owned.index(n_owned), x)
             n_owned += 1
     return n_owned
 
 
 @gluon.jit
-def _count_tiles(full0, empty0, full1, empty1, counters, owned, owned_len, owned_done, b, h0, n_heads, seqlen_q, n_m,
-                 total, num_n_blocks, BLOCK_M: gl.constexpr):
+def _count_tiles(full0, empty0, full1, empty1, counters, owned, owned_len, owned_done, b, h0, n_heads, seqlen_q,
+                 m_first, n_m, total, key_shift, num_n_blocks, BLOCK_M: gl.constexpr, M_STEP: gl.constexpr,
+                 BOUND_RIGHT: gl.constexpr):
     """The counting warp: for each tile x of the program's loop, once both consumers have posted
     it (``_post_reduced``), counts the program's reductions of it; two tiles later, when the count
     is back, lists x in ``owned`` if it was the tile's last. Then publishes the list's length
@@ -179,21 +194,25 @@ def _count_tiles(full0, empty0, full1, empty1, counters, owned, owned_len, owned
         phase = (x // NOTES) & 1
         mbarrier.wait(full0.index(slot), phase)
         mbarrier.wait(full1.index(slot), phase)
-        count = _count_tile(counters + (b * n_heads + h0 + x // n_m).to(gl.int64) * (seqlen_q // BLOCK_M) + x % n_m)
+        tile = m_first // BLOCK_M + (x % n_m) * (M_STEP // BLOCK_M)  # of the head's dQ tiles
+        count = _count_tile(counters + (b * n_heads + h0 + x // n_m).to(gl.int64) * (seqlen_q // BLOCK_M) + tile)
         mbarrier.arrive(empty0.index(slot), count=1)
         mbarrier.arrive(empty1.index(slot), count=1)
-        n_owned = _own_if_last(older, x - 2, owned, n_owned, num_n_blocks)
+        n_owned = _own_if_last(older, x - 2, owned, n_owned, m_first, n_m, key_shift, num_n_blocks, BLOCK_M, M_STEP,
+                               BOUND_RIGHT)
         older = old
         old = count
-    n_owned = _own_if_last(older, total - 2, owned, n_owned, num_n_blocks)
-    n_owned = _own_if_last(old, total - 1, owned, n_owned, num_n_blocks)
+    n_owned = _own_if_last(older, total - 2, owned, n_owned, m_first, n_m, key_shift, num_n_blocks, BLOCK_M, M_STEP,
+                           BOUND_RIGHT)
+    n_owned = _own_if_last(old, total - 1, owned, n_owned, m_first, n_m, key_shift, num_n_blocks, BLOCK_M, M_STEP,
+                           BOUND_RIGHT)
     post_scalar(owned_len, n_owned)
     mbarrier.arrive(owned_done, count=1)
 
 
 @gluon.jit
 def _convert_owned(C: gl.constexpr, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr, acc_heads, b, h0, dq_h0,
-                   n_heads, seqlen_q, n_m, D: gl.constexpr, BLOCK_M: gl.constexpr):
+                   n_heads, seqlen_q, m_first, n_m, D: gl.constexpr, BLOCK_M: gl.constexpr, M_STEP: gl.constexpr):
     """After the loop, consumer C's columns of the dQ tiles ``_count_tiles`` listed: dq =
     dQ_acc's float32 sums (``.cg``: from L2, never a line this SM's L1 held), two tiles per step
     so that both tiles' loads are in flight at once."""
@@ -206,8 +225,8 @@ def _convert_owned(C: gl.constexpr, owned, owned_len, owned_done, dq_acc_ptr, dq
     for k in range(0, n_owned, 2):
         x0 = read_scalar(owned.index(k))
         x1 = read_scalar(owned.index(gl.minimum(k + 1, n_owned - 1)))  # x0 again past the end
-        row0 = (b * seqlen_q + (x0 % n_m) * BLOCK_M + rows).to(gl.int64)
-        row1 = (b * seqlen_q + (x1 % n_m) * BLOCK_M + rows).to(gl.int64)
+        row0 = (b * seqlen_q + m_first + (x0 % n_m) * M_STEP + rows).to(gl.int64)
+        row1 = (b * seqlen_q + m_first + (x1 % n_m) * M_STEP + rows).to(gl.int64)
         acc0 = gl.load(dq_acc_ptr + (row0 * acc_heads + dq_h0 + x0 // n_m) * D + cols, cache_modifier=".cg")
         acc1 = gl.load(dq_acc_ptr + (row1 * acc_heads + dq_h0 + x1 // n_m) * D + cols, cache_modifier=".cg")
         gl.store(dq_ptr + (row0 * n_heads + h0 + x0 // n_m) * D + cols, acc0.to(dq_ptr.dtype.element_ty))
@@ -215,12 +234,13 @@ def _convert_owned(C: gl.constexpr, owned, owned_len, owned_done, dq_acc_ptr, dq
 
 
 @gluon.jit
-def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_begin, n_m, total, h0):
+def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_first, n_m, total, h0,
+                  M_STEP: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     for t in range(total):
         slot = t % SLOTS
-        row = q_row0 + m_begin + (t % n_m) * BLOCK_M
+        row = q_row0 + m_first + (t % n_m) * M_STEP
         col = (h0 + t // n_m) * D
         mbarrier.wait(empty.index(slot), ((t // SLOTS) & 1) ^ 1, pred=t >= SLOTS)  # both consumers released it
         mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -229,21 +249,22 @@ def _produce_q_do(q_desc, do_desc, q_ring, do_ring, ready, empty, q_row0, m_begi
 
 
 @gluon.jit
-def _row_vector(ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+def _row_vector(ptr, t, total, b, h0, n_heads, seqlen_q, m_first, n_m, BLOCK_M: gl.constexpr, M_STEP: gl.constexpr,
+                layout: gl.constexpr):
     """Q tile t's rows of a (B, H, Sq) float32 vector (LSE or delta), zeros past the last tile,
     in ``layout``."""
     row_base = (b * n_heads + h0 + t // n_m).to(gl.int64) * seqlen_q
-    rows = m_begin + (t % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
+    rows = m_first + (t % n_m) * M_STEP + gl.arange(0, BLOCK_M, layout=layout)
     valid = (rows * 0 + t) < total  # the scalar test t < total as a mask in the rows' layout
     return gl.load(ptr + row_base + rows, mask=valid, other=0.0)
 
 
 @gluon.jit
-def _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M: gl.constexpr,
-               layout: gl.constexpr):
+def _row_stats(t, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_first, n_m, BLOCK_M: gl.constexpr,
+               M_STEP: gl.constexpr, layout: gl.constexpr):
     """Base-2 LSE and delta of Q tile t's rows (zeros past the last tile), in ``layout``."""
-    lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, layout) * LOG2E
-    return lse2, _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, layout)
+    lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_first, n_m, BLOCK_M, M_STEP, layout) * LOG2E
+    return lse2, _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_first, n_m, BLOCK_M, M_STEP, layout)
 
 
 @gluon.jit
@@ -298,8 +319,9 @@ def _own_ds_in_registers(D, BOUND_LEFT, BOUND_RIGHT):
 @gluon.jit
 def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
                  dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, note_full, note_empty, dq_h0, b, h0,
-                 n_heads, seqlen_q, m_begin, n_m, key_pos0, left_pos0, qk_scale, softcap_in, softmax_scale,
-                 BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, CAST_DQ: gl.constexpr):
+                 n_heads, seqlen_q, m_first, n_m, key_pos0, left_pos0, qk_scale, softcap_in, softmax_scale,
+                 BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, CAST_DQ: gl.constexpr,
+                 M_STEP: gl.constexpr):
     """Consumer C's share of Q/dO tile t: its 64 keys' ``(dk, dv)``, and columns ``C D/2 + [0, D/2)``
     of the tile's dQ, from the tile's scores ``s``, ``lse2`` and ``delta``; returns those of tile
     t + 1, whose S product runs while this tile's dQ is added (dP = dO V^T runs during the
@@ -317,7 +339,7 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     slot = t % SLOTS
     q_s = q_ring.index(slot)
     do_s = do_ring.index(slot)
-    m0 = m_begin + (t % n_m) * BLOCK_M
+    m0 = m_first + (t % n_m) * M_STEP
     dp_tok = warpgroup_mma(do_s, v_w.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
     if SOFTCAP:  # scores cap * tanh(S * scale / cap): dS picks up the derivative 1 - tanh^2
         s = tanh_approx(s * softcap_in)
@@ -356,8 +378,8 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
     else:
         dq_tok = warpgroup_mma(ds_buf, k_cols, dq_zero, use_acc=False, is_async=True)
     s_tok = _scores(t + 1, total, q_ring, k_w, ready, mn_layout)
-    next_lse2, next_delta = _row_stats(t + 1, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m,
-                                       BLOCK_M, row_layout)
+    next_lse2, next_delta = _row_stats(t + 1, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_first, n_m,
+                                       BLOCK_M, M_STEP, row_layout)
     # Tile t + 1's S may still run; with dS read from registers, they stay untouched until then.
     if OWN_DS_IN_REGISTERS:
         dv, dk, dq, ds_a = warpgroup_mma_wait(1, deps=[dv_tok, dk_tok, dq_tok, ds_a])
@@ -380,9 +402,9 @@ def _fold_q_tile(C: gl.constexpr, t, total, q_ring, do_ring, k_w, v_w, k_cols, p
 @gluon.jit
 def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
              delta_ptr, dq_desc, dq_s, note_full, note_empty, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
-             acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m, group_size, n_heads,
+             acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_first, n_m, group_size, n_heads,
              seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D: gl.constexpr, BOUND_LEFT: gl.constexpr,
-             BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, CAST_DQ: gl.constexpr):
+             BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr, CAST_DQ: gl.constexpr, M_STEP: gl.constexpr):
     """Consumer warpgroup C: keys ``n0 + C * HALF_N + [0, HALF_N)``; writes their dK and dV (and
     with CAST_DQ its columns of the dQ tiles the program converts). ``dq_desc``'s columns (and
     ``dq_acc_ptr``'s) start at head ``dq_h0`` for this program's group."""
@@ -402,7 +424,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     total = group_size * n_m
     mbarrier.wait(kv_bar, 0)
     s_tok = _scores(0, total, q_ring, k_w, ready, mn_layout)
-    lse2, delta = _row_stats(0, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+    lse2, delta = _row_stats(0, total, lse_ptr, delta_ptr, b, h0, n_heads, seqlen_q, m_first, n_m, BLOCK_M, M_STEP,
                              gl.SliceLayout(1, mn_layout))
     s = warpgroup_mma_wait(0, deps=[s_tok])
     # Tiles t = g * n_m + i: the group's query heads g, each over its Q tiles i. Under causal
@@ -412,8 +434,8 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
         dk, dv, s, lse2, delta = _fold_q_tile(
             C, t, total, q_ring, do_ring, k_w, v_w, k_cols, p_s, ds_s, ready, empty, ds_bar,
             dk, dv, s, lse2, delta, lse_ptr, delta_ptr, dq_desc, dq_s, note_full, note_empty, dq_h0, b, h0, n_heads,
-            seqlen_q, m_begin, n_m, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
-            BOUND_RIGHT, SOFTCAP, CAST_DQ)
+            seqlen_q, m_first, n_m, my_key_pos0, my_left_pos0, qk_scale, softcap_in, softmax_scale, BOUND_LEFT,
+            BOUND_RIGHT, SOFTCAP, CAST_DQ, M_STEP)
     if CAST_DQ:  # the last two tiles go to the counting warp once every reduction has completed
         _wait_reductions(0)
         tma.store_wait(0)
@@ -437,7 +459,7 @@ def _consume(C: gl.constexpr, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty
     tma.async_copy_shared_to_global(dk_out, [row, kv_h * D], k_w)
     if CAST_DQ:
         _convert_owned(C, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr, acc_heads, b, h0, dq_h0, n_heads, seqlen_q,
-                       n_m, D, BLOCK_M)
+                       m_first, n_m, D, BLOCK_M, M_STEP)
     tma.store_wait(0)  # the stores and the last reduction have read shared memory before the program ends
 
 
@@ -477,6 +499,15 @@ def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_
     if BOUND_LEFT:
         m_end = gl.maximum(gl.minimum(left_pos0 + BLOCK_N, seqlen_q), m_begin)
     return b, kv_h, n0, key_pos0, left_pos0, m_begin, (m_end - m_begin + BLOCK_M - 1) // BLOCK_M
+
+
+@gluon.constexpr_function
+def _q_step(BLOCK_M, BOUND_LEFT, BOUND_RIGHT, CAST_DQ):
+    """The step between the first rows of a program's consecutive Q tiles (the first tile's:
+    ``m_first``). Under causal with CAST_DQ the tiles run backwards, from the last: the programs of
+    a head then reach each tile at about the same step, instead of key tile 0's program reaching
+    every tile last and converting them all after the longest loop (docs/performance.md, step 38)."""
+    return -BLOCK_M if CAST_DQ and BOUND_RIGHT and not BOUND_LEFT else BLOCK_M
 
 
 @gluon.jit
@@ -525,7 +556,7 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     owned_len = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     owned_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     if CAST_DQ:
-        gl.static_assert(not (BOUND_LEFT or BOUND_RIGHT), "dQ is cast in the kernel only without a mask")
+        gl.static_assert(not BOUND_LEFT, "dQ is cast in the kernel only without a left bound")
         for i in gl.static_range(NOTES):
             mbarrier.init(full0.index(i), count=1)
             mbarrier.init(empty0.index(i), count=1)
@@ -533,6 +564,8 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
             mbarrier.init(empty1.index(i), count=1)
         mbarrier.init(owned_done, count=1)
     _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, b * seqlen_k + n0, kv_h * D)
+    M_STEP: gl.constexpr = _q_step(BLOCK_M, BOUND_LEFT, BOUND_RIGHT, CAST_DQ)
+    m_first = m_begin if M_STEP > 0 else m_begin + (n_m - 1) * BLOCK_M
 
     h0 = kv_h * group_size
     dq_h0 = (kv_h - kv_head0) * group_size
@@ -542,33 +575,34 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
         gl.warp_specialize([
             (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
                         delta_ptr, dq_desc, dq_s, full0, empty0, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
-                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_first, n_m,
                         group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
-                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ, M_STEP)),
             (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
                         delta_ptr, dq_desc, dq_s, full1, empty1, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
-                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_first, n_m,
                         group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
-                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
-            (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
-                             group_size * n_m, h0)),
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ, M_STEP)),
+            (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_first, n_m,
+                             group_size * n_m, h0, M_STEP)),
             (_count_tiles, (full0, empty0, full1, empty1, counters, owned, owned_len, owned_done, b, h0, n_heads,
-                            seqlen_q, n_m, group_size * n_m, num_n_blocks, BLOCK_M)),
+                            seqlen_q, m_first, n_m, group_size * n_m, n0 - key_pos0, num_n_blocks, BLOCK_M, M_STEP,
+                            BOUND_RIGHT)),
         ], [4, 1, 1], [CONSUMER_REGS, 24, 24])
     else:
         gl.warp_specialize([
             (_consume, (0, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
                         delta_ptr, dq_desc, dq_s, full0, empty0, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
-                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_first, n_m,
                         group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
-                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ, M_STEP)),
             (_consume, (1, q_ring, do_ring, k_s, v_s, p_s, ds_s, ready, empty, ds_bar, kv_bar, kv_done, lse_ptr,
                         delta_ptr, dq_desc, dq_s, full1, empty1, owned, owned_len, owned_done, dq_acc_ptr, dq_ptr,
-                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_begin, n_m,
+                        acc_heads, dk_out, dv_out, b, kv_h, dq_h0, n0, key_pos0, left_pos0, m_first, n_m,
                         group_size, n_heads, seqlen_q, seqlen_k, qk_scale, softcap_in, softmax_scale, D, BOUND_LEFT,
-                        BOUND_RIGHT, SOFTCAP, CAST_DQ)),
-            (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
-                             group_size * n_m, h0)),
+                        BOUND_RIGHT, SOFTCAP, CAST_DQ, M_STEP)),
+            (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_first, n_m,
+                             group_size * n_m, h0, M_STEP)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -608,12 +642,25 @@ class BackwardKernel(NamedTuple):
 _HOPPER_BWD = BackwardKernel(_hopper_bwd_kernel, FastLaunch(_hopper_bwd_kernel), BLOCK_N)
 
 
-def cast_dq_in_kernel(head_dim: int, masked: bool, group_size: int, seqlen_q: int) -> bool:
-    """Whether this module's kernel converts dQ to the input dtype itself (CAST_DQ): unmasked at head
-    dim 128, where it measured faster than the cast kernel (docs/performance.md, step 37: causal and
-    head dim 64 were slower), and where every program's Q tiles fit the list of tiles it may
-    convert."""
-    return head_dim == 128 and not masked and group_size * (seqlen_q // BLOCK_M) <= MAX_OWNED.value
+# Head dims at which the kernel converts dQ itself, by mask (cast_dq_in_kernel): where that measured
+# faster than the cast kernel (docs/performance.md, steps 37 and 38).
+CAST_DQ_HEAD_DIMS = {"none": (128,), "causal": (128,)}
+
+
+def cast_dq_in_kernel(head_dim: int, window_left: int, window_right: int, group_size: int, seqlen_q: int,
+                      seqlen_k: int) -> bool:
+    """Whether this module's kernel converts dQ to the input dtype itself (CAST_DQ): at the head dims
+    of ``CAST_DQ_HEAD_DIMS`` for the call's mask, none or causal (a right bound alone, which every
+    query row sees key 0 under: ``seqlen_k - seqlen_q + window_right >= 0``), and where every
+    program's Q tiles fit the list of tiles it may convert. Windows with a left bound keep the cast
+    kernel: a tile's programs are counted from the right bound only."""
+    if window_left < 0 and window_right < 0:
+        mask = "none"
+    elif window_left < 0 and seqlen_k - seqlen_q + window_right >= 0:
+        mask = "causal"
+    else:
+        return False
+    return head_dim in CAST_DQ_HEAD_DIMS[mask] and group_size * (seqlen_q // BLOCK_M) <= MAX_OWNED.value
 
 
 def _kernel_for(head_dim: int) -> BackwardKernel:
@@ -670,7 +717,8 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
     # One launch for every head: its float32 dQ accumulator is zeroed by the delta kernel, in the
     # pass that reads O and dO anyway. Split launches zero each chunk's as it is allocated.
     whole = torch.empty(q.shape, dtype=torch.float32, device=q.device) if len(chunks) == 1 else None
-    cast_in_kernel = kernel.can_cast_dq and cast_dq_in_kernel(head_dim, features.masked, group_size, seqlen_q)
+    cast_in_kernel = kernel.can_cast_dq and cast_dq_in_kernel(
+        head_dim, features.window_left, features.window_right, group_size, seqlen_q, seqlen_k)
     dq, counts = _dq_output(q, cast_in_kernel, whole is None)
     launch_delta(out, dout, delta, zero=whole, counts=counts)
     for kv_head0, chunk in chunks:

@@ -120,7 +120,7 @@ def _s_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full,
         phase = t & 1
         q_s = q_ring.index(slot)
         m0 = m_begin + (t % n_m) * BLOCK_M
-        lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+        lse2 = _row_vector(lse_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, BLOCK_M,
                            gl.SliceLayout(1, mn_layout)) * LOG2E
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_M, N], gl.float32, layout=mn_layout),
@@ -168,7 +168,7 @@ def _dp_side(q_ring, do_ring, k_s, v_s, p_s, ds_s, staging, ready, empty, p_full
         phase = t & 1
         q_s = q_ring.index(slot)
         m0 = m_begin + (t % n_m) * BLOCK_M
-        delta = _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M,
+        delta = _row_vector(delta_ptr, t, total, b, h0, n_heads, seqlen_q, m_begin, n_m, BLOCK_M, BLOCK_M,
                             gl.SliceLayout(1, mn_layout))
         mbarrier.wait(ready.index(slot), (t // SLOTS) & 1)
         dp_tok = warpgroup_mma(do_ring.index(slot), v_s.permute((1, 0)),
@@ -266,7 +266,7 @@ def _wide_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_des
                     ds_done, kv_bar, kv_done, delta_ptr, dq_desc, dk_out, b, kv_h, dq_h0, n0, m_begin, n_m, group_size,
                     n_heads, seqlen_q, seqlen_k, softmax_scale, D, SOFTCAP, DQ_WIDTH, MASKED)),
         (_produce_q_do, (q_desc, do_desc, q_ring, do_ring, ready, empty, b * seqlen_q, m_begin, n_m,
-                         group_size * n_m, h0)),
+                         group_size * n_m, h0, BLOCK_M)),  # Q tiles in order
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
