@@ -102,13 +102,13 @@ def _reduce_dq(dq_desc, dq, staging, row, col):
 # Each 64-row tile of dQ_acc takes one TMA reduction per consumer from every program of its KV head
 # whose keys its rows see (``_contributors``); a counter per tile counts the programs whose
 # reductions of it have completed, and the program whose count completes it converts the tile's
-# float32 sums to dq after its own loop. That replaces the cast
-# kernel after the backward (B * Sq * H * D * 6 bytes through HBM: 67 us at every length of the
-# benchmark; docs/performance.md, step 37). The counting runs in a warp of its own (``_count_tiles``,
-# in the producer's warpgroup): the consumers only wait for their reductions to complete and post a
-# notice per tile through a ring of NOTES mbarrier pairs. Conversions wait for the end of the
-# program: the last program to reach a tile tends to be the same one for every tile of a head, and
-# converting as the counts came in put all of a head's conversions on that program's path.
+# float32 sums to dq after its own loop. That replaces the cast kernel after the backward (B * Sq *
+# H * D * 6 bytes through HBM: 67 us at every length of the benchmark; docs/performance.md, step
+# 37). The counting runs in a warp of its own (``_count_tiles``, in the producer's warpgroup): the
+# consumers only wait for their reductions to complete and post a notice per tile through a ring of
+# NOTES mbarrier pairs. Conversions wait for the end of the program: the last program to reach a
+# tile tends to be the same one for every tile of a head, and converting as the counts came in put
+# all of a head's conversions on that program's path.
 NOTES = gl.constexpr(8)
 MAX_OWNED = gl.constexpr(2048)  # tiles a program can convert (``owned``: 8 KB of shared memory)
 
@@ -141,9 +141,11 @@ def _post_reduced(full, empty, x):
 def _count_tile(counter):
     """Lane 0 adds 1 to ``*counter`` (relaxed, GPU scope: every count follows its reductions'
     completion, and the converted sums are read from L2 after the count that says they are all
-    there) and gets the count before it; the other lanes get -1. Not reduced across the warp here:
-    ``_own_if_last`` reads it two tiles later, so the atomic's round trip (long, with every
-    program of the head counting the same tile at about the same time) never holds up the loop."""
+    there) and gets the count before it; the other lanes get -1. ``_own_if_last`` reads it two tiles
+    later, meant to keep the atomic's round trip off the loop; but ptxas makes the atomic a
+    warp-aggregated one whose result is shuffled at once (SHFL.IDX after ATOMG), so the warp waits
+    for each count in its own tile (bench/results/h100_ncu_bwd_d64_cast.txt). That costs nothing
+    while a tile takes longer than the round trip, as at head dim 128."""
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     return gl.inline_asm_elementwise(
         "{\n\t.reg .pred p;\n\tsetp.eq.s32 p, $2, 0;\n\tmov.u32 $0, 0xffffffff;\n\t"
@@ -180,8 +182,8 @@ def _count_tiles(full0, empty0, full1, empty1, counters, owned, owned_len, owned
                  m_first, n_m, total, key_shift, num_n_blocks, BLOCK_M: gl.constexpr, M_STEP: gl.constexpr,
                  BOUND_RIGHT: gl.constexpr):
     """The counting warp: for each tile x of the program's loop, once both consumers have posted
-    it (``_post_reduced``), counts the program's reductions of it; two tiles later, when the count
-    is back, lists x in ``owned`` if it was the tile's last. Then publishes the list's length
+    it (``_post_reduced``), counts the program's reductions of it; two tiles later lists x in
+    ``owned`` if its count was the tile's last (``_count_tile``). Then publishes the list's length
     (``owned_len``, ``owned_done``) for the consumers' ``_convert_owned``."""
     one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     n_owned = total * 0  # a runtime value: the branches that append change it
