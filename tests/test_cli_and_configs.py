@@ -253,6 +253,23 @@ def test_causal_gluon_grids_take_heads_in_groups_sized_to_l2():
     assert head_group(True, 64, 0) == 64
 
 
+def test_causal_gluon_grids_merge_their_last_two_groups_where_the_simulated_dispatch_says_so():
+    from flashtile.ops import hopper_order
+    from flashtile.ops.hopper_order import START_TILES, _simulated_finish, tail_group
+
+    # The dispatch model: one SM runs everything; enough SMs finish with the longest program.
+    assert _simulated_finish(3, 4, 2, 1, 1) == 3 * sum(4 - r + START_TILES for r in range(4))
+    assert _simulated_finish(3, 4, 2, 1, 12) == 4 + START_TILES
+    # 2 x 17 heads in groups of 4 at 4096 tokens (the backward: 32 key tiles per head) leaves a
+    # last group of 2 heads whose programs start late (measured 6% slower, docs/performance.md
+    # step 39): merged with the group before it. 4 x 16 heads fall well on 132 SMs: kept.
+    assert tail_group(True, 34, 32, 4, 132) == 7
+    assert tail_group(True, 64, 32, 4, 132) == 15
+    assert tail_group(False, 34, 32, 1, 132) == 33  # equal programs: head-major
+    assert tail_group(True, 3, 32, 4, 132) == 0  # one group
+    assert tail_group(True, hopper_order.MAX_SIMULATED, 2, 4, 132) == hopper_order.MAX_SIMULATED // 4 - 1
+
+
 def test_gluon_backward_splits_the_dq_buffer_only_for_long_sequences_that_keep_the_gpu_full():
     from flashtile.ops.bwd_hopper import head_chunks
 

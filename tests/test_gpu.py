@@ -524,12 +524,14 @@ def test_gluon_softcap_matches_oracle(shape, causal, monkeypatch):
     assert bool(bwd_calls) == ((shape[-1], causal) not in configs.SM90_GLUON_BWD_NO_SOFTCAP)
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["last-group-alone", "last-two-merged"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_gluon_causal_grid_in_head_groups(head_dim, monkeypatch):
+def test_gluon_causal_grid_in_head_groups(head_dim, merge, monkeypatch):
     """Causal Gluon forward and backward with heads taken in groups (ops/hopper_order.py) that do
     not divide the 2 x 4 heads: the forward's groups of 3 (3, 3, 2) and the backward's of 6 (it
-    streams Q/dO, half the forward's K/V bytes here). Every (head, tile) program must still run
-    exactly once, which the oracle comparison checks."""
+    streams Q/dO, half the forward's K/V bytes here), the last group alone or merged with the one
+    before it (``tail_group``'s choice forced). Every (head, tile) program must still run exactly
+    once, which the oracle comparison checks."""
     from flashtile.ops import hopper_order
 
     fwd_calls, bwd_calls = _count_gluon_calls(monkeypatch), _count_gluon_bwd_calls(monkeypatch)
@@ -537,7 +539,14 @@ def test_gluon_causal_grid_in_head_groups(head_dim, monkeypatch):
     per_head = 2 * 512 * head_dim * 2  # the forward's K/V bytes per head
     monkeypatch.setattr(hopper_order, "L2_GROUP_BYTES", 3 * per_head)
     assert hopper_order.head_group(True, 8, per_head) == 3 and hopper_order.head_group(True, 8, per_head // 2) == 6
-    check_against_oracle(attention(True), q, k, v, causal=True)
+    # Any simulated gain (or none at all) decides; the choice is cached, so cleared before and after.
+    monkeypatch.setattr(hopper_order, "MERGE_GAIN", -1.0 if merge else 1.0)
+    hopper_order.tail_group.cache_clear()
+    try:
+        assert hopper_order.tail_group(True, 8, 2, 3, 132) == (1 if merge else 2)
+        check_against_oracle(attention(True), q, k, v, causal=True)
+    finally:
+        hopper_order.tail_group.cache_clear()
     assert fwd_calls and bwd_calls
 
 

@@ -64,7 +64,7 @@ from flashtile.ops.bwd import launch_delta
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.descriptors import descriptor
 from flashtile.ops.fwd_hopper import post_scalar, read_scalar, tanh_approx
-from flashtile.ops.hopper_order import head_and_rank, head_group
+from flashtile.ops.hopper_order import head_and_rank, head_group, tail_group
 from flashtile.ops.launch import FastLaunch
 
 LOG2E = gl.constexpr(_LOG2E)
@@ -481,14 +481,16 @@ def _start(k_desc, v_desc, k_s, v_s, ready, empty, kv_bar, row, col):
 
 @gluon.jit
 def _key_tile(seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr):
+              tail_group, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BOUND_LEFT: gl.constexpr,
+              BOUND_RIGHT: gl.constexpr):
     """This program's ``(b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m)``: batch, KV head, first
     key, the first row that sees that key under the right bound (causal: its diagonal row) and
     the last under the left bound, and the Q tiles ``m_begin + [0, n_m) * BLOCK_M`` that see any
     of the program's keys (row i sees key k iff ``i + diag - window_left <= k <= i + diag +
     window_right``, each bound only where set; diag = seqlen_k - seqlen_q). Programs in
     hopper_order's order."""
-    pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group)
+    pid_bkv, n_rank = head_and_rank(gl.program_id(0), num_n_blocks, gl.num_programs(0) // num_n_blocks, head_group,
+                                      tail_group)
     n0 = n_rank * BLOCK_N
     b = pid_bkv // chunk_kv_heads
     kv_h = kv_head0 + pid_bkv % chunk_kv_heads
@@ -515,8 +517,8 @@ def _q_step(BLOCK_M, BOUND_LEFT, BOUND_RIGHT, CAST_DQ):
 @gluon.jit
 def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_desc, dq_acc_ptr, dq_ptr, counters,
                        dk_out, dv_out, seqlen_q, seqlen_k, n_heads, group_size, kv_head0, chunk_kv_heads, num_n_blocks,
-                       head_group, qk_scale, softcap_in, softmax_scale, window_left, window_right, D: gl.constexpr,
-                       BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
+                       head_group, tail_group, qk_scale, softcap_in, softmax_scale, window_left, window_right,
+                       D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, SOFTCAP: gl.constexpr,
                        CAST_DQ: gl.constexpr):
     # Flat grid (num_n_blocks * batch * chunk_kv_heads,) over KV heads kv_head0 + [0, chunk_kv_heads)
     # in hopper_order's order: head-major, causal in groups of heads with key tile 0 (the one most
@@ -526,8 +528,8 @@ def _hopper_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_ptr, dq_d
     # neither is read.
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     b, kv_h, n0, key_pos0, left_pos0, m_begin, n_m = _key_tile(
-        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, BLOCK_M,
-        2 * HALF_N, BOUND_LEFT, BOUND_RIGHT)
+        seqlen_q, seqlen_k, window_left, window_right, kv_head0, chunk_kv_heads, num_n_blocks, head_group, tail_group,
+        BLOCK_M, 2 * HALF_N, BOUND_LEFT, BOUND_RIGHT)
 
     k_s = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
@@ -725,6 +727,7 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
     launch_delta(out, dout, delta, zero=whole, counts=counts)
     for kv_head0, chunk in chunks:
         order_group = head_group(features.masked, batch * chunk, q_do_bytes)
+        order_tail = tail_group(features.masked, batch * chunk, num_n_blocks, order_group, sm_count)
         heads = slice(kv_head0 * group_size, (kv_head0 + chunk) * group_size)
         dq_acc = whole if whole is not None else torch.zeros(
             (batch, seqlen_q, chunk * group_size, head_dim), dtype=torch.float32, device=q.device)
@@ -738,7 +741,7 @@ def hopper_bwd(dout, q, k, v, out, lse, features):
             dq_args = flags = ()
         launch[(num_n_blocks * batch * chunk,)](
             q_desc, do_desc, k_desc, v_desc, lse, delta, dq_desc, *dq_args, dk_out, dv_out, seqlen_q, seqlen_k,
-            n_heads, group_size, kv_head0, chunk, num_n_blocks, order_group, *softcap_scales(features),
+            n_heads, group_size, kv_head0, chunk, num_n_blocks, order_group, order_tail, *softcap_scales(features),
             features.softmax_scale, features.window_left, features.window_right, head_dim,
             features.window_left >= 0, features.window_right >= 0, features.softcap > 0, *flags,
             num_warps=NUM_WARPS)

@@ -66,7 +66,7 @@ from triton.runtime import driver
 from flashtile import configs
 from flashtile.ops.common import LOG2E as _LOG2E, gluon_applies, mask_admitted, softcap_scales
 from flashtile.ops.descriptors import descriptor
-from flashtile.ops.hopper_order import head_and_rank, head_group
+from flashtile.ops.hopper_order import head_and_rank, head_group, tail_group
 from flashtile.ops.launch import FastLaunch
 
 LOG2E = gl.constexpr(_LOG2E)
@@ -99,7 +99,7 @@ def tanh_approx(x):
 @gluon.jit
 def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
              work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks, n_work, head_group,
-             lo_off, hi_off, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, QUEUE: gl.constexpr):
+             tail_group, lo_off, hi_off, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, QUEUE: gl.constexpr):
     """For each of the program's work tiles (``_work``): each consumer's 64 rows of Q into the
     tile's Q slot (work tile d takes slot d % Q_SLOTS, once every consumer has released the tile
     that held it before: ``q_empty``) and its K/V tiles into their rings (K and V
@@ -118,7 +118,7 @@ def _produce(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k
     work = gl.program_id(0)
     while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
-            work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
+            work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N, CONSUMERS * HALF)
         q_row0 = b * seqlen_q + first_row
         q_slot = _wait_q_slot(q_empty, done, True)
@@ -351,10 +351,10 @@ def _fold_tile(i, turn_phase, key0, C: gl.constexpr, q, k_ring, v_ring, k_ready,
 @gluon.jit
 def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
              s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
-             n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D: gl.constexpr,
-             BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
-             SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr, ROW_TAIL: gl.constexpr,
-             O_TMA: gl.constexpr):
+             n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, qk_scale, softcap_in,
+             D: gl.constexpr, BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr,
+             GUARD: gl.constexpr, SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr,
+             ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr):
     """Consumer warpgroup C over the program's work tiles (``_work``), in the producer's order:
     ``ring`` counts the K/V tiles consumed so far (ring positions), ``done`` the work tiles; each
     tile of n key tiles runs n - 1 loop iterations, each one phase of the turn barriers."""
@@ -369,7 +369,7 @@ def _consume(C: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready,
         work = read_scalar(work_slot.index(0))
     while work < n_work:
         b, h, first_row, first_tile, full_start, full_end, end_tile = _work(
-            work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, BOUND_LEFT,
+            work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, BOUND_LEFT,
             BOUND_RIGHT, BLOCK_N, ROWS)
         if not QUEUE:
             _wait_q_slot(q_ready, done, False)
@@ -635,13 +635,13 @@ def _store_out_in_turns(C: gl.constexpr, out, o_stage, o_turn, done, out_desc, q
 
 
 @gluon.jit
-def _work(work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off,
+def _work(work, seqlen_q, seqlen_k, n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off,
           BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr, ROWS: gl.constexpr):
     """Work tile ``work`` (of ``n_work``, in hopper_order's order: head-major so a head's tiles
     share its K/V in L2; with a right bound, causal, in groups of heads, their longest Q tiles,
     the last, first): ``(b, h, first_row)`` and its key tiles (``_key_tiles``); ROWS query rows
     per work tile."""
-    pid_bh, pid_m = head_and_rank(work, num_m_blocks, n_work // num_m_blocks, head_group)
+    pid_bh, pid_m = head_and_rank(work, num_m_blocks, n_work // num_m_blocks, head_group, tail_group)
     if BOUND_RIGHT:
         pid_m = num_m_blocks - 1 - pid_m
     first_row = pid_m * ROWS
@@ -677,9 +677,9 @@ def _key_tiles(first_row, seqlen_k, lo_off, hi_off, BOUND_LEFT: gl.constexpr, BO
 
 @gluon.jit
 def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_counter, seqlen_q, seqlen_k, n_heads,
-                       group_size, num_m_blocks, n_work, head_group, qk_scale, softcap_in, window_left, window_right,
-                       D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, BOUND_LEFT: gl.constexpr,
-                       BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
+                       group_size, num_m_blocks, n_work, head_group, tail_group, qk_scale, softcap_in, window_left,
+                       window_right, D: gl.constexpr, K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr,
+                       BOUND_LEFT: gl.constexpr, BOUND_RIGHT: gl.constexpr, KEY_TAIL: gl.constexpr, GUARD: gl.constexpr,
                        SOFTCAP: gl.constexpr, PINGPONG: gl.constexpr, QUEUE: gl.constexpr, CONSUMERS: gl.constexpr,
                        ROW_TAIL: gl.constexpr, O_TMA: gl.constexpr, Q_SLOTS: gl.constexpr):
     # Program p runs work tiles p, p + G, p + 2G, ... of the n_work = num_m_blocks * batch *
@@ -758,33 +758,33 @@ def _hopper_fwd_kernel(q_desc, k_desc, v_desc, out_ptr, out_desc, lse_ptr, work_
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
                         s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
-                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, qk_scale, softcap_in, D,
                         BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
                         s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
-                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, qk_scale, softcap_in, D,
                         BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (2, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
                         s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
-                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, qk_scale, softcap_in, D,
                         BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
-                        n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
+                        n_work, head_group, tail_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
         ], [4, 4, 1], [CONSUMER_REGS_3, CONSUMER_REGS_3, 24])
     else:
         gl.warp_specialize([
             (_consume, (0, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
                         s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
-                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, qk_scale, softcap_in, D,
                         BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_consume, (1, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
                         s_done, o_stage, o_turn, ones, work_slot, out_ptr, out_desc, lse_ptr, seqlen_q, seqlen_k,
-                        n_heads, num_m_blocks, n_work, head_group, lo_off, hi_off, qk_scale, softcap_in, D,
+                        n_heads, num_m_blocks, n_work, head_group, tail_group, lo_off, hi_off, qk_scale, softcap_in, D,
                         BOUND_LEFT, BOUND_RIGHT, KEY_TAIL, GUARD, SOFTCAP, PINGPONG, QUEUE, ROW_TAIL, O_TMA)),
             (_produce, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, work_slot, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
-                        n_work, head_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
+                        n_work, head_group, tail_group, lo_off, hi_off, BOUND_LEFT, BOUND_RIGHT, QUEUE)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -879,6 +879,7 @@ def hopper_fwd(q, k, v, features):
     # hides every key from the first rows.
     guard = bound_left or (bound_right and seqlen_k - seqlen_q + right < 0)
     order_group = head_group(bound_right, batch * n_heads, 2 * seqlen_k * head_dim * q.element_size() // group_size)
+    order_tail = tail_group(bound_right, batch * n_heads, num_m_blocks, order_group, configs.sm_count(q.device))
     n_work = num_m_blocks * batch * n_heads
     programs, queue = program_count(n_work, bound_left or bound_right, tile.queue, q.device)
     work_counter = _work_counter(q.device) if queue else lse
@@ -887,7 +888,7 @@ def hopper_fwd(q, k, v, features):
     out_desc = descriptor(out, (batch * seqlen_q, n_heads * head_dim), q_block) if o_tma else out
     _hopper_fwd_launch[(programs,)](
         q_desc, k_desc, v_desc, out, out_desc, lse, work_counter, seqlen_q, seqlen_k, n_heads, group_size, num_m_blocks,
-        n_work, order_group, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots, bound_left,
-        bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue, tile.consumers,
-        row_tail, o_tma, tile.q_slots, num_warps=4)
+        n_work, order_group, order_tail, *softcap_scales(features), left, right, head_dim, tile.k_slots, tile.v_slots,
+        bound_left, bound_right, seqlen_k % tile.block_n != 0, guard, features.softcap > 0, tile.pingpong, queue,
+        tile.consumers, row_tail, o_tma, tile.q_slots, num_warps=4)
     return out, lse
