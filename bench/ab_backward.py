@@ -1,7 +1,7 @@
 """A/B of the Hopper Gluon backward (``ops/bwd_hopper.py``): variants timed against the current
 kernel in one process, interleaved round by round, since the H100 host's speed drifts between
 runs and between hosts (docs/performance.md). Backward only: one forward's (out, lse) feed every
-variant. bf16, batch x seqlen = 16384, heads x head dim = 2048.
+variant. bf16, batch x seqlen = 16384, heads x head dim = 2048, or the ``--shapes`` given.
 
 A variant is ``NAME=PATH``: a copy of ``ops/bwd_hopper.py`` with an edit (or the committed
 one, ``git show HEAD:src/flashtile/ops/bwd_hopper.py > bench/_old.py``), loaded as its own
@@ -12,6 +12,7 @@ relative to their largest entry (the current kernel's own entry is its run-to-ru
 reductions are unordered). Head dim 256 runs ``bwd_hopper_wide``'s kernel in every variant.
 
     PYTHONPATH=src python3 bench/ab_backward.py --variant old=bench/_old.py [--masks causal,window]
+    PYTHONPATH=src python3 bench/ab_backward.py --variant old=bench/_old.py --head-dims 128 --shapes 2x4096x17
 """
 
 import argparse
@@ -43,10 +44,9 @@ MASKS = {"full": lambda seqlen: (-1, -1), "causal": lambda seqlen: (-1, 0),
          "window": lambda seqlen: (seqlen // 4 - 1, 0)}  # a sliding window of seqlen / 4 keys
 
 
-def compare(variants, head_dim, mask, seqlen, rounds):
-    heads = 2048 // head_dim
+def compare(variants, head_dim, mask, batch, seqlen, heads, rounds):
     torch.manual_seed(0)
-    q, k, v, dout = (torch.randn(16384 // seqlen, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
                      for _ in range(4))
     window_left, window_right = MASKS[mask](seqlen)
     features = Features(head_dim ** -0.5, window_left=window_left, window_right=window_right)
@@ -59,8 +59,8 @@ def compare(variants, head_dim, mask, seqlen, rounds):
         for name, backward in variants.items():
             runs[name].append(median_ms(lambda: backward(*args)))
     reference = bwd_hopper.hopper_bwd(*args)
-    row = dict(head_dim=head_dim, mask=mask, window=[window_left, window_right], seqlen=seqlen, ms={}, speed={},
-               rel_diff={})
+    row = dict(head_dim=head_dim, mask=mask, window=[window_left, window_right], batch=batch, seqlen=seqlen,
+               heads=heads, ms={}, speed={}, rel_diff={})
     for name, backward in variants.items():
         grads = backward(*args)
         row["ms"][name] = statistics.median(runs[name])
@@ -76,6 +76,8 @@ def parse_args(doc: str, seqlens: str):
     parser.add_argument("--variant", action="append", required=True, help="NAME=PATH")
     parser.add_argument("--head-dims", default="64,128,256")
     parser.add_argument("--seqlens", default=seqlens)
+    parser.add_argument("--shapes", help="BxSxH,... (batch x seqlen x heads, e.g. 2x4096x17) instead of --seqlens "
+                                         "at batch x seqlen = 16384, heads x head dim = 2048")
     parser.add_argument("--masks", default="full,causal", help=f"comma-separated, of {', '.join(MASKS)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
@@ -88,13 +90,17 @@ def run(args, variants, compare, diff_key: str) -> int:
     print(banner(environment()), flush=True)
     rows = []
     for head_dim in map(int, args.head_dims.split(",")):
+        if args.shapes:
+            shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
+        else:
+            shapes = [(16384 // seqlen, seqlen, 2048 // head_dim) for seqlen in map(int, args.seqlens.split(","))]
         for mask in args.masks.split(","):
-            for seqlen in map(int, args.seqlens.split(",")):
-                row = compare(variants, head_dim, mask, seqlen, args.rounds)
+            for batch, seqlen, heads in shapes:
+                row = compare(variants, head_dim, mask, batch, seqlen, heads, args.rounds)
                 if row is None:
                     continue
                 rows.append(row)
-                print(f"d{head_dim} {mask:6} {seqlen:6} " + " ".join(
+                print(f"d{head_dim} {mask:6} {batch}x{seqlen}x{heads} " + " ".join(
                     f"{name} {row['ms'][name]:.4f} ms x{row['speed'][name]:.3f} diff {row[diff_key][name]:.1e}"
                     for name in variants), flush=True)
     if args.out:

@@ -1,10 +1,10 @@
 """A/B of the Hopper Gluon forward (``ops/fwd_hopper.py``): variants timed against the current
 kernel in one process, interleaved round by round (``ab_backward.py`` does the same for the
-backward; see there why). bf16, batch x seqlen = 16384, heads x head dim = 2048. Every length runs
-the Gluon kernel, whatever the table's thresholds say (the A/B is of the kernel, not of the
-dispatch), with the tile the call is dispatched to (``configs.SM90_GLUON_FWD_SHORT``'s below their
-bounds); configurations whose call the kernel does not take (query lengths, windows narrower
-than its window threshold) are skipped.
+backward; see there why). bf16, batch x seqlen = 16384, heads x head dim = 2048 (or ``--shapes``).
+Every length runs the Gluon kernel, whatever the table's thresholds say (the A/B is of the kernel,
+not of the dispatch), with the tile the call is dispatched to (``configs.SM90_GLUON_FWD_SHORT``'s
+below their bounds); configurations whose call the kernel does not take (query lengths, windows
+narrower than its window threshold) are skipped.
 
 A variant is ``NAME=PATH``: a copy of ``ops/fwd_hopper.py`` with an edit (or the committed one,
 ``git show HEAD:src/flashtile/ops/fwd_hopper.py > bench/_old.py``), loaded as its own module; it
@@ -31,10 +31,9 @@ from flashtile.features import Features
 from flashtile.ops import fwd_hopper
 
 
-def compare(variants, head_dim, mask, seqlen, rounds):
-    heads = 2048 // head_dim
+def compare(variants, head_dim, mask, batch, seqlen, heads, rounds):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(16384 // seqlen, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
     window_left, window_right = MASKS[mask](seqlen)
     features = Features(head_dim ** -0.5, window_left=window_left, window_right=window_right)
@@ -45,8 +44,8 @@ def compare(variants, head_dim, mask, seqlen, rounds):
         for name, forward in variants.items():
             runs[name].append(median_ms(lambda: forward(q, k, v, features)))
     reference = fwd_hopper.hopper_fwd(q, k, v, features)
-    row = dict(head_dim=head_dim, mask=mask, window=[window_left, window_right], seqlen=seqlen, ms={}, speed={},
-               max_diff={})
+    row = dict(head_dim=head_dim, mask=mask, window=[window_left, window_right], batch=batch, seqlen=seqlen,
+               heads=heads, ms={}, speed={}, max_diff={})
     for name, forward in variants.items():
         result = forward(q, k, v, features)
         row["ms"][name] = statistics.median(runs[name])
