@@ -11,8 +11,8 @@ tensors no longer fit in L2 (measured slower). So heads are taken in groups size
 The last group can still leave a tail: its longest programs start only once the group before it
 has been handed out. Where a simulation of the dispatch says so (``tail_group``), the last two
 groups are taken as one, so that the last group's longest programs start beside the previous
-group's (up to 9% faster on shapes whose last group falls badly, and about 1% slower where it
-does not; docs/performance.md, step 39).
+group's: up to 9% faster on shapes whose last group falls badly. Merging everywhere measured
+about 1% slower on shapes without such a tail, hence the simulation (docs/performance.md, step 39).
 """
 
 import functools
